@@ -1,0 +1,358 @@
+"""The user side of the kernel boundary: libbpf (``libbpf.so.1``) through ctypes.
+
+One fixed flow, as in libbpf-tools: open the object → set read-only data and map sizes → load → attach →
+drain in a loop → one cleanup path (:meth:`PageCacheBpf.close`). Every failure raises
+:class:`~duet_core.errors.BpfUnavailable` saying what failed. The ctypes structs below mirror
+``pagecache.h`` field for field; ``tests/test_bpf_loader.py`` checks the sizes against the object's BTF.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import time
+from ctypes import (CFUNCTYPE, POINTER, Structure, byref, c_char_p, c_int, c_size_t, c_uint, c_uint32, c_uint64,
+                    c_void_p, sizeof)
+from dataclasses import dataclass
+
+import numpy as np
+
+from duet_core.errors import BpfUnavailable
+
+# Mirrors of pagecache.h ------------------------------------------------------------------------------------------
+
+CHUNK_SHIFT = 6
+CHUNK_PAGES = 1 << CHUNK_SHIFT
+SCOPE_CHECK_IGNORE = 0x100
+STATS = ("events", "pages", "lost_map", "lost_folio", "lost_ring", "flushes", "ignored", "retries")
+CTL_ACTIVE, CTL_INFLIGHT0, CTL_INFLIGHT1 = 0, 1, 2
+
+
+class FileKey(Structure):
+    _fields_ = [("dev", c_uint32), ("pad", c_uint32), ("subvol", c_uint64), ("ino", c_uint64)]
+
+
+class LostKey(Structure):
+    _fields_ = [("dev", c_uint32), ("pad", c_uint32), ("subvol", c_uint64)]
+
+
+class FlushRec(Structure):
+    _fields_ = [("file", FileKey), ("ts_ns", c_uint64), ("exact", c_uint32), ("pad", c_uint32)]
+
+
+# numpy views of the merge map's keys and values, so a drain is parsed without a Python loop per record.
+CHUNK_KEY = np.dtype([("dev", "<u4"), ("pad", "<u4"), ("subvol", "<u8"), ("ino", "<u8"), ("chunk", "<u8")])
+CHUNK_VAL = np.dtype([("added", "<u8"), ("removed", "<u8"), ("present", "<u8"), ("dirtied", "<u8"),
+                      ("first_dirty_ns", "<u8"), ("last_dirty_ns", "<u8")])
+
+PROGRAMS = ("tp_btf_added", "tp_btf_removed", "tp_btf_dirtied", "tp_btf_flushed")
+
+# libbpf ------------------------------------------------------------------------------------------------------------
+
+_RING_CB = CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t)
+_PRINT_CB = CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
+_lib: ctypes.CDLL | None = None
+_log: list[str] = []
+
+
+def _vsnprintf():
+    libc = ctypes.CDLL(None)
+    fn = libc.vsnprintf
+    fn.argtypes = [c_char_p, c_size_t, c_char_p, c_void_p]
+    return fn
+
+
+_vsn = None
+
+
+@_PRINT_CB
+def _print(level, fmt, args):  # libbpf's log: keep the last lines for error messages
+    buf = ctypes.create_string_buffer(1 << 20)
+    _vsn(buf, len(buf), fmt, args)
+    _log.append(buf.value.decode(errors="replace"))
+    del _log[:-200]
+    return 0
+
+
+def libbpf() -> ctypes.CDLL:
+    """Load libbpf.so.1 once and declare the functions duet uses."""
+    global _lib, _vsn
+    if _lib is not None:
+        return _lib
+    try:
+        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    except OSError:
+        raise BpfUnavailable("failed to load libbpf.so.1", hint="apt-get install libbpf1") from None
+    sig = {
+        "bpf_object__open_file": (c_void_p, [c_char_p, c_void_p]),
+        "bpf_object__load": (c_int, [c_void_p]),
+        "bpf_object__close": (None, [c_void_p]),
+        "bpf_object__find_map_by_name": (c_void_p, [c_void_p, c_char_p]),
+        "bpf_object__find_program_by_name": (c_void_p, [c_void_p, c_char_p]),
+        "bpf_map__fd": (c_int, [c_void_p]),
+        "bpf_map__set_max_entries": (c_int, [c_void_p, c_uint32]),
+        "bpf_map__initial_value": (c_void_p, [c_void_p, POINTER(c_size_t)]),
+        "bpf_program__attach": (c_void_p, [c_void_p]),
+        "bpf_link__destroy": (c_int, [c_void_p]),
+        "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
+        "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
+        "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
+        "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
+        "bpf_map_lookup_and_delete_batch": (c_int, [c_int, c_void_p, c_void_p, c_void_p, c_void_p,
+                                                    POINTER(c_uint32), c_void_p]),
+        "ring_buffer__new": (c_void_p, [c_int, _RING_CB, c_void_p, c_void_p]),
+        "ring_buffer__consume": (c_int, [c_void_p]),
+        "ring_buffer__free": (None, [c_void_p]),
+        "libbpf_num_possible_cpus": (c_int, []),
+        "libbpf_set_print": (c_void_p, [_PRINT_CB]),
+        "btf__load_vmlinux_btf": (c_void_p, []),
+        "btf__free": (None, [c_void_p]),
+        "btf__type_cnt": (c_uint32, [c_void_p]),
+        "btf__type_by_id": (c_void_p, [c_void_p, c_uint32]),
+        "btf__name_by_offset": (c_char_p, [c_void_p, c_uint32]),
+    }
+    for name, (res, args) in sig.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    _vsn = _vsnprintf()
+    lib.libbpf_set_print(_print)
+    _lib = lib
+    return lib
+
+
+def _fail(what: str, err: int | None = None) -> BpfUnavailable:
+    err = abs(err) if err else ctypes.get_errno()
+    detail = os.strerror(err) if err else "unknown error"
+    tail = [line.strip() for line in _log[-8:] if line.strip()]
+    hint = None
+    if err == errno.EPERM:
+        hint = "run as root (CAP_BPF and CAP_PERFMON are needed)"
+    elif tail:
+        hint = "libbpf said: " + " | ".join(tail[-3:])
+    return BpfUnavailable(f"failed to {what}: {detail}", hint=hint)
+
+
+def kernel_enum_value(name: str) -> int | None:
+    """Value of an enumerator in the running kernel's BTF, also from anonymous enums CO-RE cannot reach."""
+    lib = libbpf()
+    btf = lib.btf__load_vmlinux_btf()
+    if not btf:
+        return None
+    want = name.encode()
+    try:
+        for type_id in range(1, lib.btf__type_cnt(btf)):
+            t = lib.btf__type_by_id(btf, type_id)
+            name_off, info = ctypes.cast(t, POINTER(c_uint32 * 3)).contents[:2]
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            if kind != 6:  # BTF_KIND_ENUM; members follow the 12-byte btf_type: {u32 name_off; s32 val}
+                continue
+            members = ctypes.cast(t + 12, POINTER(ctypes.c_int32 * (2 * vlen))).contents
+            for i in range(vlen):
+                if lib.btf__name_by_offset(btf, members[2 * i] & 0xFFFFFFFF) == want:
+                    return members[2 * i + 1]
+    finally:
+        lib.btf__free(btf)
+    return None
+
+
+@dataclass
+class Drained:
+    """One drained merge buffer: parallel numpy arrays of keys and values."""
+
+    keys: np.ndarray
+    vals: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class PageCacheBpf:
+    """The loaded and attached page-cache programs and their maps.
+
+    Use as a context manager, or call :meth:`close`; links and the object are released on every path.
+    """
+
+    def __init__(self, obj_path: str, merge_entries: int = 65536, ring_bytes: int | None = None):
+        self._lib = libbpf()
+        self._obj = None
+        self._links: list[int] = []
+        self._rb = None
+        self._flush_buf: list[FlushRec] = []
+        self.merge_entries = merge_entries
+        try:
+            self._open_load_attach(obj_path, merge_entries)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- set-up ----------------------------------------------------------------------------------------------------
+    def _open_load_attach(self, obj_path: str, merge_entries: int) -> None:
+        lib = self._lib
+        _log.clear()
+        self._obj = lib.bpf_object__open_file(obj_path.encode(), None)
+        if not self._obj:
+            raise _fail(f"open {obj_path}")
+        for name in ("merge0", "merge1"):
+            if lib.bpf_map__set_max_entries(self._map(name), merge_entries):
+                raise _fail(f"size map {name}")
+        self._set_rodata()
+        err = lib.bpf_object__load(self._obj)
+        if err:
+            raise _fail("load the BPF programs (verifier or BTF)", err)
+        for prog in PROGRAMS:
+            p = lib.bpf_object__find_program_by_name(self._obj, prog.encode())
+            if not p:
+                raise _fail(f"find program {prog}", errno.ENOENT)
+            link = lib.bpf_program__attach(p)
+            if not link:
+                raise _fail(f"attach {prog}")
+            self._links.append(link)
+        self.fd = {name: lib.bpf_map__fd(self._map(name))
+                   for name in ("merge0", "merge1", "scopes", "ignore", "lost", "flushes", "stats", "ctl")}
+        self._ncpu = lib.libbpf_num_possible_cpus()
+        self._ring_cb = _RING_CB(self._on_flush)  # keep a reference: libbpf calls it later
+        self._rb = lib.ring_buffer__new(self.fd["flushes"], self._ring_cb, None, None)
+        if not self._rb:
+            raise _fail("open the flush ring buffer")
+        self._active = 0
+
+    def _map(self, name: str) -> int:
+        m = self._lib.bpf_object__find_map_by_name(self._obj, name.encode())
+        if not m:
+            raise _fail(f"find map {name}", errno.ENOENT)
+        return m
+
+    def _set_rodata(self) -> None:
+        bit = kernel_enum_value("___GFP_LAST_BIT")
+        if bit is None:
+            return  # keep the compiled-in default
+        size = c_size_t()
+        data = self._lib.bpf_map__initial_value(self._map(".rodata"), byref(size))
+        if not data or size.value < 4:
+            raise _fail("find dirty_mark_bit in .rodata", errno.ENOENT)
+        ctypes.c_uint32.from_address(data).value = bit
+
+    # -- scope and filters -----------------------------------------------------------------------------------------
+    def set_scope(self, dev: int, subvol: int, mask: int) -> None:
+        key, val = LostKey(dev, 0, subvol), c_uint32(mask)
+        if self._lib.bpf_map_update_elem(self.fd["scopes"], byref(key), byref(val), 0):
+            raise _fail("update the scope map")
+
+    def del_scope(self, dev: int, subvol: int) -> None:
+        key = LostKey(dev, 0, subvol)
+        self._lib.bpf_map_delete_elem(self.fd["scopes"], byref(key))
+
+    def ignore(self, dev: int, subvol: int, ino: int) -> None:
+        key, val = FileKey(dev, 0, subvol, ino), ctypes.c_uint8(1)
+        self._lib.bpf_map_update_elem(self.fd["ignore"], byref(key), byref(val), 0)
+
+    def unignore(self, dev: int, subvol: int, ino: int) -> None:
+        key = FileKey(dev, 0, subvol, ino)
+        self._lib.bpf_map_delete_elem(self.fd["ignore"], byref(key))
+
+    # -- draining --------------------------------------------------------------------------------------------------
+    def _ctl(self, slot: int) -> int:
+        key, val = c_uint32(slot), c_uint32()
+        self._lib.bpf_map_lookup_elem(self.fd["ctl"], byref(key), byref(val))
+        return val.value
+
+    def switch(self, timeout_s: float = 1.0) -> int:
+        """Make programs write the other merge buffer; return the old one once no program is still in it."""
+        old, new = self._active, self._active ^ 1
+        key, val = c_uint32(CTL_ACTIVE), c_uint32(new)
+        if self._lib.bpf_map_update_elem(self.fd["ctl"], byref(key), byref(val), 0):
+            raise _fail("switch merge buffers")
+        self._active = new
+        deadline = time.monotonic() + timeout_s
+        time.sleep(0.0005)  # let the store reach every CPU before trusting the in-flight count
+        while self._ctl(CTL_INFLIGHT0 + old):
+            if time.monotonic() > deadline:
+                raise _fail("drain: a program stayed in the old buffer", errno.ETIMEDOUT)
+            time.sleep(0.0002)
+        return old
+
+    def drain(self) -> Drained:
+        """Switch buffers and empty the old one into numpy arrays (a few batch syscalls, no loop per record)."""
+        old = self.switch()
+        fd = self.fd[f"merge{old}"]
+        cap = self.merge_entries
+        keys = np.empty(cap, CHUNK_KEY)
+        vals = np.empty(cap, CHUNK_VAL)
+        total = 0
+        out_batch = c_uint64()
+        in_batch = None
+        while total < cap:
+            count = c_uint32(cap - total)
+            err = self._lib.bpf_map_lookup_and_delete_batch(
+                fd, in_batch, byref(out_batch),
+                keys.ctypes.data + total * CHUNK_KEY.itemsize, vals.ctypes.data + total * CHUNK_VAL.itemsize,
+                byref(count), None)
+            total += count.value
+            if err:
+                e = ctypes.get_errno()
+                if e == errno.ENOENT:
+                    break
+                raise _fail("drain the merge map", e)
+            in_batch = byref(out_batch)
+        return Drained(keys[:total], vals[:total])
+
+    def _on_flush(self, _ctx, data, size) -> int:
+        if size >= sizeof(FlushRec):
+            self._flush_buf.append(FlushRec.from_buffer_copy(ctypes.string_at(data, sizeof(FlushRec))))
+        return 0
+
+    def flushes(self) -> list[FlushRec]:
+        """Flush records that arrived since the last call."""
+        self._lib.ring_buffer__consume(self._rb)
+        out, self._flush_buf = self._flush_buf, []
+        return out
+
+    def take_lost(self) -> dict[tuple[int, int], int]:
+        """Pages lost per (dev, subvol) since the last call; the entries are deleted as they are read."""
+        lib, fd = self._lib, self.fd["lost"]
+        out: dict[tuple[int, int], int] = {}
+        key, nxt, val = LostKey(), LostKey(), c_uint64()
+        prev = None
+        while lib.bpf_map_get_next_key(fd, prev, byref(nxt)) == 0:
+            key = LostKey(nxt.dev, 0, nxt.subvol)
+            prev = byref(key)
+            if lib.bpf_map_lookup_elem(fd, byref(key), byref(val)) == 0 and val.value:
+                out[(key.dev, key.subvol)] = val.value
+        for dev, subvol in out:
+            # Subtract what was read instead of deleting, so pages lost meanwhile are not lost twice over.
+            k = LostKey(dev, 0, subvol)
+            if lib.bpf_map_lookup_elem(fd, byref(k), byref(val)) == 0:
+                left = c_uint64(val.value - out[(dev, subvol)])
+                lib.bpf_map_update_elem(fd, byref(k), byref(left), 0)
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """Counters summed over CPUs since load."""
+        vals = (c_uint64 * self._ncpu)()
+        out = {}
+        for i, name in enumerate(STATS):
+            key = c_uint32(i)
+            self._lib.bpf_map_lookup_elem(self.fd["stats"], byref(key), vals)
+            out[name] = sum(vals)
+        return out
+
+    # -- teardown --------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        lib = self._lib
+        if self._rb:
+            lib.ring_buffer__free(self._rb)
+            self._rb = None
+        for link in self._links:
+            lib.bpf_link__destroy(link)
+        self._links.clear()
+        if self._obj:
+            lib.bpf_object__close(self._obj)
+            self._obj = None
+
+    def __enter__(self) -> "PageCacheBpf":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,318 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * duet's kernel side: page-cache events for registered filesystems, merged per (file, 64-page chunk).
+ *
+ * Four BTF tracepoints (tp_btf, so the programs read the folio and inode directly, with CO-RE offsets):
+ *   mm_filemap_add_to_page_cache       -> ADDED    (one event per folio: weighted by 1 << order)
+ *   mm_filemap_delete_from_page_cache  -> REMOVED
+ *   writeback_dirty_folio              -> DIRTIED  (the classic tracepoint has no folio; tp_btf does)
+ *   sb_clear_inode_writeback           -> FLUSHED  (inode level: there is no folio-level "writeback done"
+ *                                          tracepoint; this one fires on every filesystem when the last
+ *                                          folio under writeback of an inode completes, for fsync, sync and
+ *                                          background writeback alike. See docs/engine.md.)
+ *
+ * Scope: an event is kept only if its (superblock dev, subvolume) is in `scopes`, and, when that scope is only
+ * part of the subvolume, its inode is not in `ignore` (files user space found outside every scope, or done by
+ * every task). Merge: ADDED/REMOVED/DIRTIED set bits in a hash entry per (file, chunk), so a record stands for
+ * up to 64 pages and a Python loop never runs per page. Two merge maps alternate: programs write the active one
+ * while user space drains the other (draining a map under update loses pages, measured in DESIGN.md); a
+ * per-buffer in-flight count tells user space when the last writer has left. FLUSHED records are rare and
+ * travel on a ring buffer. Every page that cannot be recorded is counted, per scope, in `lost`.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "pagecache.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define BTRFS_SUPER_MAGIC 0x9123683E
+
+/* Set by user space before load. XA_FLAGS_MARK(PAGECACHE_TAG_DIRTY) is bit ___GFP_LAST_BIT of
+ * mapping->i_pages.xa_flags; that constant lives in an anonymous enum, so CO-RE cannot relocate it and the
+ * loader reads it from the running kernel's BTF. */
+const volatile __u32 dirty_mark_bit = 25;
+
+struct merge_map {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536); /* user space may resize before load */
+	__type(key, struct chunk_key);
+	__type(value, struct chunk_val);
+};
+struct merge_map merge0 SEC(".maps");
+struct merge_map merge1 SEC(".maps");
+
+/* (dev, subvol) -> event mask | SCOPE_* flags. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct lost_key);
+	__type(value, __u32);
+} scopes SEC(".maps");
+
+/* Files whose events nobody wants. LRU: forgetting one only costs user space a lookup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct file_key);
+	__type(value, __u8);
+} ignore SEC(".maps");
+
+/* (dev, subvol) -> pages lost; user space reads and deletes, then resyncs those scopes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct lost_key);
+	__type(value, __u64);
+} lost SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} flushes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_NR);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CTL_NR);
+	__type(key, __u32);
+	__type(value, __u32);
+} ctl SEC(".maps");
+
+static __always_inline void stat_add(__u32 which, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &which);
+
+	if (v)
+		*v += n; /* per-CPU: no other writer */
+}
+
+static __always_inline void count_lost(const struct file_key *fk, __u64 pages)
+{
+	struct lost_key lk = { .dev = fk->dev, .subvol = fk->subvol };
+	__u64 *v = bpf_map_lookup_elem(&lost, &lk);
+
+	if (!v) {
+		__u64 zero = 0;
+
+		bpf_map_update_elem(&lost, &lk, &zero, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(&lost, &lk);
+	}
+	if (v)
+		__sync_fetch_and_add(v, pages);
+	/* If even `lost` is full, STAT_LOST_* still counts it and user space resyncs every scope. */
+}
+
+/* Identify the file and check the scope. Returns the scope's mask, 0 if the event is not wanted. */
+static __always_inline __u32 resolve(struct inode *inode, struct file_key *fk)
+{
+	struct super_block *sb;
+	struct lost_key sk = {};
+	__u32 *scope;
+
+	if (!inode)
+		return 0;
+	sb = inode->i_sb;
+	fk->dev = sb->s_dev;
+	fk->pad = 0;
+	fk->ino = inode->i_ino;
+	fk->subvol = 0;
+	if (sb->s_magic == BTRFS_SUPER_MAGIC) {
+		/* container_of(inode, struct btrfs_inode, vfs_inode)->root->root_key.objectid */
+		struct btrfs_inode *bi = (void *)inode - bpf_core_field_offset(struct btrfs_inode, vfs_inode);
+
+		fk->subvol = BPF_CORE_READ(bi, root, root_key.objectid);
+	}
+	sk.dev = fk->dev;
+	sk.subvol = fk->subvol;
+	scope = bpf_map_lookup_elem(&scopes, &sk);
+	if (!scope)
+		return 0;
+	if ((*scope & SCOPE_CHECK_IGNORE) && bpf_map_lookup_elem(&ignore, fk)) {
+		stat_add(STAT_IGNORED, 1);
+		return 0;
+	}
+	return *scope;
+}
+
+static __always_inline void apply(struct chunk_val *v, __u64 bits, __u32 ev)
+{
+	if (ev == DUET_ADDED) {
+		__sync_fetch_and_or(&v->added, bits);
+		__sync_fetch_and_or(&v->present, bits);
+	} else if (ev == DUET_REMOVED) {
+		__sync_fetch_and_or(&v->removed, bits);
+		__sync_fetch_and_and(&v->present, ~bits);
+	} else {
+		__u64 now = bpf_ktime_get_ns();
+
+		__sync_fetch_and_or(&v->dirtied, bits);
+		__sync_val_compare_and_swap(&v->first_dirty_ns, 0, now);
+		v->last_dirty_ns = now;
+	}
+}
+
+static __always_inline int update_map(void *map, const struct chunk_key *k, __u64 bits, __u32 ev)
+{
+	struct chunk_val *v = bpf_map_lookup_elem(map, k);
+
+	if (!v) {
+		struct chunk_val zero = {};
+
+		bpf_map_update_elem(map, k, &zero, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(map, k);
+		if (!v)
+			return -1; /* map full */
+	}
+	apply(v, bits, ev);
+	return 0;
+}
+
+/* Record `bits` of one chunk in the active merge buffer. A global function, so the verifier checks it once
+ * rather than at every call site of the per-chunk loop. */
+__noinline int update_chunk(const struct chunk_key *k, __u64 bits, __u32 ev)
+{
+	__u32 slot = CTL_ACTIVE;
+	__u32 *active = bpf_map_lookup_elem(&ctl, &slot);
+	int attempt, err = -1;
+
+	if (!k || !active)
+		return -1;
+	for (attempt = 0; attempt < 2; attempt++) {
+		__u32 idx = *(volatile __u32 *)active & 1;
+		__u32 islot = CTL_INFLIGHT0 + idx;
+		__u32 *inflight = bpf_map_lookup_elem(&ctl, &islot);
+
+		if (!inflight)
+			return -1;
+		__sync_fetch_and_add(inflight, 1);
+		if ((*(volatile __u32 *)active & 1) != idx) {
+			/* User space switched buffers between our read and our increment: it may already be
+			 * draining `idx`, so write the new one instead. */
+			__sync_fetch_and_sub(inflight, 1);
+			stat_add(STAT_RETRIES, 1);
+			continue;
+		}
+		if (idx)
+			err = update_map(&merge1, k, bits, ev);
+		else
+			err = update_map(&merge0, k, bits, ev);
+		__sync_fetch_and_sub(inflight, 1);
+		break;
+	}
+	return err;
+}
+
+/* Count pages that could not be recorded. Global, so the verifier need not track a running sum in the loop. */
+__noinline int note_lost(const struct file_key *fk, __u64 pages, __u32 why)
+{
+	if (!fk)
+		return 0;
+	stat_add(why, pages);
+	count_lost(fk, pages);
+	return 0;
+}
+
+static __always_inline void record_folio(struct folio *folio, struct inode *inode, __u32 ev)
+{
+	struct chunk_key k = {};
+	__u64 index, nr, first;
+	__u32 order = 0;
+	__u32 mask;
+	int i;
+
+	mask = resolve(inode, &k.file);
+	if (!(mask & ev))
+		return;
+	/* folio_order(): large folios have PG_head set and keep the order in the low byte of _flags_1. */
+	if (*(unsigned long *)&folio->flags & (1UL << bpf_core_enum_value(enum pageflags, PG_head)))
+		order = folio->_flags_1 & 0xff;
+	index = folio->index;
+	nr = 1ULL << (order & 63);
+	stat_add(STAT_EVENTS, 1);
+	stat_add(STAT_PAGES, nr);
+
+	if (order < CHUNK_SHIFT) {
+		/* Folios are naturally aligned, so a small one lies within one chunk. */
+		k.chunk = index >> CHUNK_SHIFT;
+		if (update_chunk(&k, ((1ULL << nr) - 1) << (index & (CHUNK_PAGES - 1)), ev))
+			note_lost(&k.file, nr, STAT_LOST_MAP);
+		return;
+	}
+	if (order > CHUNK_SHIFT + 5) { /* more than MAX_FOLIO_CHUNKS chunks */
+		note_lost(&k.file, nr, STAT_LOST_FOLIO);
+		return;
+	}
+	first = index >> CHUNK_SHIFT;
+	nr >>= CHUNK_SHIFT;
+	for (i = 0; i < MAX_FOLIO_CHUNKS; i++) {
+		if (i >= nr)
+			break;
+		k.chunk = first + i;
+		if (update_chunk(&k, ~0ULL, ev))
+			note_lost(&k.file, CHUNK_PAGES, STAT_LOST_MAP);
+	}
+}
+
+SEC("tp_btf/mm_filemap_add_to_page_cache")
+int BPF_PROG(tp_btf_added, struct folio *folio)
+{
+	struct address_space *mapping = folio->mapping;
+
+	if (mapping)
+		record_folio(folio, mapping->host, DUET_ADDED);
+	return 0;
+}
+
+SEC("tp_btf/mm_filemap_delete_from_page_cache")
+int BPF_PROG(tp_btf_removed, struct folio *folio)
+{
+	/* Called before page_cache_delete() clears folio->mapping. */
+	struct address_space *mapping = folio->mapping;
+
+	if (mapping)
+		record_folio(folio, mapping->host, DUET_REMOVED);
+	return 0;
+}
+
+SEC("tp_btf/writeback_dirty_folio")
+int BPF_PROG(tp_btf_dirtied, struct folio *folio, struct address_space *mapping)
+{
+	if (mapping)
+		record_folio(folio, mapping->host, DUET_DIRTIED);
+	return 0;
+}
+
+SEC("tp_btf/sb_clear_inode_writeback")
+int BPF_PROG(tp_btf_flushed, struct inode *inode)
+{
+	struct flush_rec *rec;
+	struct file_key fk = {};
+	__u32 mask = resolve(inode, &fk);
+	unsigned int xa_flags;
+
+	if (!(mask & DUET_FLUSHED))
+		return 0;
+	xa_flags = inode->i_mapping->i_pages.xa_flags;
+	rec = bpf_ringbuf_reserve(&flushes, sizeof(*rec), 0);
+	if (!rec) {
+		stat_add(STAT_LOST_RING, 1);
+		count_lost(&fk, 1);
+		return 0;
+	}
+	rec->file = fk;
+	rec->ts_ns = bpf_ktime_get_ns();
+	rec->exact = !(xa_flags & (1U << (dirty_mark_bit & 31)));
+	rec->pad = 0;
+	/* No wakeup: user space polls the ring at every drain; a wakeup per record would cost more than it saves. */
+	bpf_ringbuf_submit(rec, BPF_RB_NO_WAKEUP);
+	stat_add(STAT_FLUSHES, 1);
+	return 0;
+}

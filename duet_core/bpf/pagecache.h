@@ -1,0 +1,82 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The one boundary between duet's kernel side (pagecache.bpf.c) and user space (loader.py mirrors these
+ * structs with ctypes; tests check the sizes agree). Fixed-width fields only.
+ */
+#ifndef DUET_PAGECACHE_H
+#define DUET_PAGECACHE_H
+
+/* Pages per merged chunk: one hash entry holds 64-page bitmaps for one file. */
+#define CHUNK_SHIFT 6
+#define CHUNK_PAGES (1u << CHUNK_SHIFT)
+/* A folio larger than this many chunks (2048 pages) is counted as lost rather than looped over. */
+#define MAX_FOLIO_CHUNKS 32
+
+/* Event mask bits, as in Duet (also duet_core/events.py). */
+#define DUET_ADDED    0x01
+#define DUET_REMOVED  0x02
+#define DUET_DIRTIED  0x04
+#define DUET_FLUSHED  0x08
+
+/* Scope flags (value of the `scopes` map, beside the event mask). */
+#define SCOPE_CHECK_IGNORE 0x100 /* consult the `ignore` map: the scope is a part of the (dev, subvol) */
+
+/* Per-CPU counters in the `stats` array. "pages" are weighted by folio size (1 << order). */
+enum duet_stat {
+	STAT_EVENTS,          /* tracepoint hits in scope */
+	STAT_PAGES,           /* pages in scope, recorded or lost */
+	STAT_LOST_MAP,        /* pages lost because the merge map was full */
+	STAT_LOST_FOLIO,      /* pages lost because a folio was larger than MAX_FOLIO_CHUNKS */
+	STAT_LOST_RING,       /* flush records lost because the ring was full */
+	STAT_FLUSHES,         /* flush records sent */
+	STAT_IGNORED,         /* events dropped by the ignore set */
+	STAT_RETRIES,         /* buffer switches seen mid-update (retried on the other buffer) */
+	STAT_NR,
+};
+
+/* Control array slots. */
+enum duet_ctl {
+	CTL_ACTIVE,           /* which merge buffer (0 or 1) programs write to; user space flips it */
+	CTL_INFLIGHT0,        /* programs currently updating buffer 0 */
+	CTL_INFLIGHT1,        /* programs currently updating buffer 1 */
+	CTL_NR,
+};
+
+struct file_key {
+	__u32 dev;            /* superblock device, kernel encoding MAJOR << 20 | MINOR */
+	__u32 pad;
+	__u64 subvol;         /* btrfs subvolume (root objectid); 0 elsewhere */
+	__u64 ino;
+};
+
+struct chunk_key {
+	struct file_key file;
+	__u64 chunk;          /* page index >> CHUNK_SHIFT */
+};
+
+/* Bit i of each bitmap is page (chunk << CHUNK_SHIFT) + i. */
+struct chunk_val {
+	__u64 added;          /* pages added to the cache since the last drain */
+	__u64 removed;        /* pages removed from the cache since the last drain */
+	__u64 present;        /* for pages in added|removed: 1 if the last of those events was an add */
+	__u64 dirtied;        /* pages dirtied since the last drain */
+	__u64 first_dirty_ns; /* bpf_ktime_get_ns() of the first and last dirtying in this chunk, to order */
+	__u64 last_dirty_ns;  /* dirtying against flush records, which travel on the ring */
+};
+
+/* A writeback episode of an inode ended (writeback:sb_clear_inode_writeback). */
+struct flush_rec {
+	struct file_key file;
+	__u64 ts_ns;          /* bpf_ktime_get_ns() when the last folio's writeback ended */
+	__u32 exact;          /* 1: the mapping had no dirty pages left, so every page dirtied before ts_ns is clean */
+	__u32 pad;
+};
+
+/* Pages lost per scope, so user space resyncs only what is affected. */
+struct lost_key {
+	__u32 dev;
+	__u32 pad;
+	__u64 subvol;
+};
+
+#endif /* DUET_PAGECACHE_H */
