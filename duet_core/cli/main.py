@@ -1,0 +1,63 @@
+"""The ``duet`` command. Command functions parse and delegate; :class:`DuetError` becomes one line here only."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from duet_core import __version__
+from duet_core.cli import demo, doctor, events
+from duet_core.errors import DuetError
+
+app = typer.Typer(
+    name="duet",
+    help="Page-cache-aware storage maintenance: backup, scrub, defrag and gc that process cached data first.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+app.command("doctor")(doctor.doctor)
+app.command("events")(events.events)
+app.command("demo")(demo.demo)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"duet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log lines (-vv for debug)."),
+) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="duet: %(message)s", stream=sys.stderr)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except DuetError as exc:
+        print(f"duet: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # click usage errors arrive here in standalone_mode=False
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Terminal output, configured in one place: rich on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def is_tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def emit_json(obj) -> None:
+    """One JSON object on one line, flushed at once (for pipes and `jq`)."""
+    sys.stdout.write(json.dumps(obj, separators=(",", ":"), default=str) + "\n")
+    sys.stdout.flush()
+
+
+def note(msg: str) -> None:
+    """A one-line notice on stderr (source in use, warnings), never mixed into JSON on stdout."""
+    err_console.print(f"duet: {msg}", markup=False, soft_wrap=True)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,429 @@
+"""The core event engine: registrations over path scopes, fed by one shared event source.
+
+A registration is ``(name, mask, path)``. The engine turns the path into a :class:`~duet_core.scope.Scope` (the
+files under it, with the (superblock, subvolume) pairs they live on), tells the source which pairs to watch,
+and fans every drained change out to the registrations whose scope holds the file. Merged chunk records are
+turned into page sets with numpy, so no Python code runs per page.
+
+One copy of each file's state (pages EXISTS, pages MODIFIED) is kept for all registrations; each registration
+keeps only what it has not fetched yet: event pages, or the state it last reported (so that a change undone
+before the next fetch cancels out, as in Duet).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from pyroaring import BitMap
+
+from duet_core import residency
+from duet_core.errors import BpfUnavailable, DuetError
+from duet_core.events import EVENTS, STATES, Batch, Event, FileId, Item
+from duet_core.identity import file_id
+from duet_core.scope import Scope
+from duet_core.sources import BpfSource, Changes, PollSource, Source, kernel_mask
+
+log = logging.getLogger("duet.engine")
+
+MAX_PAGE = (1 << 32) - 1        # page bitmaps are 32-bit roaring: files up to 16 TiB
+RESCAN_MIN_S = 1.0              # at most one rescan per second when unknown files show up
+RESCAN_EVERY_S = 30.0           # and one every 30 s regardless, to notice files moved into a scope
+MAX_HELD = 1 << 20              # chunk records of unknown files held while a rescan resolves them
+
+
+def mask_pages(chunks: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Page indexes of the set bits: page = chunk * 64 + bit, for parallel arrays of chunks and 64-bit masks."""
+    if not len(masks):
+        return np.empty(0, np.uint32)
+    bits = np.unpackbits(masks.astype("<u8").view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+    rows, cols = np.nonzero(bits)
+    pages = chunks[rows].astype(np.uint64) * 64 + cols.astype(np.uint64)
+    return pages[pages <= MAX_PAGE].astype(np.uint32)
+
+
+@dataclass
+class FileState:
+    """What the engine knows of one file's pages, shared by every registration."""
+
+    exists: BitMap = field(default_factory=BitMap)
+    modified: BitMap = field(default_factory=BitMap)
+    dirty_ns: dict[int, int] = field(default_factory=dict)   # chunk -> last dirtying seen (ktime ns)
+    last_flush_ns: int = 0                                   # last exact flush (every page clean then)
+
+
+@dataclass
+class Registration:
+    """A handle returned by :meth:`Engine.register`."""
+
+    id: int
+    name: str
+    mask: Event
+    scope: Scope
+    pending: dict[FileId, dict[Event, BitMap]] = field(default_factory=dict)   # event pages not fetched yet
+    reported: dict[FileId, tuple[BitMap, BitMap]] = field(default_factory=dict)  # state last fetched
+    touched: set[FileId] = field(default_factory=set)                        # state may have changed
+    resync: bool = False
+
+    @property
+    def path(self) -> str:
+        return self.scope.root
+
+
+class Engine:
+    """Registrations, one event source, and the merged state between them.
+
+    ``source`` is ``"bpf"``, ``"poll"`` or ``"auto"`` (BPF if it loads, else polling with a one-line warning).
+    ``interval`` is how stale a fetch may be: a fetch drains the source if the last drain is older.
+    """
+
+    def __init__(self, source: str = "auto", interval: float = 0.1, merge_entries: int = 65536):
+        self.interval = interval
+        self.regs: dict[int, Registration] = {}
+        self.files: dict[FileId, FileState] = {}
+        self.scopes: dict[tuple[str, bool], Scope] = {}
+        self.source_warning: str | None = None
+        self._next_id = 1
+        self._last_drain = 0.0
+        self._last_rescan = time.monotonic()
+        self._held: list[Changes] = []
+        self._held_records = 0
+        self.counters = {"drains": 0, "records": 0, "pages_added": 0, "pages_removed": 0, "pages_dirtied": 0,
+                         "pages_flushed": 0, "flushes_partial": 0, "resyncs": 0, "unknown_ignored": 0}
+        self.source: Source = self._open_source(source, merge_entries)
+
+    # -- source ----------------------------------------------------------------------------------------------------
+    def _open_source(self, kind: str, merge_entries: int) -> Source:
+        if kind not in ("auto", "bpf", "poll"):
+            raise DuetError(f"unknown event source {kind!r}", hint="use auto, bpf or poll")
+        if kind in ("auto", "bpf"):
+            try:
+                return BpfSource(merge_entries=merge_entries)
+            except BpfUnavailable as exc:
+                if kind == "bpf":
+                    raise
+                self.source_warning = f"BPF unavailable ({exc}); polling page-cache residency instead"
+                log.warning("%s", self.source_warning)
+        return PollSource(self._all_files)
+
+    @property
+    def source_name(self) -> str:
+        return self.source.name
+
+    def _all_files(self):
+        for scope in self.scopes.values():
+            for fid, rel in scope.files.items():
+                yield fid, os.path.join(scope.root, rel)
+
+    # -- registrations ---------------------------------------------------------------------------------------------
+    def register(self, name: str, mask: Event | int, path: str, one_file_system: bool = False) -> Registration:
+        """Watch ``path`` for the events/states in ``mask``; files already cached are reported as EXISTS."""
+        mask = Event(mask)
+        if not mask & (EVENTS | STATES):
+            raise DuetError(f"registration {name!r} asks for no events")
+        root = os.path.realpath(path)
+        if not os.path.isdir(root):
+            raise DuetError(f"not a directory: {path}")
+        key = (root, one_file_system)
+        scope = self.scopes.get(key)
+        if scope is None:
+            scope = Scope(root, one_file_system=one_file_system)
+            for _ in scope.scan():
+                pass
+            self.scopes[key] = scope
+        reg = Registration(self._next_id, name, mask, scope)
+        self._next_id += 1
+        self.regs[reg.id] = reg
+        self._sync_kernel_scopes()
+        # Snapshot after the kernel filter is in place, so nothing falls between the two.
+        self._snapshot(scope, list(scope.files), [reg])
+        return reg
+
+    def unregister(self, reg: Registration) -> None:
+        self.regs.pop(reg.id, None)
+        if not any(r.scope is reg.scope for r in self.regs.values()):
+            self.scopes = {k: s for k, s in self.scopes.items() if s is not reg.scope}
+            keep = {fid for s in self.scopes.values() for fid in s.index}
+            self.files = {fid: st for fid, st in self.files.items() if fid in keep}
+        self._sync_kernel_scopes()
+
+    def _sync_kernel_scopes(self) -> None:
+        """Give the source the union of every registration's (dev, subvol) pairs and event masks."""
+        want: dict[tuple[int, int], list] = {}
+        for reg in self.regs.values():
+            for pair, partial in reg.scope.pairs().items():
+                entry = want.setdefault(pair, [0, True])
+                entry[0] |= kernel_mask(reg.mask)
+                entry[1] = entry[1] and partial
+        for pair, (mask, partial) in want.items():
+            self.source.set_scope(pair[0], pair[1], mask, partial)
+        for pair in getattr(self, "_kernel_pairs", set()) - set(want):
+            self.source.del_scope(*pair)
+        self._kernel_pairs = set(want)
+
+    def _snapshot(self, scope: Scope, fids, regs: list[Registration]) -> None:
+        """Read the residency of ``fids`` (cachestat, then mincore) into the shared state."""
+        for fid in fids:
+            rel = scope.files.get(fid)
+            if rel is None:
+                continue
+            try:
+                fd = scope.open(rel)
+            except OSError:
+                continue
+            try:
+                pages = residency.resident_pages(fd, os.fstat(fd).st_size)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            st = self.files.get(fid)
+            if st is None:
+                if not pages:
+                    continue
+                st = self.files[fid] = FileState()
+            st.exists = BitMap(pages)
+            st.modified &= st.exists
+            for reg in regs:
+                if reg.mask & STATES:
+                    reg.touched.add(fid)
+
+    # -- fetching --------------------------------------------------------------------------------------------------
+    def pump(self, force: bool = False) -> None:
+        """Drain the source if the last drain is older than the interval (or ``force``)."""
+        now = time.monotonic()
+        if not force and now - self._last_drain < self.interval:
+            return
+        self._last_drain = now
+        self._apply(self.source.poll())
+        if now - self._last_rescan > RESCAN_EVERY_S or (self._held and now - self._last_rescan > RESCAN_MIN_S):
+            self._rescan()
+
+    def fetch(self, reg: Registration) -> Batch:
+        """Items for ``reg`` since its last fetch: event pages, or state changes, as runs of pages."""
+        self.pump()
+        items: list[Item] = []
+        if reg.mask & EVENTS:
+            pending, reg.pending = reg.pending, {}
+            for fid, per_event in pending.items():
+                items.extend(_runs(fid, [(ev & reg.mask, pages) for ev, pages in per_event.items()]))
+        if reg.mask & STATES:
+            touched, reg.touched = reg.touched, set()
+            for fid in touched:
+                items.extend(self._state_items(reg, fid))
+        resync, reg.resync = reg.resync, False
+        return Batch(items, resync)
+
+    def _state_items(self, reg: Registration, fid: FileId) -> list[Item]:
+        st = self.files.get(fid)
+        exists = st.exists if st else BitMap()
+        modified = st.modified if st else BitMap()
+        old_e, old_m = reg.reported.get(fid, (BitMap(), BitMap()))
+        parts = []
+        if reg.mask & Event.EXISTS:
+            changed = exists ^ old_e
+            if changed:
+                parts += [(Event.EXISTS, exists & changed), (Event(0), changed - exists)]
+        if reg.mask & Event.MODIFIED:
+            changed = modified ^ old_m
+            if changed:
+                # Report the page's whole state, so an item's flags never contradict another item's.
+                parts += [(Event.MODIFIED, modified & changed), (Event(0), changed - modified)]
+                if reg.mask & Event.EXISTS:
+                    parts.append((Event.EXISTS, exists & changed))
+        if exists or modified:
+            reg.reported[fid] = (BitMap(exists), BitMap(modified))
+        else:
+            reg.reported.pop(fid, None)
+        return _runs(fid, parts)
+
+    def path_of(self, reg: Registration, fid: FileId) -> str | None:
+        """The file's path, only if it is still inside ``reg``'s scope and still that file (like Duet's get_path)."""
+        rel = reg.scope.files.get(fid)
+        if rel is None:
+            return None
+        path = os.path.join(reg.scope.root, rel)
+        try:
+            if os.path.realpath(os.path.dirname(path)) != os.path.dirname(path) or file_id(path) != fid:
+                return None
+        except OSError:
+            return None
+        return path
+
+    # -- applying changes ------------------------------------------------------------------------------------------
+    def _owners(self, fid: FileId) -> list[Registration]:
+        return [r for r in self.regs.values() if fid in r.scope.files]
+
+    def _apply(self, ch: Changes) -> None:
+        self.counters["drains"] += 1
+        self.counters["records"] += len(ch.keys)
+        if len(ch.keys):
+            self._apply_records(ch.keys, ch.vals)
+        for fid, ts, exact in ch.flushes:
+            self._apply_flush(fid, ts, exact)
+        if ch.lost or ch.lost_all:
+            self._resync(None if ch.lost_all else set(ch.lost))
+
+    def _apply_records(self, keys: np.ndarray, vals: np.ndarray) -> None:
+        ids = np.stack([keys["dev"].astype(np.uint64), keys["subvol"], keys["ino"]], axis=1)
+        uniq, inverse = np.unique(ids, axis=0, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+        unknown = []
+        for i, (dev, subvol, ino) in enumerate(uniq.tolist()):
+            rows = order[bounds[i]:bounds[i + 1]]
+            fid = FileId(dev, subvol, ino)
+            owners = self._owners(fid)
+            if not owners:
+                unknown.append(rows)
+                continue
+            self._apply_file(fid, owners, keys["chunk"][rows], vals[rows])
+        if unknown:
+            rows = np.concatenate(unknown)
+            self._hold(keys[rows], vals[rows])
+
+    def _apply_file(self, fid: FileId, owners: list[Registration], chunks: np.ndarray, v: np.ndarray) -> None:
+        added = mask_pages(chunks, v["added"])
+        removed = mask_pages(chunks, v["removed"])
+        present = mask_pages(chunks, v["present"] & (v["added"] | v["removed"]))
+        dirtied = mask_pages(chunks, v["dirtied"])
+        self.counters["pages_added"] += len(added)
+        self.counters["pages_removed"] += len(removed)
+        self.counters["pages_dirtied"] += len(dirtied)
+        st = self.files.get(fid)
+        if st is None:
+            st = self.files[fid] = FileState()
+        touched = BitMap(added) | BitMap(removed)
+        gone = touched - BitMap(present)
+        st.exists -= gone
+        st.exists |= BitMap(present)
+        st.modified -= gone          # a page no longer cached cannot be dirty (truncated)
+        flushed = BitMap()
+        if len(dirtied):
+            # A chunk dirtied before the file's last exact flush was written back already: the flush record
+            # travels on the ring and can overtake the merged dirty bits.
+            already = v["last_dirty_ns"] < st.last_flush_ns
+            if already.any():
+                flushed = BitMap(mask_pages(chunks[already], v["dirtied"][already]))
+            live = ~already & (v["dirtied"] != 0)
+            st.modified |= BitMap(mask_pages(chunks[live], v["dirtied"][live])) & st.exists
+            for c, ns in zip(chunks[live].tolist(), v["last_dirty_ns"][live].tolist()):
+                if ns > st.dirty_ns.get(c, 0):
+                    st.dirty_ns[c] = ns
+        events = {Event.ADDED: added, Event.REMOVED: removed, Event.DIRTIED: dirtied}
+        self.counters["pages_flushed"] += len(flushed)
+        for reg in owners:
+            if reg.mask & EVENTS:
+                pend = reg.pending.setdefault(fid, {})
+                for ev, pages in events.items():
+                    if reg.mask & ev and len(pages):
+                        pend.setdefault(ev, BitMap()).update(pages)
+                if reg.mask & Event.FLUSHED and flushed:
+                    pend.setdefault(Event.FLUSHED, BitMap()).update(flushed)
+            if reg.mask & STATES:
+                reg.touched.add(fid)
+        if not st.exists and not st.modified:
+            del self.files[fid]
+
+    def _apply_flush(self, fid: FileId, ts: int, exact: bool) -> None:
+        if not exact:
+            # btrfs reports some episodes while pages are still dirty; a later exact one will follow.
+            self.counters["flushes_partial"] += 1
+            return
+        st = self.files.get(fid)
+        if st is None:
+            if self._owners(fid):
+                self.files[fid] = FileState(last_flush_ns=ts)
+            return
+        st.last_flush_ns = max(st.last_flush_ns, ts)
+        flushed = BitMap()
+        for chunk, ns in list(st.dirty_ns.items()):
+            if ns < ts:
+                flushed |= st.modified.intersection(BitMap(range(chunk * 64, chunk * 64 + 64)))
+                del st.dirty_ns[chunk]
+        if not flushed:
+            return
+        st.modified -= flushed
+        self.counters["pages_flushed"] += len(flushed)
+        for reg in self._owners(fid):
+            if reg.mask & Event.FLUSHED:
+                reg.pending.setdefault(fid, {}).setdefault(Event.FLUSHED, BitMap()).update(flushed)
+            if reg.mask & STATES:
+                reg.touched.add(fid)
+
+    # -- unknown files, rescans, resyncs ---------------------------------------------------------------------------
+    def _hold(self, keys: np.ndarray, vals: np.ndarray) -> None:
+        """Keep records of files not (yet) in any scope until the next rescan says where they belong."""
+        if self._held_records + len(keys) > MAX_HELD:
+            self._resync({(int(d), int(s)) for d, s in zip(keys["dev"], keys["subvol"])})
+            return
+        self._held.append(Changes(keys, vals))
+        self._held_records += len(keys)
+
+    def _rescan(self) -> None:
+        self._last_rescan = time.monotonic()
+        for scope in self.scopes.values():
+            diff = scope.rescan()
+            for found in diff.added:
+                self.source.unignore(found.fid)
+        self._sync_kernel_scopes()
+        held, self._held, self._held_records = self._held, [], 0
+        for ch in held:
+            ids = list(zip(ch.keys["dev"].tolist(), ch.keys["subvol"].tolist(), ch.keys["ino"].tolist()))
+            known = np.array([bool(self._owners(FileId(*i))) for i in ids], bool)
+            if known.any():
+                self._apply_records(ch.keys[known], ch.vals[known])
+            for i in set(x for x, k in zip(ids, known) if not k):
+                # Outside every scope (or deleted): let the kernel drop its events from now on.
+                self.source.ignore(FileId(*i))
+                self.counters["unknown_ignored"] += 1
+
+    def _resync(self, pairs: set[tuple[int, int]] | None) -> None:
+        """Events were lost for ``pairs`` (None: anywhere): re-read residency and tell the registrations."""
+        self.counters["resyncs"] += 1
+        for reg in self.regs.values():
+            if pairs is None or set(reg.scope.pairs()) & pairs:
+                reg.resync = True
+        for scope in self.scopes.values():
+            owners = [r for r in self.regs.values() if r.scope is scope]
+            fids = [f for f in scope.files if pairs is None or (f.dev, f.subvol) in pairs]
+            if owners and fids:
+                self._snapshot(scope, fids, owners)
+
+    # -- teardown --------------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        return {**self.counters, **{f"kernel_{k}": v for k, v in self.source.stats().items()}}
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _runs(fid: FileId, parts: list[tuple[Event, BitMap | np.ndarray]]) -> list[Item]:
+    """Runs of consecutive pages with equal flags, from (flags, pages) parts that may overlap."""
+    pages_l, flags_l = [], []
+    for flags, pages in parts:
+        arr = np.fromiter(pages, np.int64, len(pages)) if isinstance(pages, BitMap) else np.asarray(pages, np.int64)
+        if len(arr):
+            pages_l.append(arr)
+            flags_l.append(np.full(len(arr), int(flags), np.int64))
+    if not pages_l:
+        return []
+    pages = np.concatenate(pages_l)
+    flags = np.concatenate(flags_l)
+    order = np.argsort(pages, kind="stable")
+    pages, flags = pages[order], flags[order]
+    starts = np.flatnonzero(np.r_[True, pages[1:] != pages[:-1]])
+    upages = pages[starts]
+    uflags = np.bitwise_or.reduceat(flags, starts)
+    brk = np.flatnonzero(np.r_[True, (upages[1:] != upages[:-1] + 1) | (uflags[1:] != uflags[:-1])])
+    ends = np.r_[brk[1:], len(upages)]
+    return [Item(fid, int(upages[b]), int(e - b), Event(int(uflags[b]))) for b, e in zip(brk, ends)]
