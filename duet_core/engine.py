@@ -262,8 +262,14 @@ class Engine:
         self.counters["records"] += len(ch.keys)
         if len(ch.keys):
             self._apply_records(ch.keys, ch.vals)
-        for fid, ts, exact in ch.flushes:
-            self._apply_flush(fid, ts, exact)
+        held_flushes = []
+        for fl in ch.flushes:
+            if self._owners(fl.fid):
+                self._apply_flush(fl.fid, fl.ts_ns, fl.exact)
+            else:
+                held_flushes.append(fl)
+        if held_flushes:
+            self._hold(np.empty(0, ch.keys.dtype), np.empty(0, ch.vals.dtype), held_flushes)
         if ch.lost or ch.lost_all:
             self._resync(None if ch.lost_all else set(ch.lost))
 
@@ -355,20 +361,22 @@ class Engine:
                 reg.touched.add(fid)
 
     # -- unknown files, rescans, resyncs ---------------------------------------------------------------------------
-    def _hold(self, keys: np.ndarray, vals: np.ndarray) -> None:
+    def _hold(self, keys: np.ndarray, vals: np.ndarray, flushes=()) -> None:
         """Keep records of files not (yet) in any scope until the next rescan says where they belong."""
-        if self._held_records + len(keys) > MAX_HELD:
-            self._resync({(int(d), int(s)) for d, s in zip(keys["dev"], keys["subvol"])})
+        if self._held_records + len(keys) + len(flushes) > MAX_HELD:
+            pairs = {(int(d), int(s)) for d, s in zip(keys["dev"], keys["subvol"])}
+            self._resync(pairs | {(fl.fid.dev, fl.fid.subvol) for fl in flushes})
             return
-        self._held.append(Changes(keys, vals))
-        self._held_records += len(keys)
+        self._held.append(Changes(keys, vals, list(flushes)))
+        self._held_records += len(keys) + len(flushes)
 
     def _rescan(self) -> None:
         self._last_rescan = time.monotonic()
+        added: set[FileId] = set()
         for scope in self.scopes.values():
-            diff = scope.rescan()
-            for found in diff.added:
-                self.source.unignore(found.fid)
+            added.update(found.fid for found in scope.rescan().added)
+        if added:
+            self.source.unignore(added)
         self._sync_kernel_scopes()
         held, self._held, self._held_records = self._held, [], 0
         for ch in held:
@@ -376,9 +384,16 @@ class Engine:
             known = np.array([bool(self._owners(FileId(*i))) for i in ids], bool)
             if known.any():
                 self._apply_records(ch.keys[known], ch.vals[known])
-            for i in set(x for x, k in zip(ids, known) if not k):
-                # Outside every scope (or deleted): let the kernel drop its events from now on.
-                self.source.ignore(FileId(*i))
+            outside = {(FileId(*x), g) for x, g, k in zip(ids, ch.keys["gen"].tolist(), known) if not k}
+            for fl in ch.flushes:
+                if self._owners(fl.fid):
+                    self._apply_flush(fl.fid, fl.ts_ns, fl.exact)
+                else:
+                    outside.add((fl.fid, fl.gen))
+            for fid, gen in outside:
+                # Outside every scope (or deleted): the kernel drops this file's events from now on. The
+                # generation keeps a new file that reuses the inode number from being ignored with it.
+                self.source.ignore(fid, gen)
                 self.counters["unknown_ignored"] += 1
 
     def _resync(self, pairs: set[tuple[int, int]] | None) -> None:

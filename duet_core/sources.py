@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, NamedTuple, Protocol
 
 import numpy as np
 
@@ -21,11 +21,20 @@ from duet_core.events import Event, FileId
 LOST_STATS = ("lost_map", "lost_folio", "lost_ring")
 
 
+class Flush(NamedTuple):
+    """A writeback episode of one file ended at ``ts_ns`` (CLOCK_MONOTONIC); ``exact``: no dirty page left."""
+
+    fid: FileId
+    ts_ns: int
+    exact: bool
+    gen: int = 0
+
+
 @dataclass
 class Changes:
     keys: np.ndarray                                   # CHUNK_KEY records
     vals: np.ndarray                                   # CHUNK_VAL records, same order
-    flushes: list[tuple[FileId, int, bool]] = field(default_factory=list)  # (file, ktime ns, exact)
+    flushes: list[Flush] = field(default_factory=list)
     lost: dict[tuple[int, int], int] = field(default_factory=dict)        # (dev, subvol) -> pages lost
     lost_all: bool = False                             # lost without a known scope: resync everything
 
@@ -45,8 +54,8 @@ class Source(Protocol):
 
     def set_scope(self, dev: int, subvol: int, mask: int, partial: bool) -> None: ...
     def del_scope(self, dev: int, subvol: int) -> None: ...
-    def ignore(self, fid: FileId) -> None: ...
-    def unignore(self, fid: FileId) -> None: ...
+    def ignore(self, fid: FileId, gen: int) -> None: ...
+    def unignore(self, fids: set[FileId]) -> None: ...
     def poll(self) -> Changes: ...
     def stats(self) -> dict[str, int]: ...
     def close(self) -> None: ...
@@ -74,15 +83,15 @@ class BpfSource:
     def del_scope(self, dev: int, subvol: int) -> None:
         self.bpf.del_scope(dev, subvol)
 
-    def ignore(self, fid: FileId) -> None:
-        self.bpf.ignore(*fid)
+    def ignore(self, fid: FileId, gen: int) -> None:
+        self.bpf.ignore(fid.dev, fid.subvol, fid.ino, gen)
 
-    def unignore(self, fid: FileId) -> None:
-        self.bpf.unignore(*fid)
+    def unignore(self, fids: set[FileId]) -> None:
+        self.bpf.unignore({tuple(f) for f in fids})
 
     def poll(self) -> Changes:
         drained = self.bpf.drain()
-        flushes = [(FileId(r.file.dev, r.file.subvol, r.file.ino), r.ts_ns, bool(r.exact))
+        flushes = [Flush(FileId(r.file.dev, r.file.subvol, r.file.ino), r.ts_ns, bool(r.exact), r.file.gen)
                    for r in self.bpf.flushes()]
         lost = self.bpf.take_lost()
         # Every lost page is counted twice in the kernel: in the per-CPU totals and, if it could, per scope.
@@ -128,10 +137,10 @@ class PollSource:
     def del_scope(self, dev: int, subvol: int) -> None:
         self._scopes.pop((dev, subvol), None)
 
-    def ignore(self, fid: FileId) -> None:  # the poll source only visits files in scope anyway
+    def ignore(self, fid: FileId, gen: int) -> None:  # the poll source only visits files in scope anyway
         pass
 
-    def unignore(self, fid: FileId) -> None:
+    def unignore(self, fids: set[FileId]) -> None:
         pass
 
     def _snapshot(self, path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +161,7 @@ class PollSource:
     def poll(self) -> Changes:
         keys: list[np.ndarray] = []
         vals: list[np.ndarray] = []
-        flushes: list[tuple[FileId, int, bool]] = []
+        flushes: list[Flush] = []
         seen: set[FileId] = set()
         for fid, path in self._files():
             if (fid.dev, fid.subvol) not in self._scopes or fid in seen:
@@ -174,7 +183,7 @@ class PollSource:
                 keys.append(k)
                 vals.append(v)
             if len(cleaned) and not len(dirty):
-                flushes.append((fid, _now_ns(), True))
+                flushes.append(Flush(fid, _now_ns(), True))
         for fid in list(self._resident):
             if fid not in seen:  # left every scope
                 del self._resident[fid]

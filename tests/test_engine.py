@@ -233,6 +233,20 @@ def test_new_file_in_scope_is_picked_up(btrfs_fs, engine):
     assert pages_by(batch.items, Event.ADDED) == {file_id(path): set(range(16))}
 
 
+def test_new_file_written_and_fsynced_is_dirtied_and_flushed(btrfs_fs, engine):
+    """A new file's DIRTIED and FLUSHED arrive before the engine knows the file; neither may be lost."""
+    reg = engine.register("t", Event.DIRTIED | Event.FLUSHED | Event.MODIFIED, btrfs_fs.mnt)
+    path = os.path.join(btrfs_fs.mnt, "new")
+    write_file(path, 40 * PAGE_SIZE, sync=True)
+    time.sleep(1.2)
+    engine.pump(force=True)
+    batch = settle(engine, reg)
+    fid = file_id(path)
+    assert pages_by(batch.items, Event.DIRTIED) == {fid: set(range(40))}
+    assert pages_by(batch.items, Event.FLUSHED) == {fid: set(range(40))}
+    assert pages_by(batch.items, Event.MODIFIED) == {}
+
+
 def test_overflow_is_counted_and_turned_into_a_resync(bpf_required, btrfs_fs):
     path = os.path.join(btrfs_fs.mnt, "big")
     write_file(path, 4 << 20)   # 1024 pages = 16 chunks, into a merge map of 4 entries

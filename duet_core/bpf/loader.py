@@ -31,7 +31,7 @@ CTL_ACTIVE, CTL_INFLIGHT0, CTL_INFLIGHT1 = 0, 1, 2
 
 
 class FileKey(Structure):
-    _fields_ = [("dev", c_uint32), ("pad", c_uint32), ("subvol", c_uint64), ("ino", c_uint64)]
+    _fields_ = [("dev", c_uint32), ("gen", c_uint32), ("subvol", c_uint64), ("ino", c_uint64)]
 
 
 class LostKey(Structure):
@@ -43,7 +43,7 @@ class FlushRec(Structure):
 
 
 # numpy views of the merge map's keys and values, so a drain is parsed without a Python loop per record.
-CHUNK_KEY = np.dtype([("dev", "<u4"), ("pad", "<u4"), ("subvol", "<u8"), ("ino", "<u8"), ("chunk", "<u8")])
+CHUNK_KEY = np.dtype([("dev", "<u4"), ("gen", "<u4"), ("subvol", "<u8"), ("ino", "<u8"), ("chunk", "<u8")])
 CHUNK_VAL = np.dtype([("added", "<u8"), ("removed", "<u8"), ("present", "<u8"), ("dirtied", "<u8"),
                       ("first_dirty_ns", "<u8"), ("last_dirty_ns", "<u8")])
 
@@ -244,13 +244,22 @@ class PageCacheBpf:
         key = LostKey(dev, 0, subvol)
         self._lib.bpf_map_delete_elem(self.fd["scopes"], byref(key))
 
-    def ignore(self, dev: int, subvol: int, ino: int) -> None:
-        key, val = FileKey(dev, 0, subvol, ino), ctypes.c_uint8(1)
+    def ignore(self, dev: int, subvol: int, ino: int, gen: int) -> None:
+        key, val = FileKey(dev, gen, subvol, ino), ctypes.c_uint8(1)
         self._lib.bpf_map_update_elem(self.fd["ignore"], byref(key), byref(val), 0)
 
-    def unignore(self, dev: int, subvol: int, ino: int) -> None:
-        key = FileKey(dev, 0, subvol, ino)
-        self._lib.bpf_map_delete_elem(self.fd["ignore"], byref(key))
+    def unignore(self, files: set[tuple[int, int, int]]) -> None:
+        """Forget every ignored generation of these (dev, subvol, ino): one walk of the map for all of them."""
+        lib, fd = self._lib, self.fd["ignore"]
+        key, nxt = FileKey(), FileKey()
+        doomed, prev = [], None
+        while lib.bpf_map_get_next_key(fd, prev, byref(nxt)) == 0:
+            key = FileKey(nxt.dev, nxt.gen, nxt.subvol, nxt.ino)
+            prev = byref(key)
+            if (key.dev, key.subvol, key.ino) in files:
+                doomed.append(key)
+        for k in doomed:
+            lib.bpf_map_delete_elem(fd, byref(k))
 
     # -- draining --------------------------------------------------------------------------------------------------
     def _ctl(self, slot: int) -> int:

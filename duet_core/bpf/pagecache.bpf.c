@@ -121,7 +121,7 @@ static __always_inline __u32 resolve(struct inode *inode, struct file_key *fk)
 		return 0;
 	sb = inode->i_sb;
 	fk->dev = sb->s_dev;
-	fk->pad = 0;
+	fk->gen = inode->i_generation;
 	fk->ino = inode->i_ino;
 	fk->subvol = 0;
 	if (sb->s_magic == BTRFS_SUPER_MAGIC) {

@@ -44,7 +44,7 @@ enum duet_ctl {
 
 struct file_key {
 	__u32 dev;            /* superblock device, kernel encoding MAJOR << 20 | MINOR */
-	__u32 pad;
+	__u32 gen;            /* i_generation: tells a reused inode number from the file that had it before */
 	__u64 subvol;         /* btrfs subvolume (root objectid); 0 elsewhere */
 	__u64 ino;
 };

@@ -89,7 +89,7 @@ def demo(
             if engine.source_warning:
                 note(engine.source_warning)
             reg = engine.register("demo", EVENTS, fs.mnt)
-            console.print(f"engine source: [bold]{engine.source_name}[/]; watching {len(reg.scope.index)} files")
+            console.print(f"engine source: [bold]{engine.source_name}[/]; watching {len(reg.scope.files)} files")
             log: list[str] = []
             worker = threading.Thread(target=_foreground, args=(fs.mnt, log), daemon=True)
             worker.start()

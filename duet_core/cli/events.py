@@ -100,7 +100,7 @@ def events(
         if engine.source_warning:
             note(engine.source_warning)
         reg = engine.register("events", ev_mask, path, one_file_system=one_file_system)
-        note(f"watching {reg.path} ({len(reg.scope.index)} files) with the {engine.source_name} source")
+        note(f"watching {reg.path} ({len(reg.scope.files)} files) with the {engine.source_name} source")
         try:
             run_view(engine, reg, duration, interval, json_out)
         finally:

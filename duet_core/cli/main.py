@@ -39,24 +39,14 @@ def _root(
 
 
 def main() -> None:
+    """Entry point: typer reports usage errors itself (exit 2); a DuetError becomes one line and its exit code."""
     try:
-        app(standalone_mode=False)
+        app()
     except DuetError as exc:
         print(f"duet: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(1)
-    except Exception as exc:  # click usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
 
 
 if __name__ == "__main__":
