@@ -146,7 +146,7 @@ class Engine:
         self.regs.pop(reg.id, None)
         if not any(r.scope is reg.scope for r in self.regs.values()):
             self.scopes = {k: s for k, s in self.scopes.items() if s is not reg.scope}
-            keep = {fid for s in self.scopes.values() for fid in s.index}
+            keep = {fid for s in self.scopes.values() for fid in s.files}
             self.files = {fid: st for fid, st in self.files.items() if fid in keep}
         self._sync_kernel_scopes()
 

@@ -13,8 +13,19 @@ import ctypes.util
 import errno
 import os
 import time
-from ctypes import (CFUNCTYPE, POINTER, Structure, byref, c_char_p, c_int, c_size_t, c_uint, c_uint32, c_uint64,
-                    c_void_p, sizeof)
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    Structure,
+    byref,
+    c_char_p,
+    c_int,
+    c_size_t,
+    c_uint32,
+    c_uint64,
+    c_void_p,
+    sizeof,
+)
 from dataclasses import dataclass
 
 import numpy as np
