@@ -90,6 +90,7 @@ class Engine:
         self._last_drain = 0.0
         self._last_rescan = time.monotonic()
         self._held: list[Changes] = []
+        self._kernel_pairs: set[tuple[int, int]] = set()
         self._held_records = 0
         self.counters = {"drains": 0, "records": 0, "pages_added": 0, "pages_removed": 0, "pages_dirtied": 0,
                          "pages_flushed": 0, "flushes_partial": 0, "resyncs": 0, "unknown_ignored": 0}
@@ -160,7 +161,7 @@ class Engine:
                 entry[1] = entry[1] and partial
         for pair, (mask, partial) in want.items():
             self.source.set_scope(pair[0], pair[1], mask, partial)
-        for pair in getattr(self, "_kernel_pairs", set()) - set(want):
+        for pair in self._kernel_pairs - set(want):
             self.source.del_scope(*pair)
         self._kernel_pairs = set(want)
 
@@ -373,10 +374,20 @@ class Engine:
     def _rescan(self) -> None:
         self._last_rescan = time.monotonic()
         added: set[FileId] = set()
+        removed: set[FileId] = set()
         for scope in self.scopes.values():
-            added.update(found.fid for found in scope.rescan().added)
+            diff = scope.rescan()
+            added.update(found.fid for found in diff.added)
+            removed.update(fid for fid, _rel in diff.removed)
         if added:
             self.source.unignore(added)
+        for fid in removed - added:
+            if not self._owners(fid):
+                self.files.pop(fid, None)
+                for reg in self.regs.values():
+                    reg.pending.pop(fid, None)
+                    reg.reported.pop(fid, None)
+                    reg.touched.discard(fid)
         self._sync_kernel_scopes()
         held, self._held, self._held_records = self._held, [], 0
         for ch in held:

@@ -8,8 +8,10 @@ import time
 from dataclasses import dataclass, field
 
 import typer
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from duet_core import residency
 from duet_core.cli.output import console, emit_json, is_tty, note
@@ -52,12 +54,12 @@ def resident_pct(path: str) -> float:
         os.close(fd)
 
 
-def _table(rows: dict[FileId, FileRow], engine: Engine, root: str, elapsed: float, limit: int) -> Table:
+def _table(rows: dict[FileId, FileRow], engine: Engine, root: str, elapsed: float, limit: int) -> Group:
     stats = engine.stats()
     lost = sum(v for k, v in stats.items() if k.startswith("kernel_lost"))
-    table = Table(title=f"duet events — {root} — source {engine.source_name} — {elapsed:.0f}s — "
-                        f"{stats['pages_added']} added, {lost} lost, {stats['resyncs']} resyncs",
-                  title_justify="left", expand=False)
+    header = Text(f"duet events — {root} — source {engine.source_name} — {elapsed:.0f} s — "
+                  f"{len(rows)} files active, {lost} pages lost, {stats['resyncs']} resyncs")
+    table = Table(expand=False)
     table.add_column("file", overflow="fold")
     for name, _ in COLUMNS:
         table.add_column(name, justify="right")
@@ -65,7 +67,7 @@ def _table(rows: dict[FileId, FileRow], engine: Engine, root: str, elapsed: floa
     ranked = sorted(rows.values(), key=lambda r: (-r.last_seen, r.path))[:limit]
     for r in ranked:
         table.add_row(os.path.relpath(r.path, root), *(str(r.total[n]) for n, _ in COLUMNS), f"{r.resident_pct:.0f}%")
-    return table
+    return Group(header, table)
 
 
 def events(
