@@ -91,6 +91,7 @@ class Engine:
         self._last_rescan = time.monotonic()
         self._held: list[Changes] = []
         self._kernel_pairs: set[tuple[int, int]] = set()
+        self.on_rescan = None   # called as on_rescan(scope, diff) after each rescan that found changes
         self._held_records = 0
         self.counters = {"drains": 0, "records": 0, "pages_added": 0, "pages_removed": 0, "pages_dirtied": 0,
                          "pages_flushed": 0, "flushes_partial": 0, "resyncs": 0, "unknown_ignored": 0}
@@ -120,8 +121,12 @@ class Engine:
                 yield fid, os.path.join(scope.root, rel)
 
     # -- registrations ---------------------------------------------------------------------------------------------
-    def register(self, name: str, mask: Event | int, path: str, one_file_system: bool = False) -> Registration:
-        """Watch ``path`` for the events/states in ``mask``; files already cached are reported as EXISTS."""
+    def register(self, name: str, mask: Event | int, path: str, one_file_system: bool = False,
+                 scope: Scope | None = None) -> Registration:
+        """Watch ``path`` for the events/states in ``mask``; files already cached are reported as EXISTS.
+
+        ``scope``: a Scope of ``path`` the caller has already scanned (duet run records the scan in its state).
+        """
         mask = Event(mask)
         if not mask & (EVENTS | STATES):
             raise DuetError(f"registration {name!r} asks for no events")
@@ -129,6 +134,8 @@ class Engine:
         if not os.path.isdir(root):
             raise DuetError(f"not a directory: {path}")
         key = (root, one_file_system)
+        if scope is not None:
+            self.scopes[key] = scope
         scope = self.scopes.get(key)
         if scope is None:
             scope = Scope(root, one_file_system=one_file_system)
@@ -371,6 +378,10 @@ class Engine:
         self._held.append(Changes(keys, vals, list(flushes)))
         self._held_records += len(keys) + len(flushes)
 
+    def rescan(self) -> None:
+        """Bring every scope up to date now (new and removed files), instead of waiting for the next rescan."""
+        self._rescan()
+
     def _rescan(self) -> None:
         self._last_rescan = time.monotonic()
         added: set[FileId] = set()
@@ -379,6 +390,8 @@ class Engine:
             diff = scope.rescan()
             added.update(found.fid for found in diff.added)
             removed.update(fid for fid, _rel in diff.removed)
+            if self.on_rescan and (diff.added or diff.removed):
+                self.on_rescan(scope, diff)
         if added:
             self.source.unignore(added)
         for fid in removed - added:

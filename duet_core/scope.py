@@ -31,11 +31,13 @@ BTRFS_SUBVOL_ROOT_INO = 256
 
 
 class ScannedFile(NamedTuple):
-    """A regular file in the scope, with its size when it was found."""
+    """A regular file in the scope, with its size and times (ns) when it was found."""
 
     fid: FileId
     relpath: str
     size: int
+    mtime_ns: int = 0
+    ctime_ns: int = 0
 
 
 class ScanDiff(NamedTuple):
@@ -272,8 +274,8 @@ class Scope:
                     fid = FileId(key[0], key[1], entry.inode())
                     if known.get(entry.name) != fid:
                         relpath = _join(rel, entry.name)
-                        fid, size = self._new_file(entry, st.st_dev, fid, root_fd, relpath)
-                        yield ScannedFile(fid, relpath, size)
+                        fid, fst = self._new_file(entry, st.st_dev, fid, root_fd, relpath)
+                        yield ScannedFile(fid, relpath, fst.st_size, fst.st_mtime_ns, fst.st_ctime_ns)
                 except OSError:
                     self.skipped += 1  # vanished while we looked
                     continue
@@ -294,8 +296,8 @@ class Scope:
 
     def _new_file(
         self, entry: os.DirEntry, dir_dev: int, fid: FileId, root_fd: int, relpath: str
-    ) -> tuple[FileId, int]:
-        """``lstat`` a file not seen before for its size, and check the id guessed from its directory entry.
+    ) -> tuple[FileId, os.stat_result]:
+        """``lstat`` a file not seen before for its size and times, and check the id guessed from its directory entry.
 
         A file that is itself a mount point (a bind mount onto a file) has another device and inode than its
         directory entry says; it then gets its own id.
@@ -305,7 +307,7 @@ class Scope:
             raise OSError(errno.ESTALE, "replaced while being examined", relpath)
         if (st.st_dev, st.st_ino) != (dir_dev, fid.ino):
             fid = self._devmap.file_id(st.st_dev, st.st_ino, relpath, root_fd)
-        return fid, st.st_size
+        return fid, st
 
     def _drop(self, rel: str) -> Iterator[_Lost]:
         """Forget a directory and everything below it, yielding its files as lost."""

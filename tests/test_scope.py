@@ -140,7 +140,7 @@ def test_rescan_finds_added_and_removed(tree):
     write(f"{root}/sub/deep/new.txt", b"12345")
     diff = scope.rescan()
     new = file_id(f"{root}/sub/deep/new.txt")
-    assert [tuple(f) for f in diff.added] == [(new, "sub/deep/new.txt", 5)]
+    assert [tuple(f)[:3] for f in diff.added] == [(new, "sub/deep/new.txt", 5)]
     assert diff.removed == [(gone, "d/b.txt")]
     assert relpaths(scope) == {"a.txt", "sub/deep/c.txt", "sub/deep/new.txt"}
     assert scope.rescan() == ([], [])
@@ -195,7 +195,7 @@ def test_rescan_reports_a_moved_directory_as_removed_and_added(tree):
     os.rename(f"{root}/d", f"{root}/moved")
     diff = scope.rescan()
     assert diff.removed == [(fid, "d/b.txt")]
-    assert [tuple(f) for f in diff.added] == [(fid, "moved/b.txt", 2)]
+    assert [tuple(f)[:3] for f in diff.added] == [(fid, "moved/b.txt", 2)]
     assert scope.files[fid] == "moved/b.txt"
 
 
@@ -211,7 +211,7 @@ def test_rescan_reports_a_reused_inode_number(ext4_fs):
     assert file_id(f"{root}/new") == fid
     diff = scope.rescan()
     assert diff.removed == [(fid, "old")]
-    assert [tuple(f) for f in diff.added] == [(fid, "new", 3)]
+    assert [tuple(f)[:3] for f in diff.added] == [(fid, "new", 3)]
 
 
 def test_replaced_file_is_removed_and_added(tree):

@@ -17,11 +17,11 @@ import time
 PAGE = 4096
 
 
-def offsets(first: int, count: int, block_pages: int, random: bool, seed: int) -> list[int]:
-    """Byte offsets of the blocks to read: ``count`` pages from page ``first``, in order or shuffled."""
+def offsets(first: int, count: int, stride: int, random: bool, seed: int) -> list[int]:
+    """Byte offsets to read: one every ``stride`` pages of ``count`` pages from page ``first``, maybe shuffled."""
     import numpy as np
 
-    blocks = np.arange(first, first + count, block_pages, dtype=np.int64)
+    blocks = np.arange(first, first + count, stride, dtype=np.int64)
     if random:
         blocks = np.random.default_rng(seed).permutation(blocks)
     return (blocks * PAGE).tolist()
@@ -58,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random", action="store_true", help="shuffle the blocks")
     ap.add_argument("--fadvise-random", action="store_true", help="POSIX_FADV_RANDOM: no readahead")
     ap.add_argument("--rate", type=float, default=0.0, help="reads per second (0: as fast as possible)")
+    ap.add_argument("--stride", type=int, default=0, help="pages from one read to the next (0: the block's)")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
     fd = os.open(args.path, os.O_RDONLY)
     if args.fadvise_random:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-    offs = offsets(args.first, args.count, args.block // PAGE, args.random, args.seed)
+    offs = offsets(args.first, args.count, args.stride or args.block // PAGE, args.random, args.seed)
     print("ready", flush=True)
     if not sys.stdin.readline():
         return 1

@@ -1,0 +1,113 @@
+"""The contract between duet and a task plugin: every hook a task may implement, documented hook by hook.
+
+A task plugin is one object (a module or a class instance) published under the entry-point group ``duet.tasks``::
+
+    [project.entry-points."duet.tasks"]
+    checksum = "duet_checksum:plugin"
+
+It implements ``duet_task`` and ``duet_process``, and any of the others, each marked with :data:`hookimpl` (import
+it from ``duet_core``). duet loads each task into its own plugin manager, so a hook call always goes to exactly one
+task and no implementation needs to check which task it is. Call-sites pass keyword arguments only, and an
+implementation may accept fewer arguments than the spec names, so hooks can grow without breaking plugins.
+
+:data:`API_VERSION` changes when a hook changes incompatibly; a task declaring another ``api_version`` in its
+:class:`~duet_core.tasks.TaskSpec` is refused with a clear line. Set ``DUET_TRACE_PLUGINS=1`` to log every hook call.
+
+Order of calls in one run::
+
+    duet_task            once, when the plugin is loaded
+    duet_plan            at the start of a round, batch by batch over the scope's files
+    duet_observe         whenever pages of a still-pending file saw the task's events (range tasks)
+    duet_process         once per item, cache-first, shared with the other tasks of the run
+    duet_finish          once, at the end of the run (also when it stopped early)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pluggy
+
+from duet_core.tasks import FileInfo, ItemContext, ItemResult, RunInfo, TaskReport, TaskSpec
+
+PROJECT = "duet"
+API_VERSION = 1
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# ---------------------------------------------------------------------------------------------------- declaring
+@hookspec(firstresult=True)
+def duet_task() -> TaskSpec | None:
+    """Declare the task this plugin provides.
+
+    :returns: the task's :class:`~duet_core.tasks.TaskSpec`: name, one-line description, the events it wants,
+        its granularity (``"file"`` or ``"range"``) and its options. Stops at the first non-None result.
+
+    Called once when duet loads the plugin (``duet plugins``, ``duet run``). A plugin that raises here or returns
+    None is reported by name and skipped.
+    """
+
+
+# ----------------------------------------------------------------------------------------------------- planning
+@hookspec(firstresult=True)
+def duet_plan(run: RunInfo, files: Sequence[FileInfo]) -> Iterable[int] | None:
+    """Choose which files of the scope need this task in the round that starts.
+
+    :param run: the run: scope root, the task's options, its state store (``run.state``) and the shared results
+        (``run.shared``).
+    :param files: one batch of the scope's regular files (a few thousand at a time).
+    :returns: the ``FileInfo.id`` of every file in ``files`` that needs work, or None for all of them. Stops at the
+        first non-None result.
+
+    Called at the start of a round — the first run, or a run after the previous round completed — over every file,
+    and on a resumed round only for files new to the scope. A backup returns the files changed since its last
+    snapshot; a scrub those not verified within its period.
+    """
+
+
+# ------------------------------------------------------------------------------------------------------ running
+@hookspec(firstresult=True)
+def duet_observe(run: RunInfo, file: FileInfo, added: Sequence[tuple[int, int]]) -> Iterable[tuple[int, int]] | None:
+    """Pages of a file this task still needs were brought into the page cache by someone else (a foreground read).
+
+    :param run: the run.
+    :param file: the file.
+    :param added: page ranges ``(first, count)`` ADDED to the cache by reads (not writes) since the last call.
+    :returns: page ranges that are now done without processing — a btrfs scrub counts pages the kernel read (and
+        so verified against their checksums) as scrubbed — or None. Stops at the first non-None result.
+
+    Called only for tasks with ``granularity="range"`` whose spec asks for ``Event.ADDED``, during ``duet run`` and
+    ``duet watch``.
+    """
+
+
+@hookspec(firstresult=True)
+def duet_process(ctx: ItemContext) -> ItemResult | None:
+    """Process one item: a whole file, or (range tasks) the page ranges in ``ctx.ranges``.
+
+    :param ctx: the item: ``ctx.file`` (id, FileId, size, times), ``ctx.path``, ``ctx.fd`` (open read-only, never
+        through a symlink, inside the scope), ``ctx.ranges`` to process, ``ctx.cached`` (resident ranges),
+        ``ctx.state`` (the task's own store), ``ctx.shared`` (results per file version) and ``ctx.progress``
+        (``advance(nbytes, from_device=None)``).
+    :returns: None when the item is done, or an :class:`~duet_core.tasks.ItemResult` (``done=False`` to retry it in
+        a later round; counters for the report). Stops at the first non-None result.
+
+    Called once per item. Items with the most cached pages come first; an item that must be read from the device
+    is handed to every task that needs it, one after the other, while it is in the cache. An exception fails this
+    item only: it is logged with the task's name and counted, and the run goes on.
+    """
+
+
+@hookspec(firstresult=True)
+def duet_finish(run: RunInfo, report: TaskReport) -> dict[str, Any] | None:
+    """Finish the run: publish what was built (a snapshot, a report of corrupt files) and add to the report.
+
+    :param run: the run.
+    :param report: the task's totals so far; ``report.complete`` says whether every planned item is done.
+    :returns: extra keys for this task's entry in the run summary (``duet run --json``), or None. Stops at the first
+        non-None result.
+
+    Called once per run, also when the run stopped early (budget, SIGTERM); not after a crash.
+    """

@@ -1,0 +1,583 @@
+"""Running tasks over a scope: cache first, one device read shared by every task, gently, resumably.
+
+The loop: pick the pending file with the most pages in the page cache (the engine's EXISTS state, kept current by
+page-cache events — pages foreground programs read during the run count as they arrive); when nothing pending is
+cached, take the next uncached file in scan order. Either way the file is opened once and handed to every task that
+still needs it, one after the other, so the first task's device read serves the rest from the cache. Then the pages
+the run itself brought in are evicted (cache hygiene), progress is recorded, and the rate limit is honoured.
+
+Progress is a Roaring bitmap of file ids per task (and done pages per file for range tasks), committed to the state
+store at least once a second: a run killed at any point resumes from the last commit; ``--for`` and SIGTERM stop
+after the current file and commit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import heapq
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pyroaring import BitMap
+
+from duet_core import residency
+from duet_core.engine import Engine
+from duet_core.errors import DuetError
+from duet_core.events import PAGE_SIZE, Event
+from duet_core.lock import ScopeLock
+from duet_core.plugins import LoadedTask, TaskRegistry
+from duet_core.scope import Scope
+from duet_core.state import StateStore, TaskProgress
+from duet_core.tasks import FileInfo, ItemContext, ItemResult, RunInfo, SharedResults, TaskReport, TaskState
+
+log = logging.getLogger("duet.run")
+
+PLAN_BATCH = 4096
+COMMIT_EVERY_S = 1.0
+
+# Exit codes of `duet run` / `duet watch` (docs/cli.md).
+EXIT_OK = 0            # every task finished its round
+EXIT_ITEM_ERRORS = 1   # the run finished, but some items failed (see the report)
+EXIT_STOPPED = 5       # stopped early (--for budget, SIGTERM/SIGINT); progress saved, the next run resumes
+
+
+@dataclass
+class RunOptions:
+    budget_s: float | None = None          # stop cleanly after this many seconds
+    rate_limit: float | None = None        # device bytes per second, for the whole run
+    idle_io: bool = True                   # ioprio idle class
+    cache_hygiene: bool = True             # evict what the run itself brought into the cache
+    one_file_system: bool = False
+    source: str = "auto"
+    mode: str = "run"                      # "run", or "watch": only what is already cached, until stopped
+    watch_interval: float = 0.5
+    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class RunUI(Protocol):
+    def started(self, reports: dict[str, TaskReport], dataset_bytes: int, source: str) -> None: ...
+    def advanced(self, reports: dict[str, TaskReport]) -> None: ...
+    def message(self, line: str) -> None: ...
+    def finished(self, summary: dict) -> None: ...
+
+
+class QuietUI:
+    def started(self, reports, dataset_bytes, source):
+        pass
+
+    def advanced(self, reports):
+        pass
+
+    def message(self, line):
+        log.info("%s", line)
+
+    def finished(self, summary):
+        pass
+
+
+IOPRIO_WHO_PROCESS, IOPRIO_CLASS_IDLE, SYS_IOPRIO_SET = 1, 3, 251
+
+
+def set_idle_io() -> bool:
+    """Put this process in the idle I/O class: its reads wait while anyone else wants the disk."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(SYS_IOPRIO_SET, IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << 13) == 0
+
+
+def read_bytes_io() -> int:
+    """Bytes this process caused to be read from storage (/proc/self/io read_bytes)."""
+    with open("/proc/self/io") as fh:
+        for line in fh:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+def runs_of(pages: BitMap) -> list[tuple[int, int]]:
+    """Page set → sorted (first, count) runs."""
+    out: list[tuple[int, int]] = []
+    for p in pages:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out
+
+
+def pages_of(ranges: list[tuple[int, int]]) -> BitMap:
+    bm = BitMap()
+    for first, count in ranges:
+        bm.add_range(first, first + count)
+    return bm
+
+
+class _TaskRun:
+    """One task's side of a run: its plugin, progress, report and option values."""
+
+    def __init__(self, task: LoadedTask, progress: TaskProgress, run: RunInfo):
+        self.task = task
+        self.spec = task.spec
+        self.progress = progress
+        self.run = run
+        self.report = TaskReport(task.name)
+        self.range_done: dict[int, BitMap] = {}       # file id -> done pages (range tasks), loaded lazily
+        self.dirty_ranges: set[int] = set()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Runner:
+    """One ``duet run`` (or ``duet watch``) of some tasks over one scope."""
+
+    def __init__(self, store: StateStore, registry: TaskRegistry, task_names: list[str], root: str,
+                 opts: RunOptions | None = None, ui: RunUI | None = None):
+        if not task_names:
+            raise DuetError("no task given", hint="name one or more tasks, e.g. duet run backup scrub --path /home")
+        if len(set(task_names)) != len(task_names):
+            raise DuetError("a task is named twice")
+        self.tasks = [registry.get(n) for n in task_names]
+        self.root = os.path.realpath(root)
+        if not os.path.isdir(self.root):
+            raise DuetError(f"not a directory: {root}")
+        self.store = store
+        self.opts = opts or RunOptions()
+        self.ui = ui or QuietUI()
+        self.stop_reason: str | None = None
+        self.options = {t.name: resolve_options(t, self.opts.task_options.get(t.name, {})) for t in self.tasks}
+
+    # -- the run ---------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        with ScopeLock(self.store.dir, self.root):
+            old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                return self._run()
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stop_reason = signal.Signals(signum).name
+
+    def _run(self) -> dict:
+        started = time.monotonic()
+        io_start = read_bytes_io()
+        if self.opts.idle_io:
+            set_idle_io()
+        store = self.store
+        self.scope_id = store.scope_id(self.root)
+        self.run_id = store.start_run(self.scope_id, [t.name for t in self.tasks])
+        scope = Scope(self.root, one_file_system=self.opts.one_file_system)
+        store.sync_files(self.scope_id, scope.scan())
+        self.scope = scope
+        self.file_ids = store.file_ids(self.scope_id)
+        self.fid_of = {v: k for k, v in self.file_ids.items()}
+        dataset_bytes = store.dataset_bytes(self.scope_id)
+
+        self.runs = [self._start_task(t) for t in self.tasks]
+        self._todo = BitMap()     # files some task still needs: the union of pending, kept up to date
+        for r in self.runs:
+            self._todo |= r.progress.pending
+        with Engine(source=self.opts.source) as engine:
+            self.engine = engine
+            if engine.source_warning:
+                self.ui.message(engine.source_warning)
+            engine.on_rescan = self._on_rescan
+            mask = Event.EXISTS | Event.MODIFIED
+            if any(r.spec.granularity == "range" and r.spec.events & Event.ADDED for r in self.runs):
+                mask |= Event.ADDED | Event.DIRTIED
+            self.reg = engine.register("duet-run", mask, self.root, self.opts.one_file_system, scope=scope)
+            self.ui.started({r.name: r.report for r in self.runs}, dataset_bytes, engine.source_name)
+            self._heap: list[tuple[int, int]] = []
+            self._absorb(engine.fetch(self.reg))
+            self._loop(started)
+            engine.unregister(self.reg)
+
+        result = "complete"
+        if any(not r.progress.complete for r in self.runs):
+            result = self.stop_reason or ("incomplete" if self.opts.mode == "run" else "watching")
+        for r in self.runs:
+            r.report.complete = r.progress.complete
+            extra = r.task.hook.duet_finish(run=r.run, report=r.report)
+            if isinstance(extra, dict):
+                r.report.extra.update(extra)
+        self._commit()
+        summary = {
+            "scope": self.root, "result": result, "source": self.engine.source_name,
+            "tasks": {r.name: r.report.as_dict() for r in self.runs},
+            "dataset_bytes": dataset_bytes,
+            "device_read_bytes": read_bytes_io() - io_start,
+            "wall_s": round(time.monotonic() - started, 3),
+            "engine": {k: v for k, v in self.engine.stats().items() if k.startswith(("kernel_lost", "resyncs"))},
+        }
+        store.end_run(self.run_id, result, summary)
+        self.ui.finished(summary)
+        return summary
+
+    def exit_code(self, summary: dict) -> int:
+        if summary["result"] not in ("complete",):
+            return EXIT_STOPPED
+        if any(t["items_failed"] for t in summary["tasks"].values()):
+            return EXIT_ITEM_ERRORS
+        return EXIT_OK
+
+    # -- rounds ----------------------------------------------------------------------------------------------------
+    def _start_task(self, task: LoadedTask) -> _TaskRun:
+        store, sid, name = self.store, self.scope_id, task.name
+        run = RunInfo(self.run_id, self.root, name, self.options[name], self.opts.mode,
+                      state=TaskState(lambda k, d=None: store.kv_get(name, k, d),
+                                      lambda k, v: store.kv_put(name, k, v),
+                                      lambda k: store.kv_delete(name, k)),
+                      shared=SharedResults(lambda f, n: store.shared_get(f, n),
+                                           lambda f, n, v: store.shared_put(f, n, v, name)))
+        prog = store.progress(sid, name)
+        all_ids = store.all_ids(sid)
+        if prog.complete:
+            prog = TaskProgress(round=prog.round + 1, complete=False)
+            store.clear_range_done(sid, name)
+            new = all_ids
+        else:
+            new = all_ids - prog.planned
+            prog.relevant &= all_ids
+            prog.done &= all_ids
+        run.round = prog.round
+        prog.relevant |= self._plan(task, run, new)
+        prog.planned |= new
+        tr = _TaskRun(task, prog, run)
+        tr.report.items_total = len(prog.relevant)
+        tr.report.items_done = len(prog.done & prog.relevant)
+        if not prog.pending:
+            prog.complete = True
+        with store.tx():
+            store.save_progress(sid, name, prog)
+        return tr
+
+    def _plan(self, task: LoadedTask, run: RunInfo, ids: BitMap) -> BitMap:
+        relevant = BitMap()
+        batch: list[FileInfo] = []
+
+        def flush():
+            chosen = task.hook.duet_plan(run=run, files=batch)
+            relevant.update(f.id for f in batch) if chosen is None else relevant.update(chosen)
+            batch.clear()
+
+        for f in self.store.files(self.scope_id, ids if len(ids) < 1000 else None):
+            if f.id in ids:
+                batch.append(f)
+                if len(batch) >= PLAN_BATCH:
+                    flush()
+        if batch:
+            flush()
+        return relevant & ids
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def _loop(self, started: float) -> None:
+        self._last_commit = time.monotonic()
+        self._device_bytes = 0
+        while self.stop_reason is None:
+            if self.opts.budget_s is not None and time.monotonic() - started >= self.opts.budget_s:
+                self.stop_reason = "budget"
+                break
+            pick = self._pick_cached()
+            cached_pass = pick is not None
+            if pick is None and self.opts.mode == "run":
+                pick = self._pick_uncached()
+            if pick is None:
+                if self.opts.mode == "run" and not self._todo:
+                    break
+                self._idle_wait()
+                continue
+            self._process_file(pick, cached_pass)
+            self._absorb(self.engine.fetch(self.reg))
+            self._throttle(started)
+            if time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
+                self._commit()
+                self.ui.advanced({r.name: r.report for r in self.runs})
+        self._commit()
+        self.ui.advanced({r.name: r.report for r in self.runs})
+
+    def _needs(self, file_id: int) -> list[_TaskRun]:
+        return [r for r in self.runs if file_id in r.progress.relevant and file_id not in r.progress.done]
+
+    def _resident(self, file_id: int) -> int:
+        fid = self.fid_of.get(file_id)
+        st = self.engine.files.get(fid) if fid else None
+        return len(st.exists) if st else 0
+
+    def _requeue(self, r: _TaskRun, file_id: int) -> None:
+        r.progress.done.discard(file_id)
+        r.progress.relevant.add(file_id)
+        r.progress.complete = False
+        r.range_done.pop(file_id, None)
+        self._todo.add(file_id)
+
+    def _ready(self, file_id: int, resident: int) -> bool:
+        """Watch mode processes only what needs no device read: whole cached files, or cached pages."""
+        if self.opts.mode != "watch":
+            return True
+        f = self.store.file(self.scope_id, file_id)
+        return f is not None and any(r.spec.granularity == "range" or resident >= f.pages
+                                     for r in self._needs(file_id))
+
+    def _absorb(self, batch) -> None:
+        """Fold engine items into the schedule: cached files onto the heap, modified files back to pending."""
+        touched: dict[int, int] = {}
+        added: dict[int, BitMap] = {}
+        for item in batch.items:
+            file_id = self.file_ids.get(item.fid)
+            if file_id is None:
+                continue
+            touched[file_id] = 1
+            if item.flags & Event.MODIFIED:
+                for r in self.runs:
+                    if r.spec.events & Event.MODIFIED and file_id in r.progress.done:
+                        self._requeue(r, file_id)
+            if item.flags & Event.ADDED and not item.flags & Event.DIRTIED:
+                added.setdefault(file_id, BitMap()).add_range(item.index, item.index + item.count)
+        if batch.resync:
+            touched.update(dict.fromkeys(self.file_ids.values(), 1))
+        for file_id, pages in added.items():
+            self._observe(file_id, pages)
+        for file_id in touched:
+            if self._needs(file_id):
+                n = self._resident(file_id)
+                if n:
+                    heapq.heappush(self._heap, (-n, file_id))
+
+    def _observe(self, file_id: int, pages: BitMap) -> None:
+        for r in self._needs(file_id):
+            if r.spec.granularity != "range" or not r.spec.events & Event.ADDED:
+                continue
+            f = self.store.file(self.scope_id, file_id)
+            done = r.task.hook.duet_observe(run=r.run, file=f, added=runs_of(pages))
+            if done:
+                self._mark_ranges(r, f, pages_of(list(done)), counted=True)
+
+    def _pick_cached(self) -> int | None:
+        while self._heap:
+            neg, file_id = heapq.heappop(self._heap)
+            if not self._needs(file_id):
+                continue
+            n = self._resident(file_id)
+            if n and n != -neg:
+                heapq.heappush(self._heap, (-n, file_id))   # stale count: requeue with the current one
+                continue
+            if n and self._ready(file_id, n):
+                return file_id
+        return None
+
+    def _pick_uncached(self) -> int | None:
+        return self._todo.min() if self._todo else None
+
+    def _idle_wait(self) -> None:
+        """Watch mode (or nothing cached): wait for the page cache to bring work."""
+        time.sleep(self.opts.watch_interval)
+        self._absorb(self.engine.fetch(self.reg))
+        if time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
+            self._commit()
+            self.ui.advanced({r.name: r.report for r in self.runs})
+
+    def _throttle(self, started: float) -> None:
+        rate = self.opts.rate_limit
+        if rate:
+            ahead = self._device_bytes / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(min(ahead, 5.0))
+
+    # -- one file --------------------------------------------------------------------------------------------------
+    def _process_file(self, file_id: int, cached_pass: bool) -> None:
+        f = self.store.file(self.scope_id, file_id)
+        needs = sorted(self._needs(file_id), key=lambda r: r.spec.granularity != "file")
+        if f is None or not needs:
+            return
+        try:
+            fd = self.scope.open(f.relpath)
+        except OSError as exc:
+            self._vanished(f, needs, f"cannot open: {exc.strerror}")
+            return
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != f.fid.ino:
+                self._vanished(f, needs, "replaced since the scan")
+                return
+            if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (f.size, f.mtime_ns, f.ctime_ns):
+                f = FileInfo(f.id, f.fid, f.relpath, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            pre = residency.resident_pages(fd, f.size) if self.opts.cache_hygiene else None
+            for r in needs:
+                self._process_one(r, f, fd, cached_pass)
+            if pre is not None:
+                brought = residency.resident_pages(fd, f.size) - pre
+                for first, count in runs_of(brought):
+                    residency.evict(fd, first * PAGE_SIZE, count * PAGE_SIZE)
+        finally:
+            os.close(fd)
+
+    def _vanished(self, f: FileInfo, needs: list[_TaskRun], why: str) -> None:
+        """A file deleted or replaced since the scan is not an error: it leaves this round."""
+        for r in needs:
+            r.progress.relevant.discard(f.id)
+            r.report.items_total = len(r.progress.relevant)
+            r.progress.complete = not r.progress.pending
+            r.report.counters["vanished"] = r.report.counters.get("vanished", 0) + 1
+        self._todo.discard(f.id)
+        log.info("%s: %s, skipped", f.relpath, why)
+
+    def _process_one(self, r: _TaskRun, f: FileInfo, fd: int, cached_pass: bool) -> None:
+        resident = residency.resident_pages(fd, f.size)
+        if r.spec.granularity == "file":
+            if self.opts.mode == "watch" and len(resident) < f.pages:
+                return
+            ranges = [(0, f.pages)] if f.pages else []
+        else:
+            todo = BitMap(range(f.pages)) - self._range_done(r, f.id)
+            if cached_pass and self.opts.mode == "watch":
+                todo &= resident
+            ranges = runs_of(todo)
+            if not ranges:
+                self._mark_done(r, f.id)
+                return
+        ctx = ItemContext(r.run, f, os.path.join(self.root, f.relpath), fd, ranges, runs_of(resident),
+                          r.run.state, r.run.shared)
+        before = len(resident)
+        try:
+            result = r.task.hook.duet_process(ctx=ctx)
+        except Exception as exc:  # noqa: BLE001 - a task's failure on one item is that item's
+            r.report.items_failed += 1
+            r.report.errors.append(f"{f.relpath}: {type(exc).__name__}: {exc}")
+            self.ui.message(f"{r.name}: {f.relpath}: {type(exc).__name__}: {exc}")
+            return
+        after = residency.resident_count(fd) if f.size else 0
+        nbytes = ctx.progress.processed or min(f.size, sum(c for _, c in ranges) * PAGE_SIZE)
+        device = ctx.progress.from_device
+        if device is None:
+            device = min(nbytes, max(0, after - before) * PAGE_SIZE)
+        r.report.bytes_processed += nbytes
+        r.report.bytes_from_device += device
+        r.report.bytes_from_cache += max(0, nbytes - device)
+        self._device_bytes += device
+        if isinstance(result, ItemResult):
+            for k, v in result.counters.items():
+                r.report.counters[k] = r.report.counters.get(k, 0) + v
+            if result.message:
+                self.ui.message(f"{r.name}: {f.relpath}: {result.message}")
+            if not result.done:
+                return
+        if r.spec.granularity == "file":
+            self._mark_done(r, f.id)
+        else:
+            self._mark_ranges(r, f, pages_of(ranges), counted=False)
+
+    def _range_done(self, r: _TaskRun, file_id: int) -> BitMap:
+        if file_id not in r.range_done:
+            r.range_done[file_id] = self.store.range_done(self.scope_id, r.name, file_id)
+        return r.range_done[file_id]
+
+    def _mark_ranges(self, r: _TaskRun, f: FileInfo, pages: BitMap, counted: bool) -> None:
+        done = self._range_done(r, f.id)
+        new = pages - done
+        done |= pages
+        r.dirty_ranges.add(f.id)
+        if counted and new:   # done by someone else's read: served from the cache at no cost to the task
+            r.report.bytes_processed += len(new) * PAGE_SIZE
+            r.report.bytes_from_cache += len(new) * PAGE_SIZE
+            r.report.counters["pages_observed"] = r.report.counters.get("pages_observed", 0) + len(new)
+        if len(done) >= f.pages:
+            self._mark_done(r, f.id)
+
+    def _mark_done(self, r: _TaskRun, file_id: int) -> None:
+        if file_id in r.progress.done:
+            return
+        r.progress.done.add(file_id)
+        r.report.items_done += 1
+        if not r.progress.pending:
+            r.progress.complete = True
+        if not self._needs(file_id):
+            self._todo.discard(file_id)
+
+    def _on_rescan(self, scope: Scope, diff) -> None:
+        """Files that appeared during the run join the current round (those planned in)."""
+        if scope is not self.scope:
+            return
+        for found in diff.added:
+            f = self.store.add_file(self.scope_id, found)
+            self.file_ids[f.fid] = f.id
+            self.fid_of[f.id] = f.fid
+            for r in self.runs:
+                if f.id not in r.progress.planned:
+                    r.progress.planned.add(f.id)
+                    r.progress.relevant |= self._plan_one(r, f)
+                    r.progress.complete = not r.progress.pending
+                    r.report.items_total = len(r.progress.relevant)
+            if self._needs(f.id):
+                self._todo.add(f.id)
+
+    def _plan_one(self, r: _TaskRun, f: FileInfo) -> BitMap:
+        chosen = r.task.hook.duet_plan(run=r.run, files=[f])
+        return BitMap([f.id]) if chosen is None else BitMap(chosen) & BitMap([f.id])
+
+    def _commit(self) -> None:
+        with self.store.tx():
+            for r in self.runs:
+                self.store.save_progress(self.scope_id, r.name, r.progress)
+                for file_id in r.dirty_ranges:
+                    pages = None if file_id in r.progress.done else r.range_done.get(file_id)
+                    self.store.save_range_done(self.scope_id, r.name, file_id, pages)
+                r.dirty_ranges.clear()
+        self._last_commit = time.monotonic()
+
+
+def resolve_options(task: LoadedTask, given: dict[str, Any]) -> dict[str, Any]:
+    """The task's option values: given ones parsed by type, defaults for the rest; errors name the task."""
+    from duet_core import units
+
+    out: dict[str, Any] = {}
+    known = {o.name: o for o in task.spec.options}
+    for key in given:
+        if key not in known:
+            names = ", ".join(known) or "none"
+            raise DuetError(f"task {task.name!r} has no option {key!r}", hint=f"its options: {names}")
+    for name, opt in known.items():
+        if name not in given:
+            if opt.required:
+                raise DuetError(f"task {task.name!r} needs option {name!r}",
+                                hint=f"--{name.replace('_', '-')} VALUE, or [task.{task.name}] in the config")
+            out[name] = opt.default
+            continue
+        raw = given[name]
+        try:
+            out[name] = _convert(opt.type, raw, units)
+        except ValueError as exc:
+            raise DuetError(f"task {task.name!r}, option {name!r}: {exc}") from None
+    return out
+
+
+def _convert(kind: str, raw: Any, units) -> Any:
+    if kind == "str":
+        return str(raw)
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{raw!r} is not a boolean (true/false)")
+    if kind == "size":
+        return raw if isinstance(raw, int) else units.parse_size(str(raw))
+    if kind == "duration":
+        return float(raw) if isinstance(raw, (int, float)) else units.parse_duration(str(raw))
+    if kind == "path":
+        if not os.path.isabs(str(raw)):
+            raise ValueError(f"{raw!r} is not an absolute path")
+        return os.path.normpath(str(raw))
+    raise ValueError(f"unknown option type {kind!r}")

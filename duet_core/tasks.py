@@ -1,0 +1,163 @@
+"""What a task plugin declares and what it is handed: the types named in :mod:`duet_core.hookspecs`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from duet_core.events import PAGE_SIZE, Event, FileId
+
+Granularity = Literal["file", "range"]
+OPTION_TYPES = ("str", "int", "float", "bool", "size", "duration", "path")
+
+
+@dataclass(frozen=True)
+class TaskOption:
+    """One option of a task, set in the config (``[task.NAME]``), with ``-o NAME.KEY=VALUE`` or ``--KEY VALUE``.
+
+    ``type`` is one of ``str int float bool size duration path``: sizes ("50MB") and durations ("30d") are parsed
+    by duet, so every task reads them the same way; a ``path`` must be absolute.
+    """
+
+    name: str
+    type: str = "str"
+    default: Any = None
+    required: bool = False
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task's declaration (returned by ``duet_task``).
+
+    ``events``: what the task wants to hear while it runs (``Event.EXISTS`` to be scheduled cache-first; add
+    ``Event.MODIFIED`` to have a file that is written during the run queued again; ``Event.ADDED`` with
+    ``granularity="range"`` to be told of pages foreground programs read, through ``duet_observe``).
+    ``granularity``: ``"file"`` — an item is a whole file; ``"range"`` — an item is a page range of a file, and
+    progress is kept per page.
+    """
+
+    name: str
+    description: str
+    events: Event = Event.EXISTS
+    granularity: Granularity = "file"
+    options: tuple[TaskOption, ...] = ()
+    api_version: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """A regular file of the scope as the last scan saw it. ``id`` is compact and stable within the scope."""
+
+    id: int
+    fid: FileId
+    relpath: str
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @property
+    def pages(self) -> int:
+        return (self.size + PAGE_SIZE - 1) // PAGE_SIZE
+
+
+@dataclass
+class RunInfo:
+    """One run of duet over one scope, as a task sees it."""
+
+    run_id: int
+    root: str
+    task: str
+    options: dict[str, Any]
+    mode: Literal["run", "watch"] = "run"
+    round: int = 1
+    state: "TaskState | None" = None
+    shared: "SharedResults | None" = None
+
+
+class TaskState:
+    """A task's own persistent key-value store (values are bytes or JSON-able), kept in duet's state database."""
+
+    def __init__(self, get: Callable, put: Callable, delete: Callable):
+        self.get, self.put, self.delete = get, put, delete
+
+
+class SharedResults:
+    """Results tasks publish per file *version* (file id + size + mtime + ctime) for other tasks to reuse.
+
+    ``get(file, name)`` returns a value only if it was computed for this very version of the file, so a task can
+    trust a hash another task computed instead of reading the file again.
+    """
+
+    def __init__(self, get: Callable, put: Callable):
+        self.get, self.put = get, put
+
+
+@dataclass
+class Progress:
+    """What a task reports while it works on an item. Bytes it does not report are inferred by duet."""
+
+    processed: int = 0
+    from_device: int | None = None
+
+    def advance(self, nbytes: int, from_device: int | None = None) -> None:
+        """``nbytes`` more of the item processed; ``from_device`` of them read from the device, if the task knows
+        (a task reading with O_DIRECT must say; otherwise duet measures the page cache before and after)."""
+        self.processed += nbytes
+        if from_device is not None:
+            self.from_device = (self.from_device or 0) + from_device
+
+
+@dataclass
+class ItemContext:
+    """One item handed to ``duet_process``: a file (or page ranges of it), already open, inside the scope."""
+
+    run: RunInfo
+    file: FileInfo
+    path: str
+    fd: int
+    ranges: list[tuple[int, int]]        # (first page, count) to process now; for file tasks: the whole file
+    cached: list[tuple[int, int]]        # page ranges resident in the page cache when the item was handed over
+    state: TaskState
+    shared: SharedResults
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.run.options
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+
+@dataclass
+class ItemResult:
+    """What ``duet_process`` may return instead of ``None`` (None means: done)."""
+
+    done: bool = True                    # False: not done, try again in a later round (e.g. changed meanwhile)
+    counters: dict[str, int] = field(default_factory=dict)   # added to the task's report
+    message: str | None = None           # one line for the log
+
+
+@dataclass
+class TaskReport:
+    """A task's totals for one run, handed to ``duet_finish``."""
+
+    task: str
+    items_total: int = 0
+    items_done: int = 0
+    items_failed: int = 0
+    bytes_processed: int = 0
+    bytes_from_cache: int = 0
+    bytes_from_device: int = 0
+    complete: bool = False
+    counters: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)   # what duet_finish returned
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"items_total": self.items_total, "items_done": self.items_done, "items_failed": self.items_failed,
+                "bytes_processed": self.bytes_processed, "bytes_from_cache": self.bytes_from_cache,
+                "bytes_from_device": self.bytes_from_device, "complete": self.complete,
+                "counters": dict(self.counters), "errors": self.errors[:20], **self.extra}
