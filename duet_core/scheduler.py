@@ -37,7 +37,8 @@ from duet_core.tasks import FileInfo, ItemContext, ItemResult, RunInfo, SharedRe
 log = logging.getLogger("duet.run")
 
 PLAN_BATCH = 4096
-COMMIT_EVERY_S = 1.0
+COMMIT_EVERY_S = 1.0   # commit progress at least this often ...
+SLOW_ITEM_S = 0.1      # ... and after every item that took this long: a crash then redoes at most one of them
 
 # Exit codes of `duet run` / `duet watch` (docs/cli.md).
 EXIT_OK = 0            # every task finished its round
@@ -292,10 +293,12 @@ class Runner:
                     break
                 self._idle_wait()
                 continue
+            t0 = time.monotonic()
             self._process_file(pick, cached_pass)
+            slow = time.monotonic() - t0 >= SLOW_ITEM_S
             self._absorb(self.engine.fetch(self.reg))
             self._throttle(started)
-            if time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
+            if slow or time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
                 self._commit()
                 self.ui.advanced({r.name: r.report for r in self.runs})
         self._commit()
