@@ -78,9 +78,12 @@ class Engine:
 
     ``source`` is ``"bpf"``, ``"poll"`` or ``"auto"`` (BPF if it loads, else polling with a one-line warning).
     ``interval`` is how stale a fetch may be: a fetch drains the source if the last drain is older.
+    ``skip_own_reads``: pages this process itself brings into the cache are not reported as ADDED (duet run
+    measures its own reads with cachestat; the events would only cost it time).
     """
 
-    def __init__(self, source: str = "auto", interval: float = 0.1, merge_entries: int = 65536):
+    def __init__(self, source: str = "auto", interval: float = 0.1, merge_entries: int = 65536,
+                 skip_own_reads: bool = False):
         self.interval = interval
         self.regs: dict[int, Registration] = {}
         self.files: dict[FileId, FileState] = {}
@@ -95,15 +98,15 @@ class Engine:
         self._held_records = 0
         self.counters = {"drains": 0, "records": 0, "pages_added": 0, "pages_removed": 0, "pages_dirtied": 0,
                          "pages_flushed": 0, "flushes_partial": 0, "resyncs": 0, "unknown_ignored": 0}
-        self.source: Source = self._open_source(source, merge_entries)
+        self.source: Source = self._open_source(source, merge_entries, skip_own_reads)
 
     # -- source ----------------------------------------------------------------------------------------------------
-    def _open_source(self, kind: str, merge_entries: int) -> Source:
+    def _open_source(self, kind: str, merge_entries: int, skip_own_reads: bool) -> Source:
         if kind not in ("auto", "bpf", "poll"):
             raise DuetError(f"unknown event source {kind!r}", hint="use auto, bpf or poll")
         if kind in ("auto", "bpf"):
             try:
-                return BpfSource(merge_entries=merge_entries)
+                return BpfSource(merge_entries=merge_entries, skip_own_reads=skip_own_reads)
             except BpfUnavailable as exc:
                 if kind == "bpf":
                     raise

@@ -39,6 +39,7 @@ log = logging.getLogger("duet.run")
 PLAN_BATCH = 4096
 COMMIT_EVERY_S = 1.0   # commit progress at least this often ...
 SLOW_ITEM_S = 0.1      # ... and after every item that took this long: a crash then redoes at most one of them
+PREFETCH_MAX = 64 << 20
 
 # Exit codes of `duet run` / `duet watch` (docs/cli.md).
 EXIT_OK = 0            # every task finished its round
@@ -184,7 +185,7 @@ class Runner:
         self._todo = BitMap()     # files some task still needs: the union of pending, kept up to date
         for r in self.runs:
             self._todo |= r.progress.pending
-        with Engine(source=self.opts.source) as engine:
+        with Engine(source=self.opts.source, skip_own_reads=True) as engine:
             self.engine = engine
             if engine.source_warning:
                 self.ui.message(engine.source_warning)
@@ -207,7 +208,7 @@ class Runner:
             extra = r.task.hook.duet_finish(run=r.run, report=r.report)
             if isinstance(extra, dict):
                 r.report.extra.update(extra)
-        self._commit()
+        self._commit(again=False)
         summary = {
             "scope": self.root, "result": result, "source": self.engine.source_name,
             "tasks": {r.name: r.report.as_dict() for r in self.runs},
@@ -278,8 +279,16 @@ class Runner:
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def _loop(self, started: float) -> None:
+        self.store.begin_batch()
+        try:
+            self._loop_inner(started)
+        finally:
+            self._commit(again=False)
+
+    def _loop_inner(self, started: float) -> None:
         self._last_commit = time.monotonic()
         self._device_bytes = 0
+        self._prefetched: dict[int, BitMap] = {}   # file id -> its resident pages before we prefetched it
         while self.stop_reason is None:
             if self.opts.budget_s is not None and time.monotonic() - started >= self.opts.budget_s:
                 self.stop_reason = "budget"
@@ -293,6 +302,8 @@ class Runner:
                     break
                 self._idle_wait()
                 continue
+            if not cached_pass:
+                self._prefetch_after(pick)
             t0 = time.monotonic()
             self._process_file(pick, cached_pass)
             slow = time.monotonic() - t0 >= SLOW_ITEM_S
@@ -301,7 +312,6 @@ class Runner:
             if slow or time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
                 self._commit()
                 self.ui.advanced({r.name: r.report for r in self.runs})
-        self._commit()
         self.ui.advanced({r.name: r.report for r in self.runs})
 
     def _needs(self, file_id: int) -> list[_TaskRun]:
@@ -377,6 +387,32 @@ class Runner:
     def _pick_uncached(self) -> int | None:
         return self._todo.min() if self._todo else None
 
+    def _prefetch_after(self, file_id: int) -> None:
+        """Start the device read of the next uncached file while the tasks work on this one (I/O overlaps CPU).
+
+        Only one file ahead, and only one no larger than PREFETCH_MAX, so the page cache the run uses stays small.
+        Its pages count as brought in by the run: evicted after use, and read from the device in the report.
+        """
+        if not self._todo or self._todo.max() <= file_id:
+            return
+        nxt = self._todo.next_set_bit(file_id + 1)
+        if nxt in self._prefetched:
+            return
+        f = self.store.file(self.scope_id, nxt)
+        if f is None or not f.size or f.size > PREFETCH_MAX:
+            return
+        try:
+            fd = self.scope.open(f.relpath)
+        except OSError:
+            return
+        try:
+            self._prefetched[nxt] = residency.resident_pages(fd, f.size)
+            os.posix_fadvise(fd, 0, f.size, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
     def _idle_wait(self) -> None:
         """Watch mode (or nothing cached): wait for the page cache to bring work."""
         time.sleep(self.opts.watch_interval)
@@ -394,6 +430,7 @@ class Runner:
 
     # -- one file --------------------------------------------------------------------------------------------------
     def _process_file(self, file_id: int, cached_pass: bool) -> None:
+        """Hand one file to every task that needs it — at once, in threads, when several do — then clean up."""
         f = self.store.file(self.scope_id, file_id)
         needs = sorted(self._needs(file_id), key=lambda r: r.spec.granularity != "file")
         if f is None or not needs:
@@ -410,10 +447,22 @@ class Runner:
                 return
             if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (f.size, f.mtime_ns, f.ctime_ns):
                 f = FileInfo(f.id, f.fid, f.relpath, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            pre = residency.resident_pages(fd, f.size) if self.opts.cache_hygiene else None
+            pre = self._prefetched.pop(f.id, None)
+            if pre is None:
+                pre = residency.resident_pages(fd, f.size)
+            self._attributed = len(pre)     # resident pages the run's tasks did not read
+            # One task after the other on the same open file: the first reads from the device, the rest find the
+            # pages cached. (Running them in threads at once was measured slower here: see docs/benchmarks.md.)
             for r in needs:
-                self._process_one(r, f, fd, cached_pass)
-            if pre is not None:
+                ctx = self._item(r, f, fd, cached_pass)
+                if ctx is None:
+                    continue
+                result, failed = self._call(r, ctx)
+                if not failed:
+                    after = residency.resident_count(fd) if f.size else 0
+                    self._account(r, ctx, result, device_share=max(0, after - self._attributed) * PAGE_SIZE)
+                    self._attributed = max(self._attributed, after)
+            if self.opts.cache_hygiene:
                 brought = residency.resident_pages(fd, f.size) - pre
                 for first, count in runs_of(brought):
                     residency.evict(fd, first * PAGE_SIZE, count * PAGE_SIZE)
@@ -430,11 +479,12 @@ class Runner:
         self._todo.discard(f.id)
         log.info("%s: %s, skipped", f.relpath, why)
 
-    def _process_one(self, r: _TaskRun, f: FileInfo, fd: int, cached_pass: bool) -> None:
+    def _item(self, r: _TaskRun, f: FileInfo, fd: int, cached_pass: bool) -> ItemContext | None:
+        """The item a task gets for this file now, or None (nothing to do now; a range task may be done)."""
         resident = residency.resident_pages(fd, f.size)
         if r.spec.granularity == "file":
             if self.opts.mode == "watch" and len(resident) < f.pages:
-                return
+                return None
             ranges = [(0, f.pages)] if f.pages else []
         else:
             todo = BitMap(range(f.pages)) - self._range_done(r, f.id)
@@ -443,22 +493,27 @@ class Runner:
             ranges = runs_of(todo)
             if not ranges:
                 self._mark_done(r, f.id)
-                return
-        ctx = ItemContext(r.run, f, os.path.join(self.root, f.relpath), fd, ranges, runs_of(resident),
-                          r.run.state, r.run.shared)
-        before = len(resident)
+                return None
+        return ItemContext(r.run, f, os.path.join(self.root, f.relpath), fd, ranges, runs_of(resident),
+                           r.run.state, r.run.shared)
+
+    def _call(self, r: _TaskRun, ctx: ItemContext) -> tuple[object, bool]:
+        """Run ``duet_process``; returns (result, failed)."""
         try:
-            result = r.task.hook.duet_process(ctx=ctx)
+            return r.task.hook.duet_process(ctx=ctx), False
         except Exception as exc:  # noqa: BLE001 - a task's failure on one item is that item's
             r.report.items_failed += 1
-            r.report.errors.append(f"{f.relpath}: {type(exc).__name__}: {exc}")
-            self.ui.message(f"{r.name}: {f.relpath}: {type(exc).__name__}: {exc}")
-            return
-        after = residency.resident_count(fd) if f.size else 0
+            r.report.errors.append(f"{ctx.file.relpath}: {type(exc).__name__}: {exc}")
+            self.ui.message(f"{r.name}: {ctx.file.relpath}: {type(exc).__name__}: {exc}")
+            return None, True
+
+    def _account(self, r: _TaskRun, ctx: ItemContext, result: object, device_share: int) -> int:
+        """Count one processed item in the task's report and progress; returns the device bytes charged to it."""
+        f, ranges = ctx.file, ctx.ranges
         nbytes = ctx.progress.processed or min(f.size, sum(c for _, c in ranges) * PAGE_SIZE)
         device = ctx.progress.from_device
         if device is None:
-            device = min(nbytes, max(0, after - before) * PAGE_SIZE)
+            device = min(nbytes, device_share)
         r.report.bytes_processed += nbytes
         r.report.bytes_from_device += device
         r.report.bytes_from_cache += max(0, nbytes - device)
@@ -469,11 +524,12 @@ class Runner:
             if result.message:
                 self.ui.message(f"{r.name}: {f.relpath}: {result.message}")
             if not result.done:
-                return
+                return device
         if r.spec.granularity == "file":
             self._mark_done(r, f.id)
         else:
             self._mark_ranges(r, f, pages_of(ranges), counted=False)
+        return device
 
     def _range_done(self, r: _TaskRun, file_id: int) -> BitMap:
         if file_id not in r.range_done:
@@ -523,14 +579,16 @@ class Runner:
         chosen = r.task.hook.duet_plan(run=r.run, files=[f])
         return BitMap([f.id]) if chosen is None else BitMap(chosen) & BitMap([f.id])
 
-    def _commit(self) -> None:
-        with self.store.tx():
-            for r in self.runs:
-                self.store.save_progress(self.scope_id, r.name, r.progress)
-                for file_id in r.dirty_ranges:
-                    pages = None if file_id in r.progress.done else r.range_done.get(file_id)
-                    self.store.save_range_done(self.scope_id, r.name, file_id, pages)
-                r.dirty_ranges.clear()
+    def _commit(self, again: bool = True) -> None:
+        """Make progress durable: the tasks' own writes since the last commit, and the done bitmaps, atomically."""
+        self.store.begin_batch()
+        for r in self.runs:
+            self.store.save_progress(self.scope_id, r.name, r.progress)
+            for file_id in r.dirty_ranges:
+                pages = None if file_id in r.progress.done else r.range_done.get(file_id)
+                self.store.save_range_done(self.scope_id, r.name, file_id, pages)
+            r.dirty_ranges.clear()
+        self.store.commit_batch(again=again)
         self._last_commit = time.monotonic()
 
 

@@ -118,8 +118,19 @@ class StateStore:
                 raise DuetError(f"state database {self.path} has schema {row[0]}, this duet uses {SCHEMA_VERSION}")
 
     def tx(self):
-        """A transaction: ``with store.tx(): ...`` commits on success, rolls back on error."""
+        """A transaction: ``with store.tx(): ...`` commits on success, rolls back on error (nested: joins)."""
         return _Tx(self.db)
+
+    def begin_batch(self) -> None:
+        """Group every following write into one transaction until :meth:`commit_batch` (a run commits ~1/s)."""
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+
+    def commit_batch(self, again: bool = True) -> None:
+        if self.db.in_transaction:
+            self.db.execute("COMMIT")
+        if again:
+            self.begin_batch()
 
     def close(self) -> None:
         self.db.close()

@@ -49,6 +49,10 @@ class LostKey(Structure):
     _fields_ = [("dev", c_uint32), ("pad", c_uint32), ("subvol", c_uint64)]
 
 
+class Config(Structure):
+    _fields_ = [("dirty_mark_bit", c_uint32), ("skip_added_tgid", c_uint32)]
+
+
 class FlushRec(Structure):
     _fields_ = [("file", FileKey), ("ts_ns", c_uint64), ("exact", c_uint32), ("pad", c_uint32)]
 
@@ -185,13 +189,14 @@ class PageCacheBpf:
     Use as a context manager, or call :meth:`close`; links and the object are released on every path.
     """
 
-    def __init__(self, obj_path: str, merge_entries: int = 65536, ring_bytes: int | None = None):
+    def __init__(self, obj_path: str, merge_entries: int = 65536, skip_added_tgid: int = 0):
         self._lib = libbpf()
         self._obj = None
         self._links: list[int] = []
         self._rb = None
         self._flush_buf: list[FlushRec] = []
         self.merge_entries = merge_entries
+        self.skip_added_tgid = skip_added_tgid
         try:
             self._open_load_attach(obj_path, merge_entries)
         except BaseException:
@@ -236,14 +241,16 @@ class PageCacheBpf:
         return m
 
     def _set_rodata(self) -> None:
-        bit = kernel_enum_value("___GFP_LAST_BIT")
-        if bit is None:
-            return  # keep the compiled-in default
+        """Fill ``cfg`` (struct duet_config, the only read-only global) before load."""
         size = c_size_t()
         data = self._lib.bpf_map__initial_value(self._map(".rodata"), byref(size))
-        if not data or size.value < 4:
-            raise _fail("find dirty_mark_bit in .rodata", errno.ENOENT)
-        ctypes.c_uint32.from_address(data).value = bit
+        if not data or size.value < sizeof(Config):
+            raise _fail("find the config in .rodata", errno.ENOENT)
+        cfg = Config.from_address(data)
+        bit = kernel_enum_value("___GFP_LAST_BIT")
+        if bit is not None:
+            cfg.dirty_mark_bit = bit
+        cfg.skip_added_tgid = self.skip_added_tgid
 
     # -- scope and filters -----------------------------------------------------------------------------------------
     def set_scope(self, dev: int, subvol: int, mask: int) -> None:

@@ -32,7 +32,7 @@ char LICENSE[] SEC("license") = "GPL";
 /* Set by user space before load. XA_FLAGS_MARK(PAGECACHE_TAG_DIRTY) is bit ___GFP_LAST_BIT of
  * mapping->i_pages.xa_flags; that constant lives in an anonymous enum, so CO-RE cannot relocate it and the
  * loader reads it from the running kernel's BTF. */
-const volatile __u32 dirty_mark_bit = 25;
+const volatile struct duet_config cfg = { .dirty_mark_bit = 25, .skip_added_tgid = 0 };
 
 struct merge_map {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -228,6 +228,9 @@ static __always_inline void record_folio(struct folio *folio, struct inode *inod
 	__u32 mask;
 	int i;
 
+	/* Only ADDED is skipped for our own process: a REMOVED in our context may be reclaim of anyone's pages. */
+	if (ev == DUET_ADDED && cfg.skip_added_tgid && (bpf_get_current_pid_tgid() >> 32) == cfg.skip_added_tgid)
+		return;
 	mask = resolve(inode, &k.file);
 	if (!(mask & ev))
 		return;
@@ -309,7 +312,7 @@ int BPF_PROG(tp_btf_flushed, struct inode *inode)
 	}
 	rec->file = fk;
 	rec->ts_ns = bpf_ktime_get_ns();
-	rec->exact = !(xa_flags & (1U << (dirty_mark_bit & 31)));
+	rec->exact = !(xa_flags & (1U << (cfg.dirty_mark_bit & 31)));
 	rec->pad = 0;
 	/* No wakeup: user space polls the ring at every drain; a wakeup per record would cost more than it saves. */
 	bpf_ringbuf_submit(rec, BPF_RB_NO_WAKEUP);

@@ -72,6 +72,12 @@ struct flush_rec {
 	__u32 pad;
 };
 
+/* Settings written by user space before load (read-only data: no map lookup on the hot path). */
+struct duet_config {
+	__u32 dirty_mark_bit;  /* XA_FLAGS_MARK(PAGECACHE_TAG_DIRTY) in i_pages.xa_flags (___GFP_LAST_BIT) */
+	__u32 skip_added_tgid; /* drop ADDED caused by this process (duet run's own reads: it measures them itself) */
+};
+
 /* Pages lost per scope, so user space resyncs only what is affected. */
 struct lost_key {
 	__u32 dev;

@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import re
-
 import typer
 from rich.table import Table
 
-from duet_core.cli.output import console, emit_json, err_console
+from duet_core import units
+from duet_core.cli.output import console, emit_json, err_console, is_tty
 from duet_core.errors import DuetError
 from duet_core.events import Event
 
 app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
 
 def parse_size(text: str) -> int:
-    """``2G``, ``512M``, ``64MiB``, ``4096`` → bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise DuetError(f"bad size {text!r}", hint="use e.g. 2G, 512M or 64MiB")
-    return int(float(m[1]) * _UNITS[m[2].upper()])
+    """``2G``, ``512MiB``, ``0`` → bytes (duet_core.units: a bare G is GiB)."""
+    try:
+        return units.parse_size(text)
+    except ValueError as exc:
+        raise DuetError(str(exc)) from None
 
 
 def _fmt(x, spec: str = "", none: str = "–") -> str:
@@ -32,37 +29,65 @@ def _yes(ok) -> str:
     return "–" if ok is None else ("[green]yes[/]" if ok else "[red]NO[/]")
 
 
-def render(report: dict) -> None:
+COLUMNS = ("workload", "pages", "delivered", "lost", "ok", "base s", "engine s", "slower (min..max)",
+           "reader CPU", "events/s", "engine CPU", "BPF ns/ev", "noise", "steal")
+
+
+def rows(report: dict) -> list[list[str]]:
+    out = []
+    for w in report["workloads"]:
+        rng = w["slowdown_pct_range"]
+        out.append([
+            f"{w['name']} ({w['readers']}r)", f"{w['pages']:,}", f"{w['delivered_pages']:,}", f"{w['lost_pages']:,}",
+            "yes" if w["accounted"] else "NO", f"{w['baseline_s']:.3f}", f"{w['engine_s']:.3f}",
+            f"{w['slowdown_pct']:+.1f}% ({rng[0]:+.0f}..{rng[1]:+.0f})" if rng else "–",
+            _fmt(w["reader_cpu_slowdown_pct"], "+.1f") + "%", f"{w['events_per_s']:,}",
+            f"{w['engine_cpu_pct']:.1f}%", _fmt(w["bpf_ns_per_event"]), f"{w['baseline_noise_pct']:.0f}%",
+            f"{w['steal_pct']:.1f}%"])
+    return out
+
+
+TARGET_NAMES = {"all_accounted": "every page delivered or counted lost",
+                "none_lost": "no page lost",
+                "engine_cpu_at_100k_le_10pct": "engine CPU <= 10% of a core at 100k events/s",
+                "cpu_bound_slowdown_le_10pct": "CPU-bound workloads <= 10% slower",
+                "device_bound_slowdown_le_2pct": "device-bound workloads <= 2% slower",
+                "attach_under_1s": "attach to first event < 1 s"}
+
+
+def render(report: dict, rich: bool) -> None:
+    """The results table (rich on a terminal, aligned plain text otherwise), attach times and targets."""
     m = report["machine"]
     cfg = report["config"]
-    table = Table(title=f"duet bench engine — {m['nproc']} CPUs, {m['mem_gib']} GiB, {m['kernel']} — "
-                        f"{cfg['size'] >> 20} MiB sparse file, medians of {cfg['runs']} runs",
-                  title_justify="left")
-    for col in ("workload", "pages", "delivered", "lost", "ok", "baseline s", "engine s", "slowdown",
-                "events/s", "engine CPU", "BPF ns/ev"):
-        table.add_column(col, justify="left" if col == "workload" else "right")
-    for w in report["workloads"]:
-        spread = w["slowdown_pct_spread"]
-        table.add_row(
-            f"{w['name']} ({w['readers']}r)", f"{w['pages']:,}", f"{w['delivered_pages']:,}", f"{w['lost_pages']:,}",
-            _yes(w["accounted"]), f"{w['baseline_s']:.3f}", f"{w['engine_s']:.3f}",
-            f"{w['slowdown_pct']:+.1f}% [dim]({spread[0]:+.0f}..{spread[1]:+.0f})[/]" if spread else "–",
-            f"{w['events_per_s']:,}", f"{w['engine_cpu_pct']:.1f}%", _fmt(w["bpf_ns_per_event"]))
-    console.print(table)
+    title = (f"duet bench engine — {m['nproc']} CPUs, {m['mem_gib']} GiB, {m['kernel']} — "
+             f"{cfg['size'] >> 20} MiB sparse file, medians of {cfg['runs']} runs")
+    body = rows(report)
+    if rich:
+        table = Table(title=title, title_justify="left")
+        for col in COLUMNS:
+            table.add_column(col, justify="left" if col == "workload" else "right")
+        for row in body:
+            table.add_row(*[f"[red]{c}[/]" if c == "NO" else c for c in row])
+        console.print(table)
+    else:
+        widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(COLUMNS)]
+        print(title)
+        for row in [list(COLUMNS), *body]:
+            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     a = report["attach"]
-    console.print(f"attach to first event: {_fmt(a['attach_to_first_event_s'], '.3f')} s median, "
-                  f"{_fmt(a['max_s'], '.3f')} s max (load+attach {_fmt(a['load_attach_s'], '.3f')} s, register "
-                  f"{_fmt(a['register_s'], '.3f')} s, first event {_fmt(a['first_event_after_read_s'], '.3f')} s "
-                  f"after the read; imports {_fmt(a['import_s'], '.2f')} s before that)")
-    names = {"all_accounted": "every page delivered or counted lost",
-             "none_lost": "no page lost",
-             "engine_cpu_at_100k_le_10pct": "engine CPU <= 10% of a core at 100k events/s",
-             "cpu_bound_slowdown_le_10pct": "CPU-bound workloads <= 10% slower",
-             "device_bound_slowdown_le_2pct": "device-bound workloads <= 2% slower",
-             "attach_under_1s": "attach to first event < 1 s"}
+    lines = [f"attach to first event: {_fmt(a['attach_to_first_event_s'], '.3f')} s median, "
+             f"{_fmt(a['max_s'], '.3f')} s max (load+attach {_fmt(a['load_attach_s'], '.3f')} s, register "
+             f"{_fmt(a['register_s'], '.3f')} s, first event {_fmt(a['first_event_after_read_s'], '.3f')} s "
+             f"after the read; imports {_fmt(a['import_s'], '.2f')} s before that)"]
     for key, ok in report["targets"].items():
-        console.print(f"  {_yes(ok)}  {names.get(key, key)}")
-    console.print(f"[dim]{report['date']}, took {report['took_s']:.0f} s[/]")
+        lines.append(f"  {_yes(ok) if rich else _plain(ok)}  {TARGET_NAMES.get(key, key)}")
+    lines.append(f"{report['date']}, took {report['took_s']:.0f} s")
+    for line in lines:
+        console.print(line, soft_wrap=True) if rich else print(line)
+
+
+def _plain(ok) -> str:
+    return "–  " if ok is None else ("yes" if ok else "NO ")
 
 
 @app.command("engine")
@@ -70,15 +95,16 @@ def engine(
     size: str = typer.Option("2G", "--size", help="Size of the sparse file the CPU-bound readers cover."),
     runs: int = typer.Option(5, "--runs", min=1, help="Runs of every workload, each without and with the engine."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    settle: float = typer.Option(1.0, "--settle", min=0, help="Seconds to wait after drop_caches before a run."),
+    settle: float = typer.Option(2.0, "--settle", min=0, help="Seconds to wait after drop_caches before a run."),
     touch: str = typer.Option("3G", "--touch", help="Memory touched and freed before each run (0 to skip)."),
     fstype: str = typer.Option("ext4", "--fstype", help="Loop filesystem: ext4 or btrfs."),
-    device_size: str = typer.Option("1G", "--device-size", help="File on the direct-I/O loop device (0: skip)."),
-    device_random: int = typer.Option(16384, "--device-random", help="4 KiB reads of the dev-rand workload."),
+    device_size: str = typer.Option("2G", "--device-size", help="File on the direct-I/O loop device (0: skip)."),
+    device_random: int = typer.Option(32768, "--device-random", help="4 KiB reads of the dev-rand workload."),
     rate: float = typer.Option(100_000, "--rate", help="Reads/s of the rate-limited workload (0: skip)."),
     rate_seconds: float = typer.Option(2.0, "--rate-seconds", help="How long the rate-limited workload runs."),
     only: list[str] = typer.Option([], "--only", help="Run only this workload (repeatable)."),
     mask: str = typer.Option("added,removed", "--mask", help="The registration's events/states."),
+    retries: int = typer.Option(2, "--retries", min=0, help="Re-runs of a run the hypervisor stole CPU from."),
 ) -> None:
     """The event engine under the highest page-event rate this machine makes, against the same work without it."""
     from duet_core.bench.engine import run_bench
@@ -94,11 +120,11 @@ def engine(
         report = run_bench(size=parse_size(size), runs=runs, settle_s=settle, touch_bytes=parse_size(touch),
                            fstype=fstype, device_size=dev_bytes, device=dev_bytes > 0,
                            dev_random_pages=device_random, rate=rate, rate_s=rate_seconds, only=only or None,
-                           mask=ev, progress=lambda msg: status.update(msg))
+                           mask=ev, retries=retries, progress=lambda msg: status.update(msg))
     if json_out:
         emit_json(report)
     else:
-        render(report)
+        render(report, rich=is_tty())
     if not report["ok"]:
         err_console.print("duet: error: some page events were neither delivered nor counted as lost")
         raise typer.Exit(1)

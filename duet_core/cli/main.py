@@ -8,7 +8,7 @@ import sys
 import typer
 
 from duet_core import __version__
-from duet_core.cli import demo, doctor, events, plugins, run, status
+from duet_core.cli import bench, demo, doctor, events, plugins, run, status
 from duet_core.errors import DuetError
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
 app.command("doctor")(doctor.doctor)
 app.command("events")(events.events)
 app.command("demo")(demo.demo)
+app.add_typer(bench.app, name="bench")
 app.command("run", context_settings=run.EXTRA)(run.run)
 app.command("watch", context_settings=run.EXTRA)(run.watch)
 app.command("status")(status.status)
