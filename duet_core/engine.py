@@ -271,14 +271,16 @@ class Engine:
     def _apply(self, ch: Changes) -> None:
         self.counters["drains"] += 1
         self.counters["records"] += len(ch.keys)
-        if len(ch.keys):
-            self._apply_records(ch.keys, ch.vals)
+        # Flushes first: a page dirtied, written back and then evicted within one drain must be seen flushed
+        # before its REMOVED ends MODIFIED; dirtying after a flush is recognised by time (FileState.last_flush_ns).
         held_flushes = []
         for fl in ch.flushes:
             if self._owners(fl.fid):
                 self._apply_flush(fl.fid, fl.ts_ns, fl.exact)
             else:
                 held_flushes.append(fl)
+        if len(ch.keys):
+            self._apply_records(ch.keys, ch.vals)
         if held_flushes:
             self._hold(np.empty(0, ch.keys.dtype), np.empty(0, ch.vals.dtype), held_flushes)
         if ch.lost or ch.lost_all:
@@ -409,14 +411,14 @@ class Engine:
         for ch in held:
             ids = list(zip(ch.keys["dev"].tolist(), ch.keys["subvol"].tolist(), ch.keys["ino"].tolist()))
             known = np.array([bool(self._owners(FileId(*i))) for i in ids], bool)
-            if known.any():
-                self._apply_records(ch.keys[known], ch.vals[known])
             outside = {(FileId(*x), g) for x, g, k in zip(ids, ch.keys["gen"].tolist(), known) if not k}
             for fl in ch.flushes:
                 if self._owners(fl.fid):
                     self._apply_flush(fl.fid, fl.ts_ns, fl.exact)
                 else:
                     outside.add((fl.fid, fl.gen))
+            if known.any():
+                self._apply_records(ch.keys[known], ch.vals[known])
             for fid, gen in outside:
                 # Outside every scope (or deleted): the kernel drops this file's events from now on. The
                 # generation keeps a new file that reuses the inode number from being ignored with it.
