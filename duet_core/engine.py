@@ -228,6 +228,15 @@ class Engine:
         resync, reg.resync = reg.resync, False
         return Batch(items, resync)
 
+    def fetch_touched(self, reg: Registration) -> tuple[set[FileId], bool]:
+        """For a state registration that reads the shared state itself (``engine.files``) instead of items: the
+        files whose state may have changed since the last call, and the resync flag. Much cheaper than
+        :meth:`fetch` when many files change; do not mix the two on one registration."""
+        self.pump()
+        touched, reg.touched = reg.touched, set()
+        resync, reg.resync = reg.resync, False
+        return touched, resync
+
     def _state_items(self, reg: Registration, fid: FileId) -> list[Item]:
         st = self.files.get(fid)
         exists = st.exists if st else BitMap()

@@ -190,15 +190,21 @@ class Runner:
             if engine.source_warning:
                 self.ui.message(engine.source_warning)
             engine.on_rescan = self._on_rescan
-            mask = Event.EXISTS | Event.MODIFIED
+            # State (what is cached, what is dirty) is read from the engine's shared file states; only range tasks
+            # that count foreground reads need page events, through a second registration.
+            self.reg = engine.register("duet-run", Event.EXISTS | Event.MODIFIED, self.root,
+                                       self.opts.one_file_system, scope=scope)
+            self.reg_added = None
             if any(r.spec.granularity == "range" and r.spec.events & Event.ADDED for r in self.runs):
-                mask |= Event.ADDED | Event.DIRTIED
-            self.reg = engine.register("duet-run", mask, self.root, self.opts.one_file_system, scope=scope)
+                self.reg_added = engine.register("duet-run-reads", Event.ADDED | Event.DIRTIED, self.root,
+                                                 self.opts.one_file_system, scope=scope)
             self.ui.started({r.name: r.report for r in self.runs}, dataset_bytes, engine.source_name)
             self._heap: list[tuple[int, int]] = []
-            self._absorb(engine.fetch(self.reg))
+            self._absorb()
             self._loop(started)
-            engine.unregister(self.reg)
+            for reg in (self.reg, self.reg_added):
+                if reg:
+                    engine.unregister(reg)
 
         result = "complete"
         if any(not r.progress.complete for r in self.runs):
@@ -307,7 +313,7 @@ class Runner:
             t0 = time.monotonic()
             self._process_file(pick, cached_pass)
             slow = time.monotonic() - t0 >= SLOW_ITEM_S
-            self._absorb(self.engine.fetch(self.reg))
+            self._absorb()
             self._throttle(started)
             if slow or time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
                 self._commit()
@@ -337,25 +343,27 @@ class Runner:
         return f is not None and any(r.spec.granularity == "range" or resident >= f.pages
                                      for r in self._needs(file_id))
 
-    def _absorb(self, batch) -> None:
-        """Fold engine items into the schedule: cached files onto the heap, modified files back to pending."""
-        touched: dict[int, int] = {}
-        added: dict[int, BitMap] = {}
-        for item in batch.items:
-            file_id = self.file_ids.get(item.fid)
-            if file_id is None:
-                continue
-            touched[file_id] = 1
-            if item.flags & Event.MODIFIED:
+    def _absorb(self) -> None:
+        """Fold page-cache changes into the schedule: cached files onto the heap, files written during the run back
+        to pending (tasks that asked for MODIFIED), foreground reads to range tasks (``duet_observe``)."""
+        fids, resync = self.engine.fetch_touched(self.reg)
+        touched = {self.file_ids[fid] for fid in fids if fid in self.file_ids}
+        if resync:
+            touched = set(self.file_ids.values())
+        for file_id in touched:
+            st = self.engine.files.get(self.fid_of[file_id])
+            if st is not None and st.modified:
                 for r in self.runs:
                     if r.spec.events & Event.MODIFIED and file_id in r.progress.done:
                         self._requeue(r, file_id)
-            if item.flags & Event.ADDED and not item.flags & Event.DIRTIED:
-                added.setdefault(file_id, BitMap()).add_range(item.index, item.index + item.count)
-        if batch.resync:
-            touched.update(dict.fromkeys(self.file_ids.values(), 1))
-        for file_id, pages in added.items():
-            self._observe(file_id, pages)
+        if self.reg_added is not None:
+            added: dict[int, BitMap] = {}
+            for item in self.engine.fetch(self.reg_added).items:
+                file_id = self.file_ids.get(item.fid)
+                if file_id is not None and item.flags & Event.ADDED and not item.flags & Event.DIRTIED:
+                    added.setdefault(file_id, BitMap()).add_range(item.index, item.index + item.count)
+            for file_id, pages in added.items():
+                self._observe(file_id, pages)
         for file_id in touched:
             if self._needs(file_id):
                 n = self._resident(file_id)
@@ -416,7 +424,7 @@ class Runner:
     def _idle_wait(self) -> None:
         """Watch mode (or nothing cached): wait for the page cache to bring work."""
         time.sleep(self.opts.watch_interval)
-        self._absorb(self.engine.fetch(self.reg))
+        self._absorb()
         if time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
             self._commit()
             self.ui.advanced({r.name: r.report for r in self.runs})
