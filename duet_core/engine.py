@@ -95,6 +95,7 @@ class Engine:
         self._held: list[Changes] = []
         self._kernel_pairs: set[tuple[int, int]] = set()
         self.on_rescan = None   # called as on_rescan(scope, diff) after each rescan that found changes
+        self._dropped_pairs: set[tuple[int, int]] = set()
         self._held_records = 0
         self.counters = {"drains": 0, "records": 0, "pages_added": 0, "pages_removed": 0, "pages_dirtied": 0,
                          "pages_flushed": 0, "flushes_partial": 0, "resyncs": 0, "unknown_ignored": 0}
@@ -169,6 +170,9 @@ class Engine:
                 entry = want.setdefault(pair, [0, True])
                 entry[0] |= kernel_mask(reg.mask)
                 entry[1] = entry[1] and partial
+        for pair in self._dropped_pairs:
+            if pair in want:
+                want[pair][1] = True      # the kernel must consult the ignore set there now
         for pair, (mask, partial) in want.items():
             self.source.set_scope(pair[0], pair[1], mask, partial)
         for pair in self._kernel_pairs - set(want):
@@ -227,6 +231,15 @@ class Engine:
                 items.extend(self._state_items(reg, fid))
         resync, reg.resync = reg.resync, False
         return Batch(items, resync)
+
+    def drop(self, fid: FileId, gen: int) -> None:
+        """No registration of this engine needs ``fid``'s events any more (every task is done with it): have the
+        kernel drop them at the source, as Duet's per-task bitmaps did. ``gen`` is the inode generation."""
+        pair = (fid.dev, fid.subvol)
+        self.source.ignore(fid, gen)
+        if pair not in self._dropped_pairs:
+            self._dropped_pairs.add(pair)
+            self._sync_kernel_scopes()
 
     def fetch_touched(self, reg: Registration) -> tuple[set[FileId], bool]:
         """For a state registration that reads the shared state itself (``engine.files``) instead of items: the

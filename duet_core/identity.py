@@ -436,3 +436,19 @@ def open_beneath(root_fd: int, relpath: PathArg, flags: int = os.O_RDONLY, mode:
     if rc < 0:
         _raise_errno(relpath)
     return rc
+
+
+FS_IOC_GETVERSION = 0x80087601   # _IOR('v', 1, long): the inode's generation (ext4, btrfs, xfs)
+
+
+def inode_generation(fd: int) -> int | None:
+    """``i_generation`` of an open file — what the kernel side keys its ignore set with — or None if the
+    filesystem does not report it."""
+    import array
+
+    buf = array.array("l", [0])
+    try:
+        fcntl.ioctl(fd, FS_IOC_GETVERSION, buf, True)
+    except OSError:
+        return None
+    return buf[0] & 0xFFFFFFFF

@@ -28,6 +28,7 @@ from duet_core import residency
 from duet_core.engine import Engine
 from duet_core.errors import DuetError
 from duet_core.events import PAGE_SIZE, Event
+from duet_core.identity import inode_generation
 from duet_core.lock import ScopeLock
 from duet_core.plugins import LoadedTask, TaskRegistry
 from duet_core.scope import Scope
@@ -198,6 +199,9 @@ class Runner:
             if any(r.spec.granularity == "range" and r.spec.events & Event.ADDED for r in self.runs):
                 self.reg_added = engine.register("duet-run-reads", Event.ADDED | Event.DIRTIED, self.root,
                                                  self.opts.one_file_system, scope=scope)
+            # Files every task is done with have their events dropped in the kernel — unless a task wants to hear
+            # of writes to them (MODIFIED puts them back in the round).
+            self._wants_modified = any(r.spec.events & Event.MODIFIED for r in self.runs)
             self.ui.started({r.name: r.report for r in self.runs}, dataset_bytes, engine.source_name)
             self._heap: list[tuple[int, int]] = []
             self._absorb()
@@ -221,7 +225,8 @@ class Runner:
             "dataset_bytes": dataset_bytes,
             "device_read_bytes": read_bytes_io() - io_start,
             "wall_s": round(time.monotonic() - started, 3),
-            "engine": {k: v for k, v in self.engine.stats().items() if k.startswith(("kernel_lost", "resyncs"))},
+            "engine": {k: v for k, v in self.engine.stats().items()
+                       if k.startswith(("kernel_lost", "resyncs", "kernel_ignored", "kernel_pages"))},
         }
         store.end_run(self.run_id, result, summary)
         self.ui.finished(summary)
@@ -470,6 +475,10 @@ class Runner:
                     after = residency.resident_count(fd) if f.size else 0
                     self._account(r, ctx, result, device_share=max(0, after - self._attributed) * PAGE_SIZE)
                     self._attributed = max(self._attributed, after)
+            if not self._needs(f.id) and not self._wants_modified:
+                gen = inode_generation(fd)
+                if gen is not None:
+                    self.engine.drop(f.fid, gen)
             if self.opts.cache_hygiene:
                 brought = residency.resident_pages(fd, f.size) - pre
                 for first, count in runs_of(brought):

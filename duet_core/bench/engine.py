@@ -1,24 +1,28 @@
 """``duet bench engine``: the event engine under the highest page-event rate this machine can make.
 
-Workloads (each run once without the engine and once with it, alternating, after :func:`stabilize`):
+Workloads, each run without the engine and with it (alternating, ABBA), after :func:`~.stabilize.stabilize`:
 
 - ``seq-1``, ``rand-1``, ``seq-2``, ``rand-2``: 4 KiB preads with POSIX_FADV_RANDOM over a sparse file on a loop
-  filesystem, in order or shuffled, by one reader or by two in parallel (each over half the file). Every read of
-  an evicted hole adds exactly one page (an order-0 folio): one page event per read, no device I/O — CPU-bound,
-  the worst case for any hook.
+  filesystem, in order or shuffled, by one reader or by two in parallel (each over half the file). Each read of an
+  evicted hole adds exactly one page (an order-0 folio): one page event per read, no device I/O — CPU-bound, the
+  worst case for any hook.
 - ``rate-100k``: shuffled 4 KiB preads at a fixed 100,000 reads/s, to read off the engine's CPU at that rate.
-- ``dev-seq``, ``dev-rand``: cold reads of a file of real data on a direct-I/O loop device — sequential with
-  normal readahead (1 MiB reads), and shuffled 4 KiB reads with POSIX_FADV_RANDOM. Device-bound.
+- ``dev-seq``, ``dev-rand``: cold reads of a file of real data on a direct-I/O loop device — sequential with normal
+  readahead (1 MiB reads), and shuffled 4 KiB reads with POSIX_FADV_RANDOM. Device-bound.
 
 Readers are separate processes (:mod:`duet_core.bench.reader`), so this process's CPU is the engine's: an
 ``Engine(source="bpf")`` with one ADDED|REMOVED registration on the loop filesystem, drained and fetched every
-100 ms. Pages generated are counted independently of the engine, by cachestat of the file before and after (every
-read is of a page not cached, each page read once); the engine must account for every one of them as delivered
-or lost.
+100 ms. Pages generated are known without the engine (one per read of a page not cached; every page is read once)
+and checked with cachestat after each run; the engine must account for each as delivered or lost.
+
+The VM's timing noise is large: besides the stabilisation, a run is repeated (``retries``) when the hypervisor
+stole CPU time, other processes were busy, or another process evicted the file's pages meanwhile, and every
+figure is a median over ``runs``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -40,8 +44,30 @@ from duet_core.loopfs import LoopFs, loop_fs
 TICK_S = 0.1                 # the engine drains and fetches this often
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
-TARGETS = {"cpu_slowdown_pct": 10.0, "device_slowdown_pct": 2.0, "engine_cpu_pct_at_100k": 10.0,
-           "attach_s": 1.0}
+TARGETS = {"cpu_slowdown_pct": 10.0, "device_slowdown_pct": 2.0, "engine_cpu_pct_at_100k": 10.0, "attach_s": 1.0}
+# ext4: no background inode-table zeroing or block-bitmap prefetch on the fresh filesystems while we measure (the
+# prefetch fills ext4's buddy cache, inode 1, which makes page events of its own).
+EXT4_OPTS = "noinit_itable,no_prefetch_block_bitmaps"
+
+
+@dataclass
+class Config:
+    size: int = 2 << 30                 # the sparse file of the CPU-bound workloads
+    runs: int = 5
+    settle_s: float = 2.0               # wait after drop_caches
+    touch_bytes: int = 3 << 30          # memory touched and freed before each run
+    fstype: str = "ext4"
+    device_size: int = 2 << 30          # the data file on the direct-I/O loop device (0: no device workloads)
+    dev_random_pages: int = 32768       # reads of dev-rand
+    rate: float = 100_000               # reads/s of the rate-limited workload (0: none)
+    rate_s: float = 2.0
+    only: list[str] = field(default_factory=list)
+    mask: Event = Event.ADDED | Event.REMOVED
+    retries: int = 2                    # re-runs of a noisy run
+    steal_max_pct: float = 3.0          # noisy: the hypervisor stole more than this share of all CPUs
+    other_cpu_max_pct: float = 10.0     # noisy: other processes used more than this share (CPU-bound workloads)
+    bpf_stats: bool = False             # kernel.bpf_stats_enabled during the runs: measured ns per BPF run
+    prefix: str = "duet-bench-"         # loop filesystems' directory prefix under /var/tmp
 
 
 @dataclass
@@ -56,8 +82,7 @@ class ReaderSpec:
 
     @property
     def reads(self) -> int:
-        step = self.stride or self.block // PAGE_SIZE
-        return -(-self.count // step)
+        return -(-self.count // (self.stride or self.block // PAGE_SIZE))
 
     @property
     def pages(self) -> int:
@@ -84,7 +109,7 @@ class Workload:
     readers: list[ReaderSpec]
 
     @property
-    def pages_expected(self) -> int:
+    def pages(self) -> int:
         return sum(r.pages for r in self.readers)
 
 
@@ -97,25 +122,28 @@ class Sample:
     run: int
     elapsed_s: float                # first reader's start to last reader's end
     reads: int
-    pages: int                      # generated: cachestat after - before
+    pages: int                      # generated: one per 4 KiB read of an evicted page (the whole file for dev-seq)
+    cached_pages: int               # cachestat after - before: equals pages unless something else evicted pages
     reader_user_s: float
-    reader_sys_s: float
+    reader_sys_s: float             # includes the BPF programs, which run in the readers' context
     proc_cpu_s: float = 0.0         # this process's user+sys over the window (the engine, in engine mode)
     proc_user_s: float = 0.0
     window_s: float = 0.0           # go to last fetch done
-    delivered_pages: int = 0
+    delivered_pages: int = 0        # pages in fetched items flagged ADDED
     removed_pages: int = 0
-    lost_pages: int = 0
-    kernel_events: int = 0
+    lost_pages: int = 0             # the kernel's lost_* counters
+    kernel_events: int = 0          # tracepoint hits in scope (kernel stats)
     kernel_pages: int = 0
     drains: int = 0
     records: int = 0
     items: int = 0
     max_fetch_s: float = 0.0
-    setup_s: float = 0.0            # Engine() + register, in this (warm) process
+    setup_s: float = 0.0            # Engine() + register in this (warm) process
     steal_pct: float = 0.0          # CPU time the hypervisor took over the window, % of all CPUs
     other_cpu_pct: float = 0.0      # CPU time of everything but us (other processes, kernel threads), % of all
-    attempt: int = 0                # retries before this one (too much steal)
+    other_engines: int = 0          # other duet engines attached to the page-cache tracepoints meanwhile
+    bpf_ns_measured: float | None = None  # ns per run of our ADDED program (with bpf_stats)
+    attempt: int = 0                # noisy runs discarded before this one
 
 
 def _median(xs: list[float]) -> float:
@@ -150,9 +178,9 @@ def loop_dio(loopdev: str) -> bool:
         return False
 
 
-def workloads(sparse: LoopFs, sparse_path: str, size: int, dev: LoopFs | None, data_path: str | None,
-              data_size: int, dev_random_pages: int, rate: float, rate_s: float) -> list[Workload]:
-    pages = size // PAGE_SIZE
+def workloads(cfg: Config, sparse: LoopFs, sparse_path: str, dev: LoopFs | None = None,
+              data_path: str | None = None) -> list[Workload]:
+    pages = cfg.size // PAGE_SIZE
     half = pages // 2
     out = [
         Workload("seq-1", "cpu", sparse, sparse_path, [ReaderSpec(0, pages)]),
@@ -161,34 +189,39 @@ def workloads(sparse: LoopFs, sparse_path: str, size: int, dev: LoopFs | None, d
         Workload("rand-2", "cpu", sparse, sparse_path,
                  [ReaderSpec(0, half, random=True), ReaderSpec(half, pages - half, random=True)]),
     ]
-    if rate > 0 and rate_s > 0:
-        n = min(pages, int(rate * rate_s))
-        out.append(Workload(f"rate-{rate / 1000:g}k", "rate", sparse, sparse_path,
-                            [ReaderSpec(0, n, random=True, rate=rate)]))
+    if cfg.rate > 0 and cfg.rate_s > 0:
+        n = max(1, min(pages, int(cfg.rate * cfg.rate_s)))
+        out.append(Workload(f"rate-{cfg.rate / 1000:g}k", "rate", sparse, sparse_path,
+                            [ReaderSpec(0, n, random=True, rate=cfg.rate)]))
     if dev is not None and data_path is not None:
-        dpages = data_size // PAGE_SIZE
+        dpages = cfg.device_size // PAGE_SIZE
         out.append(Workload("dev-seq", "device", dev, data_path,
                             [ReaderSpec(0, dpages, block=1 << 20, fadvise_random=False)]))
-        # A shuffled subset, one page in `stride`: every read is a device round trip, so all would take too long.
-        n = max(1, min(dpages, dev_random_pages))
+        # One page in `stride`, shuffled: each read is a device round trip, so all of them would take too long.
+        n = max(1, min(dpages, cfg.dev_random_pages))
         stride = max(1, dpages // n)
         out.append(Workload("dev-rand", "device", dev, data_path,
                             [ReaderSpec(0, n * stride, random=True, stride=stride)]))
+    if cfg.only:
+        unknown = set(cfg.only) - {w.name for w in out}
+        if unknown:
+            raise DuetError(f"no workload named {', '.join(sorted(unknown))}",
+                            hint="choose from " + ", ".join(w.name for w in out))
+        out = [w for w in out if w.name in cfg.only]
     return out
 
 
-# -- one execution --------------------------------------------------------------------------------------------------
+# -- measuring ------------------------------------------------------------------------------------------------------
 def _spawn(w: Workload, seed: int) -> list[subprocess.Popen]:
-    procs = []
-    for i, spec in enumerate(w.readers):
-        procs.append(subprocess.Popen(spec.argv(w.path, seed + i), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+    """Start the readers and wait until each is ready (file open, offsets computed)."""
+    procs = [subprocess.Popen(spec.argv(w.path, seed + i), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for i, spec in enumerate(w.readers)]
     for p in procs:
-        line = p.stdout.readline()
-        if line.strip() != "ready":
+        if p.stdout.readline().strip() != "ready":
             for q in procs:
                 q.kill()
                 q.wait()
-            raise DuetError(f"bench reader failed to start (exit {p.wait()})")
+            raise DuetError(f"a bench reader failed to start (exit {p.returncode})")
     return procs
 
 
@@ -198,12 +231,12 @@ def _finish(procs: list[subprocess.Popen]) -> list[dict]:
         line = p.stdout.readline()
         rc = p.wait()
         if rc != 0 or not line:
-            raise DuetError(f"bench reader failed (exit {rc})")
+            raise DuetError(f"a bench reader failed (exit {rc})")
         out.append(json.loads(line))
     return out
 
 
-def _cpu() -> tuple[float, float]:
+def _rusage() -> tuple[float, float]:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime, ru.ru_stime
 
@@ -224,84 +257,141 @@ def _cached(path: str) -> int:
         os.close(fd)
 
 
-def execute(w: Workload, mode: str, run: int, settle_s: float, touch_bytes: int,
-            mask: Event = Event.ADDED | Event.REMOVED) -> Sample:
+def bpf_programs() -> dict[int, dict]:
+    """duet's page-cache programs loaded now, by any process: id -> bpftool's record (with run_cnt and run_time_ns
+    while kernel.bpf_stats_enabled is 1)."""
+    from duet_core.bpf.loader import PROGRAMS
+
+    try:
+        proc = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True, check=False)
+        progs = json.loads(proc.stdout or "[]")
+    except (OSError, ValueError):
+        return {}
+    return {p["id"]: p for p in progs if p.get("name") in PROGRAMS}
+
+
+_OURS: set[int] = set()   # ids of the programs our own engines loaded (they linger a few ms after close)
+
+
+def _bpf_stats_enabled(on: bool) -> bool:
+    """Set kernel.bpf_stats_enabled; return what it was."""
+    path = "/proc/sys/kernel/bpf_stats_enabled"
+    with open(path) as fh:
+        was = fh.read().strip() == "1"
+    with open(path, "w") as fh:
+        fh.write("1" if on else "0")
+    return was
+
+
+class _Pump:
+    """The engine side of a run: drain and fetch every TICK_S, count the pages delivered."""
+
+    def __init__(self, engine, reg):
+        self.engine, self.reg = engine, reg
+        self.delivered = self.removed = self.items = 0
+        self.max_fetch_s = 0.0
+        self._kinds: dict[int, tuple[bool, bool]] = {}
+
+    def fetch(self) -> None:
+        t = time.monotonic()
+        self.engine.pump(force=True)
+        batch = self.engine.fetch(self.reg)
+        kinds = self._kinds
+        for it in batch.items:
+            # Event is an IntFlag: `flags & Event.ADDED` builds a new member (~1.5 µs); look the few distinct
+            # flag values up instead, so that the harness costs little beside the engine.
+            kind = kinds.get(it.flags)
+            if kind is None:
+                kind = kinds[it.flags] = (bool(it.flags & Event.ADDED), bool(it.flags & Event.REMOVED))
+            if kind[0]:
+                self.delivered += it.count
+            if kind[1]:
+                self.removed += it.count
+        self.items += len(batch.items)
+        self.max_fetch_s = max(self.max_fetch_s, time.monotonic() - t)
+
+    def until_done(self, procs: list[subprocess.Popen], go: float) -> None:
+        next_tick = go + TICK_S
+        while True:
+            running = any(p.poll() is None for p in procs)
+            now = time.monotonic()
+            if running and now < next_tick:
+                time.sleep(min(0.01, next_tick - now))
+                continue
+            self.fetch()   # the last one after every reader has exited: all their events are in the map
+            next_tick += TICK_S
+            if not running:
+                return
+
+
+def execute(w: Workload, mode: str, run: int, cfg: Config) -> Sample:
     """Evict, stabilise, start the readers, (attach the engine,) go, and account for every page."""
     if evict(w.path):
         raise DuetError(f"could not evict {w.path} before a run")
-    stabilize(settle_s, touch_bytes)
+    stabilize(cfg.settle_s, cfg.touch_bytes)
     procs = _spawn(w, seed=run * 16 + 1)
-    engine = reg = None
+    engine = pump = None
+    ours: dict[int, dict] = {}
     try:
+        foreign = {i: p for i, p in bpf_programs().items() if i not in _OURS}
         setup_s = 0.0
         if mode == "engine":
             from duet_core.engine import Engine
 
             t = time.monotonic()
             engine = Engine(source="bpf")
-            reg = engine.register("bench", mask, w.fs.mnt)
-            engine.pump(force=True)
-            engine.fetch(reg)
+            pump = _Pump(engine, engine.register("bench", cfg.mask, w.fs.mnt))
+            pump.fetch()
+            pump.delivered = pump.removed = pump.items = 0
+            pump.max_fetch_s = 0.0
             setup_s = time.monotonic() - t
+            loaded = {i: p for i, p in bpf_programs().items() if i not in foreign}
+            _OURS.update(loaded)
+            if cfg.bpf_stats:
+                ours = {i: p for i, p in loaded.items() if p["name"] == "tp_btf_added"}
         before = _cached(w.path)
-        delivered = removed = items = 0
-        max_fetch = 0.0
-        u0, s0 = _cpu()
+        if before:
+            raise DuetError(f"{before} pages of {w.path} were cached at the start of a run")
+        u0, s0 = _rusage()
         busy0, steal0 = _cpu_ticks()
         go = time.monotonic()
         for p in procs:
             p.stdin.write("go\n")
             p.stdin.flush()
-        if engine is None:
+        if pump is None:
             for p in procs:
                 p.wait()
         else:
-            next_tick = go + TICK_S
-            while True:
-                running = any(p.poll() is None for p in procs)
-                now = time.monotonic()
-                if running and now < next_tick:
-                    time.sleep(min(0.01, next_tick - now))
-                    continue
-                t = time.monotonic()
-                engine.pump(force=True)
-                batch = engine.fetch(reg)
-                for it in batch.items:
-                    if it.flags & Event.ADDED:
-                        delivered += it.count
-                    if it.flags & Event.REMOVED:
-                        removed += it.count
-                items += len(batch.items)
-                max_fetch = max(max_fetch, time.monotonic() - t)
-                next_tick += TICK_S
-                if not running:
-                    break
+            pump.until_done(procs, go)
         window = time.monotonic() - go
-        u1, s1 = _cpu()
+        u1, s1 = _rusage()
         busy1, steal1 = _cpu_ticks()
         results = _finish(procs)
         procs = []
-        after = _cached(w.path)
-        sample = Sample(
+        s = Sample(
             workload=w.name, mode=mode, run=run,
             elapsed_s=max(r["end"] for r in results) - min(r["start"] for r in results),
-            reads=sum(r["reads"] for r in results), pages=after - before,
+            reads=sum(r["reads"] for r in results), pages=w.pages, cached_pages=_cached(w.path) - before,
             reader_user_s=sum(r["user_s"] for r in results), reader_sys_s=sum(r["sys_s"] for r in results),
-            proc_cpu_s=(u1 - u0) + (s1 - s0), proc_user_s=u1 - u0, window_s=window,
-            delivered_pages=delivered, removed_pages=removed, items=items, max_fetch_s=max_fetch,
-            setup_s=setup_s)
+            proc_cpu_s=(u1 - u0) + (s1 - s0), proc_user_s=u1 - u0, window_s=window, setup_s=setup_s,
+            other_engines=sum(p["name"] == "tp_btf_added" for p in foreign.values()))
         capacity = window * NCPU
-        ours = sample.proc_cpu_s + sample.reader_user_s + sample.reader_sys_s
-        sample.steal_pct = 100 * (steal1 - steal0) / CLK_TCK / capacity
-        sample.other_cpu_pct = max(0.0, 100 * ((busy1 - busy0) / CLK_TCK - ours) / capacity)
-        if engine is not None:
+        mine = s.proc_cpu_s + s.reader_user_s + s.reader_sys_s
+        s.steal_pct = 100 * (steal1 - steal0) / CLK_TCK / capacity
+        s.other_cpu_pct = max(0.0, 100 * ((busy1 - busy0) / CLK_TCK - mine) / capacity)
+        if pump is not None:
+            s.delivered_pages, s.removed_pages, s.items = pump.delivered, pump.removed, pump.items
+            s.max_fetch_s = pump.max_fetch_s
             st = engine.stats()
-            sample.lost_pages = sum(v for k, v in st.items() if k.startswith("kernel_lost_"))
-            sample.kernel_events = st.get("kernel_events", 0)
-            sample.kernel_pages = st.get("kernel_pages", 0)
-            sample.drains = st.get("drains", 0)
-            sample.records = st.get("records", 0)
-        return sample
+            s.lost_pages = sum(v for k, v in st.items() if k.startswith("kernel_lost_"))
+            s.kernel_events, s.kernel_pages = st.get("kernel_events", 0), st.get("kernel_pages", 0)
+            s.drains, s.records = st.get("drains", 0), st.get("records", 0)
+        if ours:
+            now = bpf_programs()
+            cnt = sum(now[i].get("run_cnt", 0) - p.get("run_cnt", 0) for i, p in ours.items() if i in now)
+            ns = sum(now[i].get("run_time_ns", 0) - p.get("run_time_ns", 0) for i, p in ours.items() if i in now)
+            s.bpf_ns_measured = ns / cnt if cnt else None
+        return s
     finally:
         for p in procs:
             p.kill()
@@ -310,17 +400,53 @@ def execute(w: Workload, mode: str, run: int, settle_s: float, touch_bytes: int,
             engine.close()
 
 
+def disturbed(s: Sample) -> bool:
+    """Pages of the file left the cache during the run: another process dropped caches, or memory ran short."""
+    return s.cached_pages != s.pages
+
+
+def accounted(s: Sample) -> bool:
+    """Every page the workload generated was delivered or counted as lost (engine runs; baselines trivially).
+
+    If another process evicted pages of the file during the run (:func:`disturbed`), some pages may have been
+    added twice (readahead, then the read), and the pages added are those still cached plus those removed.
+    """
+    if s.mode != "engine":
+        return True
+    generated = s.cached_pages + s.removed_pages if disturbed(s) else s.pages
+    return s.delivered_pages + s.lost_pages == generated
+
+
+def measure(w: Workload, mode: str, run: int, cfg: Config) -> Sample:
+    """:func:`execute`, again (up to ``cfg.retries`` times) while the run was noisy; keeps the quietest attempt.
+    A failed accounting is returned at once, never retried away."""
+    best = None
+    for attempt in range(cfg.retries + 1):
+        s = execute(w, mode, run, cfg)
+        s.attempt = attempt
+        if not accounted(s):
+            return s
+        noisy = (disturbed(s) or s.steal_pct > cfg.steal_max_pct
+                 or (w.kind != "device" and s.other_cpu_pct > cfg.other_cpu_max_pct))
+        if best is None or (disturbed(s), s.steal_pct + s.other_cpu_pct) < \
+                (disturbed(best), best.steal_pct + best.other_cpu_pct):
+            best = s
+        if not noisy:
+            break
+    return best
+
+
 def attach_probe(w: Workload) -> dict:
-    """Attach to first event in a fresh process, on the evicted file of ``w``."""
+    """Attach to first event in a fresh process, on the evicted file of ``w`` (see :mod:`.attach`)."""
     evict(w.path)
     proc = subprocess.run([sys.executable, "-m", "duet_core.bench.attach", w.fs.mnt, w.path],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise DuetError(f"attach probe failed: {proc.stderr.strip()[-500:]}")
+        raise DuetError(f"the attach probe failed: {proc.stderr.strip()[-500:]}")
     return json.loads(proc.stdout)
 
 
-# -- the whole benchmark --------------------------------------------------------------------------------------------
+# -- the report -----------------------------------------------------------------------------------------------------
 def machine() -> dict:
     model = ""
     with open("/proc/cpuinfo") as fh:
@@ -338,151 +464,73 @@ def _pct(ratios: list[float]) -> float | None:
     return round((_median(ratios) - 1) * 100, 2) if ratios else None
 
 
-def accounted(s: Sample) -> bool:
-    """Every page the workload generated was delivered or counted as lost (engine runs only)."""
-    return s.mode != "engine" or s.delivered_pages + s.lost_pages == s.pages
-
-
 def summarize(w: Workload, samples: list[Sample]) -> dict:
+    """Medians over the runs of one workload; slowdowns are medians of the per-run engine/baseline ratios."""
     base = {s.run: s for s in samples if s.mode == "baseline"}
     eng = [s for s in samples if s.mode == "engine"]
     pairs = [(base[s.run], s) for s in eng if s.run in base]
     wall = [e.elapsed_s / b.elapsed_s for b, e in pairs]
     cpu = [(e.reader_user_s + e.reader_sys_s) / (b.reader_user_s + b.reader_sys_s) for b, e in pairs
            if b.reader_user_s + b.reader_sys_s > 0]
-    bpf_ns = [(e.reader_sys_s - b.reader_sys_s) / e.pages * 1e9 for b, e in pairs if e.pages]
+    sys_ns = [(e.reader_sys_s - b.reader_sys_s) / e.pages * 1e9 for b, e in pairs if e.pages]
+    measured = [s.bpf_ns_measured for s in eng if s.bpf_ns_measured]
     base_s = [s.elapsed_s for s in base.values()]
     return {
         "name": w.name,
         "kind": w.kind,
         "readers": len(w.readers),
-        "pages": int(_median([s.pages for s in samples])),
+        "pages": w.pages,
         "delivered_pages": int(_median([s.delivered_pages for s in eng])),
         "lost_pages": int(sum(s.lost_pages for s in eng)),
         "accounted": all(accounted(s) for s in eng),
-        "pages_as_expected": all(s.pages == w.pages_expected for s in samples),
-        "kernel_pages": int(_median([s.kernel_pages for s in eng])),
+        "cachestat_agrees": all(not disturbed(s) for s in samples),
+        "disturbed_runs": sum(disturbed(s) for s in samples),
         "kernel_events": int(_median([s.kernel_events for s in eng])),
+        "kernel_pages": int(_median([s.kernel_pages for s in eng])),
         "baseline_s": round(_median(base_s), 4),
         "engine_s": round(_median([s.elapsed_s for s in eng]), 4),
         "slowdown_pct": _pct(wall),
         "slowdown_pct_range": [round((min(wall) - 1) * 100, 1), round((max(wall) - 1) * 100, 1)] if wall else None,
         "baseline_noise_pct": round(100 * (max(base_s) - min(base_s)) / _median(base_s), 1) if base_s else None,
         "reader_cpu_slowdown_pct": _pct(cpu),
-        "bpf_ns_per_event": round(_median(bpf_ns)) if bpf_ns else None,
+        "bpf_ns_per_event": round(_median(sys_ns)) if sys_ns else None,
+        "bpf_ns_measured": round(_median(measured)) if measured else None,
         "events_per_s": round(_median([s.pages / s.elapsed_s for s in eng if s.elapsed_s])),
         "engine_cpu_pct": round(_median([100 * s.proc_cpu_s / s.window_s for s in eng if s.window_s]), 2),
         "engine_user_pct": round(_median([100 * s.proc_user_s / s.window_s for s in eng if s.window_s]), 2),
         "engine_max_fetch_ms": round(max((s.max_fetch_s for s in eng), default=0) * 1000, 1),
         "records_per_drain": round(_median([s.records / s.drains for s in eng if s.drains])),
         "items_per_s": round(_median([s.items / s.elapsed_s for s in eng if s.elapsed_s])),
+        "setup_s": round(_median([s.setup_s for s in eng]), 4),
         "steal_pct": round(_median([s.steal_pct for s in samples]), 2),
         "other_cpu_pct": round(_median([s.other_cpu_pct for s in samples]), 2),
+        "other_engines_runs": sum(s.other_engines > 0 for s in samples),
         "retries": sum(s.attempt for s in samples),
         "runs": [asdict(s) for s in samples],
     }
 
 
-def measure(w: Workload, mode: str, run: int, settle_s: float, touch_bytes: int, mask: Event, retries: int,
-            steal_max: float, other_max: float) -> Sample:
-    """:func:`execute`, again (up to ``retries`` times) while the hypervisor or other processes took too much CPU;
-    keeps the quietest attempt. A failed accounting is never retried away."""
-    best = None
-    for attempt in range(retries + 1):
-        s = execute(w, mode, run, settle_s, touch_bytes, mask)
-        s.attempt = attempt
-        if not accounted(s):
-            return s
-        noisy = s.steal_pct > steal_max or (w.kind != "device" and s.other_cpu_pct > other_max)
-        if best is None or s.steal_pct + s.other_cpu_pct < best.steal_pct + best.other_cpu_pct:
-            best = s
-        if not noisy:
-            break
-    return best
-
-
-def run_bench(size: int = 2 << 30, runs: int = 5, settle_s: float = 2.0, touch_bytes: int = 3 << 30,
-              fstype: str = "ext4", device_size: int = 2 << 30, dev_random_pages: int = 32768,
-              rate: float = 100_000, rate_s: float = 2.0, device: bool = True,
-              only: list[str] | None = None, mask: Event = Event.ADDED | Event.REMOVED,
-              retries: int = 2, steal_max: float = 3.0, other_max: float = 10.0, prefix: str = "duet-bench-",
-              progress: Callable[[str], None] = lambda msg: None) -> dict:
-    """Run every workload ``runs`` times without and with the engine; return the report (see module doc)."""
-    if os.geteuid() != 0:
-        raise DuetError("the engine benchmark mounts loop images, drops caches and loads BPF: run it as root")
-    if size < 2 * PAGE_SIZE or size % PAGE_SIZE:
-        raise DuetError("--size must be a positive multiple of 4 KiB")
-    from duet_core.bpf.build import build
-
-    build()
-    started = datetime.now(timezone.utc)
-    t_start = time.monotonic()
-    with loop_fs(fstype, size_mb=512, prefix=prefix) as sparse_fs:
-        sparse_path = make_sparse(sparse_fs, size)
-        dev_ctx = loop_fs(fstype, size_mb=(device_size >> 20) * 5 // 4 + 128, direct_io=True,
-                          prefix=prefix) if device else None
-        dev_fs = dev_ctx.__enter__() if dev_ctx else None
-        try:
-            data_path = None
-            if dev_fs is not None:
-                if not loop_dio(dev_fs.loopdev):
-                    raise DuetError(f"{dev_fs.loopdev} did not switch to direct I/O")
-                progress(f"writing {device_size >> 20} MiB of data on {dev_fs.loopdev} (direct I/O)")
-                data_path = make_data(dev_fs, device_size)
-            ws = workloads(sparse_fs, sparse_path, size, dev_fs, data_path, device_size, dev_random_pages,
-                           rate, rate_s)
-            if only:
-                ws = [w for w in ws if w.name in only]
-                if not ws:
-                    raise DuetError(f"no workload named {', '.join(only)}")
-            samples: dict[str, list[Sample]] = {w.name: [] for w in ws}
-            attach: list[dict] = []
-            for run in range(runs):
-                # ABBA: alternate which mode goes first, so a drift over the run does not favour either.
-                order = ("baseline", "engine") if run % 2 == 0 else ("engine", "baseline")
-                for w in ws:
-                    for mode in order:
-                        progress(f"run {run + 1}/{runs}: {w.name} {mode}")
-                        samples[w.name].append(measure(w, mode, run, settle_s, touch_bytes, mask, retries,
-                                                       steal_max, other_max))
-                progress(f"run {run + 1}/{runs}: attach probe")
-                stabilize(settle_s, touch_bytes)
-                attach.append(attach_probe(ws[0]))
-        finally:
-            if dev_ctx is not None:
-                dev_ctx.__exit__(None, None, None)
-    report_ws = [summarize(w, samples[w.name]) for w in ws]
-    return build_report(report_ws, attach, started, time.monotonic() - t_start, {
-        "size": size, "runs": runs, "settle_s": settle_s, "touch_bytes": touch_bytes, "fstype": fstype,
-        "device_size": device_size if device else 0, "dev_random_pages": dev_random_pages, "rate": rate,
-        "rate_s": rate_s, "mask": str(mask), "tick_s": TICK_S, "retries": retries, "steal_max_pct": steal_max,
-        "other_cpu_max_pct": other_max})
-
-
-def build_report(ws: list[dict], attach: list[dict], started: datetime, took_s: float, config: dict) -> dict:
+def report(cfg: Config, ws: list[dict], attach: list[dict], started: datetime, took_s: float) -> dict:
     firsts = [a["attach_to_first_event_s"] for a in attach if a.get("attach_to_first_event_s") is not None]
-    attach_sum = {
-        "attach_to_first_event_s": round(_median(firsts), 4) if firsts else None,
-        "max_s": round(max(firsts), 4) if firsts else None,
-        "load_attach_s": round(_median([a["load_attach_s"] for a in attach]), 4) if attach else None,
-        "register_s": round(_median([a["register_s"] for a in attach]), 4) if attach else None,
-        "first_event_after_read_s": round(_median([a["first_event_after_read_s"] for a in attach
-                                                   if a["first_event_after_read_s"] is not None]), 4)
-        if firsts else None,
-        "import_s": round(_median([a["import_s"] for a in attach]), 4) if attach else None,
-        "probes": attach,
-    }
+
+    def med(key: str) -> float | None:
+        vals = [a[key] for a in attach if a.get(key) is not None]
+        return round(_median(vals), 4) if vals else None
+
     cpu = [w["slowdown_pct"] for w in ws if w["kind"] == "cpu" and w["slowdown_pct"] is not None]
     dev = [w["slowdown_pct"] for w in ws if w["kind"] == "device" and w["slowdown_pct"] is not None]
     rate = [w["engine_cpu_pct"] for w in ws if w["kind"] == "rate"]
     targets = {
         "all_accounted": all(w["accounted"] for w in ws),
         "none_lost": all(w["lost_pages"] == 0 for w in ws),
-        "engine_cpu_at_100k_le_10pct": (max(rate) <= TARGETS["engine_cpu_pct_at_100k"]) if rate else None,
-        "cpu_bound_slowdown_le_10pct": (max(cpu) <= TARGETS["cpu_slowdown_pct"]) if cpu else None,
-        "device_bound_slowdown_le_2pct": (max(dev) <= TARGETS["device_slowdown_pct"]) if dev else None,
-        "attach_under_1s": (max(firsts) < TARGETS["attach_s"]) if firsts else None,
+        "engine_cpu_at_100k_le_10pct": max(rate) <= TARGETS["engine_cpu_pct_at_100k"] if rate else None,
+        "cpu_bound_slowdown_le_10pct": max(cpu) <= TARGETS["cpu_slowdown_pct"] if cpu else None,
+        "device_bound_slowdown_le_2pct": max(dev) <= TARGETS["device_slowdown_pct"] if dev else None,
+        "attach_under_1s": max(firsts) < TARGETS["attach_s"] if firsts else None,
     }
+    config = asdict(cfg)
+    config["mask"] = str(cfg.mask)
+    config["tick_s"] = TICK_S
     return {
         "bench": "engine",
         "date": started.isoformat(timespec="seconds"),
@@ -490,7 +538,63 @@ def build_report(ws: list[dict], attach: list[dict], started: datetime, took_s: 
         "machine": machine(),
         "config": config,
         "workloads": ws,
-        "attach": attach_sum,
+        "attach": {
+            "attach_to_first_event_s": med("attach_to_first_event_s"),
+            "max_s": round(max(firsts), 4) if firsts else None,
+            "load_attach_s": med("load_attach_s"),
+            "register_s": med("register_s"),
+            "first_event_after_read_s": med("first_event_after_read_s"),
+            "import_s": med("import_s"),
+            "probes": attach,
+        },
         "targets": targets,
+        "other_engines_seen": any(w["other_engines_runs"] for w in ws),
         "ok": targets["all_accounted"],
     }
+
+
+# -- the whole benchmark --------------------------------------------------------------------------------------------
+def run_bench(progress: Callable[[str], None] = lambda msg: None, **options) -> dict:
+    """Run every workload ``runs`` times without and with the engine; return the report. Options: :class:`Config`."""
+    cfg = Config(**options)
+    if os.geteuid() != 0:
+        raise DuetError("the engine benchmark mounts loop images, drops caches and loads BPF: run it as root")
+    if cfg.size < 2 * PAGE_SIZE or cfg.size % PAGE_SIZE:
+        raise DuetError("--size must be a multiple of 4 KiB, at least 8 KiB")
+    if cfg.fstype not in ("ext4", "btrfs"):
+        raise DuetError(f"unsupported filesystem {cfg.fstype!r}", hint="use ext4 or btrfs")
+    from duet_core.bpf.build import build
+
+    build()
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
+    opts = EXT4_OPTS if cfg.fstype == "ext4" else None
+    with contextlib.ExitStack() as stack:
+        if cfg.bpf_stats:
+            was = _bpf_stats_enabled(True)
+            stack.callback(_bpf_stats_enabled, was)
+        sparse_fs = stack.enter_context(loop_fs(cfg.fstype, size_mb=512, mount_opts=opts, prefix=cfg.prefix))
+        sparse_path = make_sparse(sparse_fs, cfg.size)
+        dev_fs = data_path = None
+        if cfg.device_size >= PAGE_SIZE:
+            dev_fs = stack.enter_context(loop_fs(cfg.fstype, size_mb=(cfg.device_size >> 20) * 5 // 4 + 128,
+                                                 direct_io=True, mount_opts=opts, prefix=cfg.prefix))
+            if not loop_dio(dev_fs.loopdev):
+                raise DuetError(f"{dev_fs.loopdev} did not switch to direct I/O")
+            progress(f"writing {cfg.device_size >> 20} MiB of data on {dev_fs.loopdev} (direct I/O)")
+            data_path = make_data(dev_fs, cfg.device_size)
+        ws = workloads(cfg, sparse_fs, sparse_path, dev_fs, data_path)
+        samples: dict[str, list[Sample]] = {w.name: [] for w in ws}
+        attach: list[dict] = []
+        for run in range(cfg.runs):
+            # ABBA: alternate which mode goes first, so that a drift over the bench favours neither.
+            order = ("baseline", "engine") if run % 2 == 0 else ("engine", "baseline")
+            for w in ws:
+                for mode in order:
+                    progress(f"run {run + 1}/{cfg.runs}: {w.name}, {mode}")
+                    samples[w.name].append(measure(w, mode, run, cfg))
+            progress(f"run {run + 1}/{cfg.runs}: attach probe")
+            stabilize(cfg.settle_s, cfg.touch_bytes)
+            attach.append(attach_probe(ws[0]))
+        summaries = [summarize(w, samples[w.name]) for w in ws]
+    return report(cfg, summaries, attach, started, time.monotonic() - t0)
