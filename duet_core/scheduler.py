@@ -206,6 +206,8 @@ class Runner:
             self._heap: list[tuple[int, int]] = []
             self._absorb()
             self._loop(started)
+            engine_stats = {k: v for k, v in engine.stats().items()
+                            if k.startswith(("kernel_lost", "resyncs", "kernel_ignored", "kernel_pages"))}
             for reg in (self.reg, self.reg_added):
                 if reg:
                     engine.unregister(reg)
@@ -225,8 +227,7 @@ class Runner:
             "dataset_bytes": dataset_bytes,
             "device_read_bytes": read_bytes_io() - io_start,
             "wall_s": round(time.monotonic() - started, 3),
-            "engine": {k: v for k, v in self.engine.stats().items()
-                       if k.startswith(("kernel_lost", "resyncs", "kernel_ignored", "kernel_pages"))},
+            "engine": engine_stats,
         }
         store.end_run(self.run_id, result, summary)
         self.ui.finished(summary)
