@@ -217,7 +217,11 @@ class Runner:
             result = self.stop_reason or ("incomplete" if self.opts.mode == "run" else "watching")
         for r in self.runs:
             r.report.complete = r.progress.complete
-            extra = r.task.hook.duet_finish(run=r.run, report=r.report)
+            try:
+                extra = r.task.hook.duet_finish(run=r.run, report=r.report)
+            except Exception as exc:  # noqa: BLE001 - one task's failure to finish is that task's
+                self._task_failed(r, "finish", exc)
+                continue
             if isinstance(extra, dict):
                 r.report.extra.update(extra)
         self._commit(again=False)
@@ -260,9 +264,12 @@ class Runner:
             prog.relevant &= all_ids
             prog.done &= all_ids
         run.round = prog.round
-        prog.relevant |= self._plan(task, run, new)
-        prog.planned |= new
         tr = _TaskRun(task, prog, run)
+        try:
+            prog.relevant |= self._plan(task, run, new)
+            prog.planned |= new
+        except Exception as exc:  # noqa: BLE001 - a task that cannot plan sits this run out; the others go on
+            self._task_failed(tr, "plan", exc)
         tr.report.items_total = len(prog.relevant)
         tr.report.items_done = len(prog.done & prog.relevant)
         if not prog.pending:
@@ -270,6 +277,11 @@ class Runner:
         with store.tx():
             store.save_progress(sid, name, prog)
         return tr
+
+    def _task_failed(self, r: _TaskRun, hook: str, exc: Exception) -> None:
+        r.report.items_failed += 1
+        r.report.errors.append(f"duet_{hook} failed: {type(exc).__name__}: {exc}")
+        self.ui.message(f"{r.name}: duet_{hook} failed: {type(exc).__name__}: {exc}")
 
     def _plan(self, task: LoadedTask, run: RunInfo, ids: BitMap) -> BitMap:
         relevant = BitMap()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import resource
@@ -41,6 +42,8 @@ from duet_core.errors import DuetError
 from duet_core.events import PAGE_SIZE, Event
 from duet_core.loopfs import LoopFs, loop_fs
 
+log = logging.getLogger("duet.bench")
+
 TICK_S = 0.1                 # the engine drains and fetches this often
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
@@ -54,8 +57,9 @@ EXT4_OPTS = "noinit_itable,no_prefetch_block_bitmaps"
 class Config:
     size: int = 2 << 30                 # the sparse file of the CPU-bound workloads
     runs: int = 5
-    settle_s: float = 2.0               # wait after drop_caches
+    settle_s: float = 1.0               # wait after drop_caches
     touch_bytes: int = 3 << 30          # memory touched and freed before each run
+    drop_caches: bool = True            # before each run (tests turn it off: it slows everyone on the machine)
     fstype: str = "ext4"
     device_size: int = 2 << 30          # the data file on the direct-I/O loop device (0: no device workloads)
     dev_random_pages: int = 32768       # reads of dev-rand
@@ -63,7 +67,7 @@ class Config:
     rate_s: float = 2.0
     only: list[str] = field(default_factory=list)
     mask: Event = Event.ADDED | Event.REMOVED
-    retries: int = 2                    # re-runs of a noisy run
+    retries: int = 1                    # re-runs of a noisy run
     steal_max_pct: float = 3.0          # noisy: the hypervisor stole more than this share of all CPUs
     other_cpu_max_pct: float = 10.0     # noisy: other processes used more than this share (CPU-bound workloads)
     bpf_stats: bool = False             # kernel.bpf_stats_enabled during the runs: measured ns per BPF run
@@ -328,7 +332,7 @@ def execute(w: Workload, mode: str, run: int, cfg: Config) -> Sample:
     """Evict, stabilise, start the readers, (attach the engine,) go, and account for every page."""
     if evict(w.path):
         raise DuetError(f"could not evict {w.path} before a run")
-    stabilize(cfg.settle_s, cfg.touch_bytes)
+    stabilize(cfg.settle_s, cfg.touch_bytes, cfg.drop_caches)
     procs = _spawn(w, seed=run * 16 + 1)
     engine = pump = None
     ours: dict[int, dict] = {}
@@ -554,9 +558,15 @@ def report(cfg: Config, ws: list[dict], attach: list[dict], started: datetime, t
 
 
 # -- the whole benchmark --------------------------------------------------------------------------------------------
-def run_bench(progress: Callable[[str], None] = lambda msg: None, **options) -> dict:
+def run_bench(progress: Callable[[str], None] | None = None, **options) -> dict:
     """Run every workload ``runs`` times without and with the engine; return the report. Options: :class:`Config`."""
     cfg = Config(**options)
+    say = progress or (lambda msg: None)
+
+    def progress(msg: str) -> None:
+        log.info("%s", msg)
+        say(msg)
+
     if os.geteuid() != 0:
         raise DuetError("the engine benchmark mounts loop images, drops caches and loads BPF: run it as root")
     if cfg.size < 2 * PAGE_SIZE or cfg.size % PAGE_SIZE:
@@ -594,7 +604,7 @@ def run_bench(progress: Callable[[str], None] = lambda msg: None, **options) -> 
                     progress(f"run {run + 1}/{cfg.runs}: {w.name}, {mode}")
                     samples[w.name].append(measure(w, mode, run, cfg))
             progress(f"run {run + 1}/{cfg.runs}: attach probe")
-            stabilize(cfg.settle_s, cfg.touch_bytes)
+            stabilize(cfg.settle_s, cfg.touch_bytes, cfg.drop_caches)
             attach.append(attach_probe(ws[0]))
         summaries = [summarize(w, samples[w.name]) for w in ws]
     return report(cfg, summaries, attach, started, time.monotonic() - t0)

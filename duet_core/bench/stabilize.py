@@ -44,9 +44,10 @@ def evict(path: str) -> int:
         os.close(fd)
 
 
-def stabilize(settle_s: float = 1.0, touch_bytes: int = 3 << 30) -> None:
-    """drop_caches, wait ``settle_s``, touch ``touch_bytes`` of memory and free it."""
-    drop_caches()
+def stabilize(settle_s: float = 1.0, touch_bytes: int = 3 << 30, drop: bool = True) -> None:
+    """drop_caches (unless ``drop`` is false), wait ``settle_s``, touch ``touch_bytes`` of memory and free it."""
+    if drop:
+        drop_caches()
     if settle_s > 0:
         time.sleep(settle_s)
     touch_memory(touch_bytes)

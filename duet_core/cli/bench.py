@@ -95,8 +95,10 @@ def engine(
     size: str = typer.Option("2G", "--size", help="Size of the sparse file the CPU-bound readers cover."),
     runs: int = typer.Option(5, "--runs", min=1, help="Runs of every workload, each without and with the engine."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    settle: float = typer.Option(2.0, "--settle", min=0, help="Seconds to wait after drop_caches before a run."),
+    settle: float = typer.Option(1.0, "--settle", min=0, help="Seconds to wait after drop_caches before a run."),
     touch: str = typer.Option("3G", "--touch", help="Memory touched and freed before each run (0 to skip)."),
+    drop_caches: bool = typer.Option(True, "--drop-caches/--no-drop-caches",
+                                     help="Drop the page cache before each run (slows everyone on the machine)."),
     fstype: str = typer.Option("ext4", "--fstype", help="Loop filesystem: ext4 or btrfs."),
     device_size: str = typer.Option("2G", "--device-size", help="File on the direct-I/O loop device (0: skip)."),
     device_random: int = typer.Option(32768, "--device-random", min=1, help="4 KiB reads of dev-rand."),
@@ -104,7 +106,7 @@ def engine(
     rate_seconds: float = typer.Option(2.0, "--rate-seconds", min=0, help="How long the rate-limited workload runs."),
     only: list[str] = typer.Option([], "--only", help="Run only this workload (repeatable)."),
     mask: str = typer.Option("added,removed", "--mask", help="The registration's events/states."),
-    retries: int = typer.Option(2, "--retries", min=0, help="Re-runs of a run disturbed by steal or other load."),
+    retries: int = typer.Option(1, "--retries", min=0, help="Re-runs of a run disturbed by steal or other load."),
     bpf_stats: bool = typer.Option(False, "--bpf-stats", help="Measure ns per BPF run (kernel.bpf_stats_enabled; "
                                    "adds a little overhead to the engine runs)."),
 ) -> None:
@@ -117,6 +119,7 @@ def engine(
         raise DuetError(str(exc)) from None
     with err_console.status("starting") as status:
         report = run_bench(size=parse_size(size), runs=runs, settle_s=settle, touch_bytes=parse_size(touch),
+                           drop_caches=drop_caches,
                            fstype=fstype, device_size=parse_size(device_size), dev_random_pages=device_random,
                            rate=rate, rate_s=rate_seconds, only=only, mask=ev, retries=retries, bpf_stats=bpf_stats,
                            progress=status.update)
