@@ -53,6 +53,7 @@ class FileState:
     modified: BitMap = field(default_factory=BitMap)
     dirty_ns: dict[int, int] = field(default_factory=dict)   # chunk -> last dirtying seen (ktime ns)
     last_flush_ns: int = 0                                   # last exact flush (every page clean then)
+    last_dirty_ns: int = 0                                   # last dirtying seen, flushed or not
 
 
 @dataclass
@@ -344,6 +345,7 @@ class Engine:
         st.modified -= gone          # a page no longer cached cannot be dirty (truncated)
         flushed = BitMap()
         if len(dirtied):
+            st.last_dirty_ns = max(st.last_dirty_ns, int(v["last_dirty_ns"].max()))
             # A chunk dirtied before the file's last exact flush was written back already: the flush record
             # travels on the ring and can overtake the merged dirty bits.
             already = v["last_dirty_ns"] < st.last_flush_ns

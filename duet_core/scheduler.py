@@ -129,6 +129,8 @@ class _TaskRun:
         self.report = TaskReport(task.name)
         self.range_done: dict[int, BitMap] = {}       # file id -> done pages (range tasks), loaded lazily
         self.dirty_ranges: set[int] = set()
+        self.failed: set[int] = set()                 # failed in this run: retried by the next run, not this one
+        self.done_ns: dict[int, int] = {}             # file id -> when this run started processing it
 
     @property
     def name(self) -> str:
@@ -212,9 +214,12 @@ class Runner:
                 if reg:
                     engine.unregister(reg)
 
+        # "complete": nothing left this run could do (failed items wait for the next run); otherwise why it stopped.
         result = "complete"
-        if any(not r.progress.complete for r in self.runs):
-            result = self.stop_reason or ("incomplete" if self.opts.mode == "run" else "watching")
+        if self.stop_reason or (self._todo and self.opts.mode == "run"):
+            result = self.stop_reason or "incomplete"
+        elif self.opts.mode == "watch" and any(not r.progress.complete for r in self.runs):
+            result = "watching"
         for r in self.runs:
             r.report.complete = r.progress.complete
             try:
@@ -269,7 +274,8 @@ class Runner:
             prog.relevant |= self._plan(task, run, new)
             prog.planned |= new
         except Exception as exc:  # noqa: BLE001 - a task that cannot plan sits this run out; the others go on
-            self._task_failed(tr, "plan", exc)
+            self._task_failed(tr, "plan", exc)   # its round stays open: the next run plans again
+            return tr
         tr.report.items_total = len(prog.relevant)
         tr.report.items_done = len(prog.done & prog.relevant)
         if not prog.pending:
@@ -307,12 +313,32 @@ class Runner:
         try:
             self._loop_inner(started)
         finally:
+            self._drop_prefetched()
             self._commit(again=False)
+
+    def _drop_prefetched(self) -> None:
+        """A run that stops early leaves nothing it read ahead in the cache (cache hygiene)."""
+        for file_id, pre in self._prefetched.items():
+            f = self.store.file(self.scope_id, file_id)
+            if f is None or not self.opts.cache_hygiene:
+                continue
+            try:
+                fd = self.scope.open(f.relpath)
+            except OSError:
+                continue
+            try:
+                for first, count in runs_of(residency.resident_pages(fd, f.size) - pre):
+                    residency.evict(fd, first * PAGE_SIZE, count * PAGE_SIZE)
+            finally:
+                os.close(fd)
+        self._prefetched.clear()
 
     def _loop_inner(self, started: float) -> None:
         self._last_commit = time.monotonic()
         self._device_bytes = 0
         self._prefetched: dict[int, BitMap] = {}   # file id -> its resident pages before we prefetched it
+        self._last_read_device = False             # prefetch only once tasks are seen reading what is not cached
+        self._item_started_ns = 0
         while self.stop_reason is None:
             if self.opts.budget_s is not None and time.monotonic() - started >= self.opts.budget_s:
                 self.stop_reason = "budget"
@@ -326,7 +352,7 @@ class Runner:
                     break
                 self._idle_wait()
                 continue
-            if not cached_pass:
+            if not cached_pass and self._last_read_device:
                 self._prefetch_after(pick)
             t0 = time.monotonic()
             self._process_file(pick, cached_pass)
@@ -339,7 +365,8 @@ class Runner:
         self.ui.advanced({r.name: r.report for r in self.runs})
 
     def _needs(self, file_id: int) -> list[_TaskRun]:
-        return [r for r in self.runs if file_id in r.progress.relevant and file_id not in r.progress.done]
+        return [r for r in self.runs if file_id in r.progress.relevant and file_id not in r.progress.done
+                and file_id not in r.failed]
 
     def _resident(self, file_id: int) -> int:
         fid = self.fid_of.get(file_id)
@@ -347,6 +374,8 @@ class Runner:
         return len(st.exists) if st else 0
 
     def _requeue(self, r: _TaskRun, file_id: int) -> None:
+        if file_id in r.progress.done:
+            r.report.items_done -= 1
         r.progress.done.discard(file_id)
         r.progress.relevant.add(file_id)
         r.progress.complete = False
@@ -370,10 +399,13 @@ class Runner:
             touched = set(self.file_ids.values())
         for file_id in touched:
             st = self.engine.files.get(self.fid_of[file_id])
-            if st is not None and st.modified:
-                for r in self.runs:
-                    if r.spec.events & Event.MODIFIED and file_id in r.progress.done:
-                        self._requeue(r, file_id)
+            if st is None:
+                continue
+            # Written after a task processed it: dirtied since (still dirty, or already written back).
+            for r in self.runs:
+                if (r.spec.events & Event.MODIFIED and file_id in r.progress.done
+                        and st.last_dirty_ns > r.done_ns.get(file_id, 1 << 63)):
+                    self._requeue(r, file_id)
         if self.reg_added is not None:
             added: dict[int, BitMap] = {}
             for item in self.engine.fetch(self.reg_added).items:
@@ -477,6 +509,7 @@ class Runner:
             if pre is None:
                 pre = residency.resident_pages(fd, f.size)
             self._attributed = len(pre)     # resident pages the run's tasks did not read
+            self._item_started_ns = time.monotonic_ns()
             # One task after the other on the same open file: the first reads from the device, the rest find the
             # pages cached. (Running them in threads at once was measured slower here: see docs/benchmarks.md.)
             for r in needs:
@@ -492,8 +525,10 @@ class Runner:
                 gen = inode_generation(fd)
                 if gen is not None:
                     self.engine.drop(f.fid, gen)
+            brought = residency.resident_pages(fd, f.size) - pre
+            if not cached_pass:
+                self._last_read_device = bool(brought) or not f.size
             if self.opts.cache_hygiene:
-                brought = residency.resident_pages(fd, f.size) - pre
                 for first, count in runs_of(brought):
                     residency.evict(fd, first * PAGE_SIZE, count * PAGE_SIZE)
         finally:
@@ -535,6 +570,9 @@ class Runner:
             r.report.items_failed += 1
             r.report.errors.append(f"{ctx.file.relpath}: {type(exc).__name__}: {exc}")
             self.ui.message(f"{r.name}: {ctx.file.relpath}: {type(exc).__name__}: {exc}")
+            r.failed.add(ctx.file.id)
+            if not self._needs(ctx.file.id):
+                self._todo.discard(ctx.file.id)
             return None, True
 
     def _account(self, r: _TaskRun, ctx: ItemContext, result: object, device_share: int) -> int:
@@ -581,6 +619,7 @@ class Runner:
     def _mark_done(self, r: _TaskRun, file_id: int) -> None:
         if file_id in r.progress.done:
             return
+        r.done_ns[file_id] = self._item_started_ns
         r.progress.done.add(file_id)
         r.report.items_done += 1
         if not r.progress.pending:
@@ -611,14 +650,15 @@ class Runner:
 
     def _commit(self, again: bool = True) -> None:
         """Make progress durable: the tasks' own writes since the last commit, and the done bitmaps, atomically."""
-        self.store.begin_batch()
-        for r in self.runs:
-            self.store.save_progress(self.scope_id, r.name, r.progress)
-            for file_id in r.dirty_ranges:
-                pages = None if file_id in r.progress.done else r.range_done.get(file_id)
-                self.store.save_range_done(self.scope_id, r.name, file_id, pages)
-            r.dirty_ranges.clear()
-        self.store.commit_batch(again=again)
+        def progress():
+            for r in self.runs:
+                self.store.save_progress(self.scope_id, r.name, r.progress)
+                for file_id in r.dirty_ranges:
+                    pages = None if file_id in r.progress.done else r.range_done.get(file_id)
+                    self.store.save_range_done(self.scope_id, r.name, file_id, pages)
+                r.dirty_ranges.clear()
+
+        self.store.commit_batch(again=again, extra=progress)
         self._last_commit = time.monotonic()
 
 

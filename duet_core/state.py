@@ -25,6 +25,7 @@ from duet_core.events import FileId
 from duet_core.tasks import FileInfo
 
 DEFAULT_STATE_DIR = "/var/lib/duet"
+_DELETED = object()
 SCHEMA_VERSION = 1
 
 SCHEMA = """
@@ -95,6 +96,9 @@ class StateStore:
         self.dir = os.path.abspath(state_dir)
         _secure_dir(self.dir)
         self.path = os.path.join(self.dir, "state.db")
+        self._batching = False
+        self._kv_pending: dict[tuple[str, str], Any] = {}
+        self._shared_pending: dict[tuple, tuple] = {}
         old_umask = os.umask(0o077)
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
@@ -108,6 +112,15 @@ class StateStore:
             os.umask(old_umask)
 
     def _init_schema(self) -> None:
+        # Readers (duet status) must not queue behind a running duet for a write lock: look before writing.
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.OperationalError:
+            row = None   # a new database: no tables yet
+        if row is not None:
+            if row[0] != str(SCHEMA_VERSION):
+                raise DuetError(f"state database {self.path} has schema {row[0]}, this duet uses {SCHEMA_VERSION}")
+            return
         with self.tx():
             for stmt in filter(str.strip, SCHEMA.split(";")):
                 self.db.execute(stmt)
@@ -122,15 +135,26 @@ class StateStore:
         return _Tx(self.db)
 
     def begin_batch(self) -> None:
-        """Group every following write into one transaction until :meth:`commit_batch` (a run commits ~1/s)."""
-        if not self.db.in_transaction:
-            self.db.execute("BEGIN IMMEDIATE")
+        """Buffer the tasks' key-value and shared-result writes in memory until :meth:`commit_batch`, which writes
+        them in one short transaction (a run commits about once a second): no fsync per write, and no write lock
+        held between commits, so `duet status` and runs on other scopes never wait long."""
+        self._batching = True
 
-    def commit_batch(self, again: bool = True) -> None:
-        if self.db.in_transaction:
-            self.db.execute("COMMIT")
-        if again:
-            self.begin_batch()
+    def commit_batch(self, again: bool = True, extra=None) -> None:
+        """Write the buffered writes (and whatever ``extra()`` writes) atomically; keep batching if ``again``."""
+        with self.tx():
+            for (task, key), value in self._kv_pending.items():
+                if value is _DELETED:
+                    self.db.execute("DELETE FROM kv WHERE task=? AND key=?", (task, key))
+                else:
+                    self.db.execute("INSERT OR REPLACE INTO kv VALUES (?,?,?)", (task, key, value))
+            self.db.executemany("INSERT OR REPLACE INTO shared VALUES (?,?,?,?,?,?,?,?,?)",
+                                list(self._shared_pending.values()))
+            if extra is not None:
+                extra()
+        self._kv_pending.clear()
+        self._shared_pending.clear()
+        self._batching = again
 
     def close(self) -> None:
         self.db.close()
@@ -233,24 +257,39 @@ class StateStore:
 
     # -- a task's own store, and results shared per file version ---------------------------------------------------
     def kv_get(self, task: str, key: str, default: Any = None) -> Any:
+        pending = self._kv_pending.get((task, key))
+        if pending is not None:
+            return default if pending is _DELETED else json.loads(pending)
         row = self.db.execute("SELECT value FROM kv WHERE task=? AND key=?", (task, key)).fetchone()
         return json.loads(row[0]) if row else default
 
     def kv_put(self, task: str, key: str, value: Any) -> None:
-        self.db.execute("INSERT OR REPLACE INTO kv VALUES (?,?,?)", (task, key, json.dumps(value)))
+        if self._batching:
+            self._kv_pending[(task, key)] = json.dumps(value)
+        else:
+            self.db.execute("INSERT OR REPLACE INTO kv VALUES (?,?,?)", (task, key, json.dumps(value)))
 
     def kv_delete(self, task: str, key: str) -> None:
-        self.db.execute("DELETE FROM kv WHERE task=? AND key=?", (task, key))
+        if self._batching:
+            self._kv_pending[(task, key)] = _DELETED
+        else:
+            self.db.execute("DELETE FROM kv WHERE task=? AND key=?", (task, key))
 
     def shared_get(self, file: FileInfo, name: str) -> Any:
+        version = (file.size, file.mtime_ns, file.ctime_ns)
+        pending = self._shared_pending.get((*file.fid, name))
+        if pending is not None:
+            return json.loads(pending[7]) if pending[4:7] == version else None
         row = self.db.execute("SELECT value FROM shared WHERE dev=? AND subvol=? AND ino=? AND name=? AND size=? "
-                              "AND mtime_ns=? AND ctime_ns=?",
-                              (*file.fid, name, file.size, file.mtime_ns, file.ctime_ns)).fetchone()
+                              "AND mtime_ns=? AND ctime_ns=?", (*file.fid, name, *version)).fetchone()
         return json.loads(row[0]) if row else None
 
     def shared_put(self, file: FileInfo, name: str, value: Any, task: str = "") -> None:
-        self.db.execute("INSERT OR REPLACE INTO shared VALUES (?,?,?,?,?,?,?,?,?)",
-                        (*file.fid, name, file.size, file.mtime_ns, file.ctime_ns, json.dumps(value), task))
+        row = (*file.fid, name, file.size, file.mtime_ns, file.ctime_ns, json.dumps(value), task)
+        if self._batching:
+            self._shared_pending[(*file.fid, name)] = row
+        else:
+            self.db.execute("INSERT OR REPLACE INTO shared VALUES (?,?,?,?,?,?,?,?,?)", row)
 
     # -- runs ------------------------------------------------------------------------------------------------------
     def start_run(self, scope_id: int, tasks: list[str]) -> int:

@@ -80,7 +80,9 @@ def render(report: dict, rich: bool) -> None:
              f"{_fmt(a['register_s'], '.3f')} s, first event {_fmt(a['first_event_after_read_s'], '.3f')} s "
              f"after the read; imports {_fmt(a['import_s'], '.2f')} s before that)"]
     for key, ok in report["targets"].items():
-        lines.append(f"  {_yes(ok) if rich else _plain(ok)}  {TARGET_NAMES.get(key, key)}")
+        doubt = " (inconclusive: the baseline varied more than that between runs)" \
+            if key in report.get("inconclusive", ()) else ""
+        lines.append(f"  {_yes(ok) if rich else _plain(ok)}  {TARGET_NAMES.get(key, key)}{doubt}")
     lines.append(f"{report['date']}, took {report['took_s']:.0f} s")
     for line in lines:
         console.print(line, soft_wrap=True) if rich else print(line)
@@ -106,6 +108,8 @@ def engine(
     rate_seconds: float = typer.Option(2.0, "--rate-seconds", min=0, help="How long the rate-limited workload runs."),
     only: list[str] = typer.Option([], "--only", help="Run only this workload (repeatable)."),
     mask: str = typer.Option("added,removed", "--mask", help="The registration's events/states."),
+    merge_entries: int = typer.Option(65536, "--merge-entries", min=64,
+                                      help="The engine's merge map entries (small: watch loss being counted)."),
     retries: int = typer.Option(1, "--retries", min=0, help="Re-runs of a run disturbed by steal or other load."),
     bpf_stats: bool = typer.Option(False, "--bpf-stats", help="Measure ns per BPF run (kernel.bpf_stats_enabled; "
                                    "adds a little overhead to the engine runs)."),
@@ -119,9 +123,9 @@ def engine(
         raise DuetError(str(exc)) from None
     with err_console.status("starting") as status:
         report = run_bench(size=parse_size(size), runs=runs, settle_s=settle, touch_bytes=parse_size(touch),
-                           drop_caches=drop_caches,
-                           fstype=fstype, device_size=parse_size(device_size), dev_random_pages=device_random,
-                           rate=rate, rate_s=rate_seconds, only=only, mask=ev, retries=retries, bpf_stats=bpf_stats,
+                           drop_caches=drop_caches, fstype=fstype, device_size=parse_size(device_size),
+                           dev_random_pages=device_random, rate=rate, rate_s=rate_seconds, only=only, mask=ev,
+                           merge_entries=merge_entries, retries=retries, bpf_stats=bpf_stats,
                            progress=status.update)
     if report["other_engines_seen"]:
         note("another duet engine was attached during some runs: its programs ran in both modes")

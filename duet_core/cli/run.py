@@ -27,17 +27,23 @@ def state_dir(option: str | None, config: Config) -> str:
 
 
 def parse_task_args(extra: list[str], opts: list[str], tasks: list[str], registry: TaskRegistry,
-                    config: Config) -> dict[str, dict]:
-    """Task options from the config, then ``-o TASK.KEY=VALUE``, then ``--KEY VALUE`` (to every task having KEY)."""
+                    config: Config, all_tasks: list[str] | None = None) -> dict[str, dict]:
+    """Task options from the config, then ``-o TASK.KEY=VALUE``, then ``--KEY VALUE`` (to every task having KEY).
+
+    ``tasks`` are this scope's tasks; ``all_tasks`` those of the whole invocation (several config scopes): an
+    option is an error only if no task of the invocation takes it, and applies where its task runs.
+    """
+    everyone = all_tasks or tasks
     out = {t: config.options_for(t) for t in tasks}
     for o in opts:
         name, sep, value = o.partition("=")
         task, dot, key = name.partition(".")
         if not sep or not dot or not key:
             raise DuetError(f"bad -o {o!r}", hint="use -o TASK.KEY=VALUE, e.g. -o backup.target=/mnt/backup")
-        if task not in out:
+        if task not in everyone:
             raise DuetError(f"-o {o!r} names task {task!r}, which is not part of this run")
-        out[task][key] = value
+        if task in out:
+            out[task][key] = value
     i = 0
     while i < len(extra):
         arg = extra[i]
@@ -51,11 +57,12 @@ def parse_task_args(extra: list[str], opts: list[str], tasks: list[str], registr
             i += 1
         i += 1
         key = key.replace("-", "_")
-        takers = [t for t in tasks if any(o.name == key for o in registry.get(t).spec.options)]
+        takers = [t for t in everyone if any(o.name == key for o in registry.get(t).spec.options)]
         if not takers:
             raise DuetError(f"no such option: {arg.split('=')[0]}", hint="see duet run --help and duet plugins")
         for t in takers:
-            out[t][key] = value
+            if t in out:
+                out[t][key] = value
     return out
 
 
@@ -173,10 +180,14 @@ def _execute(ctx: typer.Context, tasks: list[str], path: str | None, budget: str
     for b in registry.broken:
         note(f"plugin {b.name} ({b.package}) is broken and was skipped: {b.error}")
     store = StateStore(state_dir(state_dir_opt, config))
+    runs = _runs(tasks, path, config)
+    everyone = sorted({n for _, names, _ in runs for n in names})
+    for n in everyone:
+        registry.get(n)
+    for _root, names, _sc in runs:   # every option checked before anything runs
+        parse_task_args(extra, opts, names, registry, config, everyone)
     worst = 0
-    for root, names, sc in _runs(tasks, path, config):
-        for n in names:
-            registry.get(n)
+    for root, names, sc in runs:
         d = config.defaults
         ro = RunOptions(
             budget_s=units.parse_duration(budget) if budget else (sc.budget if sc and sc.budget else d.budget),
@@ -187,7 +198,7 @@ def _execute(ctx: typer.Context, tasks: list[str], path: str | None, budget: str
             one_file_system=(one_file_system if one_file_system is not None else
                              (sc.one_file_system if sc else d.one_file_system)),
             source=source, mode=mode,
-            task_options=parse_task_args(extra, opts, names, registry, config))
+            task_options=parse_task_args(extra, opts, names, registry, config, everyone))
         runner = Runner(store, registry, names, root, ro, LiveUI(quiet=quiet or json_out))
         summary = runner.run()
         if json_out:
