@@ -552,6 +552,7 @@ def test_a_file_processed_again_is_counted_once_in_the_report(direct_fs, tmp_pat
     assert (rep["items_done"], rep["items_total"]) == (len(files), len(files))
 
 
+@excused_by_cache_drops
 def test_a_file_written_and_fsynced_during_the_run_is_processed_again(direct_fs, tmp_path):
     summary, code, counts, files, victim = _modified_run(direct_fs, tmp_path, fsync=True)
     assert code == EXIT_OK
