@@ -80,7 +80,7 @@ def render(report: dict, rich: bool) -> None:
              f"{_fmt(a['register_s'], '.3f')} s, first event {_fmt(a['first_event_after_read_s'], '.3f')} s "
              f"after the read; imports {_fmt(a['import_s'], '.2f')} s before that)"]
     for key, ok in report["targets"].items():
-        doubt = " (inconclusive: the baseline varied more than that between runs)" \
+        doubt = " (inconclusive: some runs met it, some did not)" \
             if key in report.get("inconclusive", ()) else ""
         lines.append(f"  {_yes(ok) if rich else _plain(ok)}  {TARGET_NAMES.get(key, key)}{doubt}")
     lines.append(f"{report['date']}, took {report['took_s']:.0f} s")
