@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,14 +36,19 @@ RESCAN_EVERY_S = 30.0           # and one every 30 s regardless, to notice files
 MAX_HELD = 1 << 20              # chunk records of unknown files held while a rescan resolves them
 
 
-def mask_pages(chunks: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Page indexes of the set bits: page = chunk * 64 + bit, for parallel arrays of chunks and 64-bit masks."""
-    if not len(masks):
-        return np.empty(0, np.uint32)
+def mask_pages(chunks: np.ndarray, masks: np.ndarray) -> array:
+    """Page indexes of the set bits: page = chunk * 64 + bit, for parallel arrays of chunks and 64-bit masks.
+
+    Returned as ``array('I')``: a Roaring bitmap is built from one ten times faster than from a numpy array.
+    """
+    nonzero = masks != 0
+    if not nonzero.any():
+        return array("I")
+    chunks, masks = chunks[nonzero], masks[nonzero]
     bits = np.unpackbits(masks.astype("<u8").view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
     rows, cols = np.nonzero(bits)
     pages = chunks[rows].astype(np.uint64) * 64 + cols.astype(np.uint64)
-    return pages[pages <= MAX_PAGE].astype(np.uint32)
+    return array("I", pages[pages <= MAX_PAGE].astype(np.uint32).tobytes())
 
 
 @dataclass
@@ -475,11 +481,14 @@ class Engine:
         self.close()
 
 
-def _runs(fid: FileId, parts: list[tuple[Event, BitMap | np.ndarray]]) -> list[Item]:
+_FLAGS = [Event(i) for i in range(64)]   # Event(int) costs more than the rest of an item
+
+
+def _runs(fid: FileId, parts: list[tuple[Event, BitMap]]) -> list[Item]:
     """Runs of consecutive pages with equal flags, from (flags, pages) parts that may overlap."""
     pages_l, flags_l = [], []
     for flags, pages in parts:
-        arr = np.fromiter(pages, np.int64, len(pages)) if isinstance(pages, BitMap) else np.asarray(pages, np.int64)
+        arr = np.frombuffer(pages.to_array(), np.uint32).astype(np.int64)
         if len(arr):
             pages_l.append(arr)
             flags_l.append(np.full(len(arr), int(flags), np.int64))
@@ -494,4 +503,5 @@ def _runs(fid: FileId, parts: list[tuple[Event, BitMap | np.ndarray]]) -> list[I
     uflags = np.bitwise_or.reduceat(flags, starts)
     brk = np.flatnonzero(np.r_[True, (upages[1:] != upages[:-1] + 1) | (uflags[1:] != uflags[:-1])])
     ends = np.r_[brk[1:], len(upages)]
-    return [Item(fid, int(upages[b]), int(e - b), Event(int(uflags[b]))) for b, e in zip(brk, ends)]
+    return [Item(fid, b_page, e - b, _FLAGS[f]) for b_page, b, e, f in
+            zip(upages[brk].tolist(), brk.tolist(), ends.tolist(), uflags[brk].tolist())]

@@ -119,6 +119,9 @@ static __always_inline __u32 resolve(struct inode *inode, struct file_key *fk)
 
 	if (!inode)
 		return 0;
+	/* Regular files only: btrfs' btree inode, ext4's buddy cache and directories have page cache too. */
+	if ((inode->i_mode & 0170000) != 0100000)
+		return 0;
 	sb = inode->i_sb;
 	fk->dev = sb->s_dev;
 	fk->gen = inode->i_generation;
