@@ -136,3 +136,41 @@ def engine(
     if not report["ok"]:
         note("error: some page events were neither delivered nor counted as lost")
         raise typer.Exit(1)
+
+
+@app.command("share")
+def share(
+    size: str = typer.Option("1G", "--size", help="Data set size (mixed file sizes)."),
+    runs: int = typer.Option(3, "--runs", min=1, help="Repetitions (medians are reported)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Three read-everything tasks over a data set 4x the page cache they may use: alone in turn vs. one duet run.
+
+    Exits 1 if duet reads more than 1.05x the data set from the device or takes more than 1.15x the slowest task
+    alone.
+    """
+    from duet_core.bench.share import run_share
+
+    with err_console.status("starting") as status:
+        report = run_share(size=parse_size(size), runs=runs, progress=status.update)
+    if json_out:
+        emit_json({k: v for k, v in report.items() if k != "samples"} | {"samples": report["samples"]})
+    else:
+        table = Table(title=f"duet bench share — {', '.join(report['tasks'])} over "
+                            f"{units.format_bytes(report['dataset_bytes'])}, page cache capped at "
+                            f"{units.format_bytes(report['cache_cap_bytes'])}, medians of {runs}",
+                      title_justify="left")
+        for col in ("", "device read", "x data set", "wall s", "CPU s"):
+            table.add_column(col, justify="left" if not col else "right")
+        table.add_row("each task alone, in turn", units.format_bytes(report["baseline_device_read_bytes"]),
+                      f"{report['baseline_device_ratio']:.2f}", f"{report['baseline_wall_s']:.2f}",
+                      f"{report['baseline_cpu_s']:.2f}")
+        table.add_row("duet, together", units.format_bytes(report["duet_device_read_bytes"]),
+                      f"{report['device_ratio']:.2f}", f"{report['duet_wall_s']:.2f}", f"{report['duet_cpu_s']:.2f}")
+        console.print(table)
+        console.print(f"slowest task alone: {report['baseline_slowest_task_wall_s']:.2f} s; duet/slowest: "
+                      f"{report['wall_ratio_vs_slowest']:.2f}")
+        for name, ok in report["targets"].items():
+            console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
+    if not all(report["targets"].values()):
+        raise typer.Exit(1)
