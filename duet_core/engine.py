@@ -23,7 +23,7 @@ from pyroaring import BitMap
 
 from duet_core import residency
 from duet_core.errors import BpfUnavailable, DuetError
-from duet_core.events import EVENTS, STATES, Batch, Event, FileId, Item
+from duet_core.events import EVENTS, STATES, Batch, Event, FileId
 from duet_core.identity import file_id
 from duet_core.scope import Scope
 from duet_core.sources import BpfSource, Changes, PollSource, Source, kernel_mask
@@ -227,17 +227,27 @@ class Engine:
     def fetch(self, reg: Registration) -> Batch:
         """Items for ``reg`` since its last fetch: event pages, or state changes, as runs of pages."""
         self.pump()
-        items: list[Item] = []
+        fids: list[FileId] = []
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+        def add(fid: FileId, runs) -> None:
+            if runs is not None:
+                fids.append(fid)
+                parts.append(runs)
+
         if reg.mask & EVENTS:
             pending, reg.pending = reg.pending, {}
             for fid, per_event in pending.items():
-                items.extend(_runs(fid, [(ev & reg.mask, pages) for ev, pages in per_event.items()]))
+                add(fid, _runs([(ev & reg.mask, pages) for ev, pages in per_event.items()]))
         if reg.mask & STATES:
             touched, reg.touched = reg.touched, set()
             for fid in touched:
-                items.extend(self._state_items(reg, fid))
+                add(fid, self._state_runs(reg, fid))
         resync, reg.resync = reg.resync, False
-        return Batch(items, resync)
+        if not parts:
+            return Batch.empty(resync)
+        file = np.repeat(np.arange(len(parts)), [len(p[0]) for p in parts])
+        return Batch(fids, file, *(np.concatenate([p[k] for p in parts]) for k in range(3)), resync=resync)
 
     def drop(self, fid: FileId, gen: int) -> None:
         """No registration of this engine needs ``fid``'s events any more (every task is done with it): have the
@@ -257,7 +267,7 @@ class Engine:
         resync, reg.resync = reg.resync, False
         return touched, resync
 
-    def _state_items(self, reg: Registration, fid: FileId) -> list[Item]:
+    def _state_runs(self, reg: Registration, fid: FileId):
         st = self.files.get(fid)
         exists = st.exists if st else BitMap()
         modified = st.modified if st else BitMap()
@@ -278,7 +288,7 @@ class Engine:
             reg.reported[fid] = (BitMap(exists), BitMap(modified))
         else:
             reg.reported.pop(fid, None)
-        return _runs(fid, parts)
+        return _runs(parts)
 
     def path_of(self, reg: Registration, fid: FileId) -> str | None:
         """The file's path, only if it is still inside ``reg``'s scope and still that file (like Duet's get_path)."""
@@ -481,11 +491,9 @@ class Engine:
         self.close()
 
 
-_FLAGS = [Event(i) for i in range(64)]   # Event(int) costs more than the rest of an item
-
-
-def _runs(fid: FileId, parts: list[tuple[Event, BitMap]]) -> list[Item]:
-    """Runs of consecutive pages with equal flags, from (flags, pages) parts that may overlap."""
+def _runs(parts: list[tuple[Event, BitMap]]):
+    """(first pages, counts, flags) arrays of the runs of consecutive pages with equal flags, from (flags, pages)
+    parts that may overlap; None if there are no pages."""
     pages_l, flags_l = [], []
     for flags, pages in parts:
         arr = np.frombuffer(pages.to_array(), np.uint32).astype(np.int64)
@@ -493,15 +501,14 @@ def _runs(fid: FileId, parts: list[tuple[Event, BitMap]]) -> list[Item]:
             pages_l.append(arr)
             flags_l.append(np.full(len(arr), int(flags), np.int64))
     if not pages_l:
-        return []
+        return None
     pages = np.concatenate(pages_l)
     flags = np.concatenate(flags_l)
-    order = np.argsort(pages, kind="stable")
-    pages, flags = pages[order], flags[order]
-    starts = np.flatnonzero(np.r_[True, pages[1:] != pages[:-1]])
-    upages = pages[starts]
-    uflags = np.bitwise_or.reduceat(flags, starts)
-    brk = np.flatnonzero(np.r_[True, (upages[1:] != upages[:-1] + 1) | (uflags[1:] != uflags[:-1])])
-    ends = np.r_[brk[1:], len(upages)]
-    return [Item(fid, b_page, e - b, _FLAGS[f]) for b_page, b, e, f in
-            zip(upages[brk].tolist(), brk.tolist(), ends.tolist(), uflags[brk].tolist())]
+    if len(pages_l) > 1:
+        order = np.argsort(pages, kind="stable")
+        pages, flags = pages[order], flags[order]
+        starts = np.flatnonzero(np.r_[True, pages[1:] != pages[:-1]])
+        pages, flags = pages[starts], np.bitwise_or.reduceat(flags, starts)
+    brk = np.flatnonzero(np.r_[True, (pages[1:] != pages[:-1] + 1) | (flags[1:] != flags[:-1])])
+    ends = np.r_[brk[1:], len(pages)]
+    return pages[brk], ends - brk, flags[brk]

@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
+
 
 class Event(enum.IntFlag):
     """Page-cache events and state views, numbered as in the original Duet patch.
@@ -72,14 +74,50 @@ class Item:
     flags: Event
 
 
+_FLAGS = [Event(i) for i in range(64)]   # Event(int) costs more than building the rest of an item
+
+
 @dataclass(slots=True)
 class Batch:
-    """What one ``fetch`` returns.
+    """What one ``fetch`` returns: runs of pages as parallel arrays, and :attr:`items` built from them on first use.
+
+    Run ``i`` covers pages ``index[i]`` to ``index[i] + count[i] - 1`` of ``fids[file[i]]`` with ``flags[i]``.
+    Consumers that only count (``duet events``, benchmarks) use :meth:`pages` and never pay for Item objects —
+    random reads make one run per page.
 
     ``resync`` is True when the engine lost events in this registration's scope since the last fetch (a kernel
     map or ring was full): the items are then incomplete and a task must re-check residency itself. The engine
     has already re-read the residency of the scope, so EXISTS state items reflect the truth again.
     """
 
-    items: list[Item]
+    fids: list[FileId]
+    file: np.ndarray
+    index: np.ndarray
+    count: np.ndarray
+    flags: np.ndarray
     resync: bool = False
+    _items: list[Item] | None = None
+
+    @classmethod
+    def empty(cls, resync: bool = False) -> "Batch":
+        z = np.empty(0, np.int64)
+        return cls([], z, z, z, z, resync)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def items(self) -> list[Item]:
+        if self._items is None:
+            fids = self.fids
+            self._items = [Item(fids[f], i, c, _FLAGS[fl]) for f, i, c, fl in
+                           zip(self.file.tolist(), self.index.tolist(), self.count.tolist(), self.flags.tolist())]
+        return self._items
+
+    def pages(self, flag: Event) -> dict[FileId, int]:
+        """Pages per file whose run has ``flag`` set."""
+        sel = (self.flags & int(flag)) != 0
+        if not sel.any():
+            return {}
+        sums = np.bincount(self.file[sel], weights=self.count[sel], minlength=len(self.fids))
+        return {self.fids[i]: int(n) for i, n in enumerate(sums.tolist()) if n}

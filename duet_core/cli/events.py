@@ -33,11 +33,9 @@ class FileRow:
 def count_pages(batch: Batch) -> dict[FileId, dict[str, int]]:
     """Pages per file and event in one batch."""
     out: dict[FileId, dict[str, int]] = {}
-    for item in batch.items:
-        counts = out.setdefault(item.fid, {n: 0 for n, _ in COLUMNS})
-        for name, ev in COLUMNS:
-            if item.flags & ev:
-                counts[name] += item.count
+    for name, ev in COLUMNS:
+        for fid, n in batch.pages(ev).items():
+            out.setdefault(fid, {c: 0 for c, _ in COLUMNS})[name] = n
     return out
 
 
