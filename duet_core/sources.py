@@ -150,14 +150,24 @@ class PollSource:
         try:
             size = os.fstat(fd).st_size
             resident = np.fromiter(self._res.resident_pages(fd, size), np.uint64)
-            dirty = np.empty(0, np.uint64)
-            stat = self._res.cachestat(fd)
-            if stat is not None and stat.nr_dirty:
-                dirty = np.array([p for p in resident.tolist()
-                                  if (cs := self._res.cachestat(fd, p * 4096, 4096)) and cs.nr_dirty], np.uint64)
-            return resident, dirty
+            return resident, self._dirty_pages(fd, resident)
         finally:
             os.close(fd)
+
+    def _dirty_pages(self, fd: int, resident: np.ndarray) -> np.ndarray:
+        """Dirty pages among ``resident``: cachestat of the file, then of each 64-page chunk that has any resident
+        page, then page by page only inside chunks that report dirty pages."""
+        out: list[int] = []
+        stat = self._res.cachestat(fd)
+        if stat is None or not stat.nr_dirty:
+            return np.empty(0, np.uint64)
+        span = 64 * 4096
+        for chunk in np.unique(resident >> np.uint64(6)).tolist():
+            cs = self._res.cachestat(fd, chunk * span, span)
+            if cs and cs.nr_dirty:
+                out.extend(p for p in range(chunk * 64, chunk * 64 + 64)
+                           if (pc := self._res.cachestat(fd, p * 4096, 4096)) and pc.nr_dirty)
+        return np.array(out, np.uint64)
 
     def poll(self) -> Changes:
         keys: list[np.ndarray] = []
