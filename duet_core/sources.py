@@ -130,7 +130,6 @@ class PollSource:
         self._resident: dict[FileId, np.ndarray] = {}
         self._dirty: dict[FileId, np.ndarray] = {}
         self._polls = 0
-        self._pages = 0
 
     def set_scope(self, dev: int, subvol: int, mask: int, partial: bool) -> None:
         self._scopes[(dev, subvol)] = mask

@@ -47,17 +47,6 @@ class MemoryCgroup:
         with open(self.procs_file, "w") as fh:
             fh.write(str(os.getpid()))
 
-    def peak_bytes(self) -> int:
-        name = "memory.peak" if self.v2 else "memory.max_usage_in_bytes"
-        with contextlib.suppress(OSError), open(os.path.join(self.path, name)) as fh:
-            return int(fh.read())
-        return 0
-
-    def reset_peak(self) -> None:
-        if not self.v2:
-            with contextlib.suppress(OSError):
-                self._write("memory.max_usage_in_bytes", "0")
-
     def __exit__(self, *exc) -> None:
         for _ in range(50):
             try:

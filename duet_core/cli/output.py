@@ -24,11 +24,3 @@ def emit_json(obj) -> None:
 def note(msg: str) -> None:
     """A one-line notice on stderr (source in use, warnings), never mixed into JSON on stdout."""
     err_console.print(f"duet: {msg}", markup=False, soft_wrap=True)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

@@ -153,6 +153,14 @@ def _runs(tasks: list[str], path: str | None, config: Config) -> list[tuple[str,
     return out
 
 
+def _execute(*args) -> None:
+    """Unit parse errors (ValueError from duet_core.units) become a DuetError line."""
+    try:
+        _execute_runs(*args)
+    except ValueError as exc:
+        raise DuetError(str(exc)) from None
+
+
 def split_args(tokens: list[str]) -> tuple[list[str], list[str]]:
     """typer hands unknown ``--KEY VALUE`` options over mixed with the task names: take them apart."""
     names, extra = [], []
@@ -170,7 +178,7 @@ def split_args(tokens: list[str]) -> tuple[list[str], list[str]]:
     return names, extra
 
 
-def _execute(ctx: typer.Context, tasks: list[str], path: str | None, budget: str | None, rate_limit: str | None,
+def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget: str | None, rate_limit: str | None,
              idle_io: bool | None, cache_hygiene: bool | None, one_file_system: bool | None, json_out: bool,
              config_path: str | None, state_dir_opt: str | None, source: str, opts: list[str], mode: str,
              quiet: bool) -> None:
@@ -209,17 +217,6 @@ def _execute(ctx: typer.Context, tasks: list[str], path: str | None, budget: str
     raise typer.Exit(worst)
 
 
-def _parse_errors(fn):
-    """Unit parse errors (ValueError from duet_core.units) become a DuetError line."""
-    def wrapper(*a, **k):
-        try:
-            return fn(*a, **k)
-        except ValueError as exc:
-            raise DuetError(str(exc)) from None
-    wrapper.__wrapped__ = fn
-    return wrapper
-
-
 def run(
     ctx: typer.Context,
     tasks: list[str] = typer.Argument(None, help="Tasks to run (see duet plugins); default: the config's."),
@@ -247,7 +244,7 @@ def run(
       duet run backup scrub --path /home --target /mnt/backup
       duet run --config /etc/duet/duet.toml --for 2h --rate-limit 50MB/s
     """
-    _parse_errors(_execute)(ctx, tasks or [], path, budget, rate_limit, idle_io, cache_hygiene, one_file_system,
+    _execute(ctx, tasks or [], path, budget, rate_limit, idle_io, cache_hygiene, one_file_system,
                             json_out, config_path, state_dir_opt, source, opts, "run", quiet)
 
 
@@ -270,5 +267,5 @@ def watch(
     Examples:
       duet watch scrub --path /srv
     """
-    _parse_errors(_execute)(ctx, tasks or [], path, budget, None, True, False, None, json_out, config_path,
+    _execute(ctx, tasks or [], path, budget, None, True, False, None, json_out, config_path,
                             state_dir_opt, source, opts, "watch", quiet)
