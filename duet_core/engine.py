@@ -158,15 +158,15 @@ class Engine:
         self.regs[reg.id] = reg
         self._sync_kernel_scopes()
         # Snapshot after the kernel filter is in place, so nothing falls between the two.
-        self._snapshot(scope, list(scope.files), [reg])
+        self._snapshot(scope, scope.files.items(), [reg])
         return reg
 
     def unregister(self, reg: Registration) -> None:
         self.regs.pop(reg.id, None)
         if not any(r.scope is reg.scope for r in self.regs.values()):
             self.scopes = {k: s for k, s in self.scopes.items() if s is not reg.scope}
-            keep = {fid for s in self.scopes.values() for fid in s.files}
-            self.files = {fid: st for fid, st in self.files.items() if fid in keep}
+            self.files = {fid: st for fid, st in self.files.items()
+                          if any(fid in s.files for s in self.scopes.values())}
         self._sync_kernel_scopes()
 
     def _sync_kernel_scopes(self) -> None:
@@ -186,31 +186,37 @@ class Engine:
             self.source.del_scope(*pair)
         self._kernel_pairs = set(want)
 
-    def _snapshot(self, scope: Scope, fids, regs: list[Registration]) -> None:
-        """Read the residency of ``fids`` (cachestat, then mincore) into the shared state."""
-        for fid in fids:
-            rel = scope.files.get(fid)
-            if rel is None:
-                continue
-            try:
-                fd = scope.open(rel)
-            except OSError:
-                continue
-            try:
-                pages = residency.resident_pages(fd, os.fstat(fd).st_size)
-            except OSError:
-                continue
-            finally:
-                os.close(fd)
-            st = self.files.get(fid)
-            if st is None:
-                if not pages:
+    def _snapshot(self, scope: Scope, files, regs: list[Registration]) -> None:
+        """Read the residency of ``files``, ``(fid, relpath)`` pairs, (cachestat, then mincore) into the shared state.
+
+        One ``open`` + ``cachestat`` + ``close`` per file (the scope's root stays open for the pass); only a file
+        with pages in the cache is ``fstat``-ed and, if partly cached, checked page by page.
+        """
+        state_regs = [reg for reg in regs if reg.mask & STATES]
+        with scope.opener() as open_file:
+            for fid, rel in files:
+                try:
+                    fd = open_file(rel)
+                except OSError:
                     continue
-                st = self.files[fid] = FileState()
-            st.exists = BitMap(pages)
-            st.modified &= st.exists
-            for reg in regs:
-                if reg.mask & STATES:
+                try:
+                    counts = residency.cachestat(fd)
+                    if counts is not None and counts.nr_cache == 0:
+                        pages = BitMap()
+                    else:
+                        pages = residency.resident_pages(fd, os.fstat(fd).st_size)
+                except OSError:
+                    continue
+                finally:
+                    os.close(fd)
+                st = self.files.get(fid)
+                if st is None:
+                    if not pages:
+                        continue
+                    st = self.files[fid] = FileState()
+                st.exists = BitMap(pages)
+                st.modified &= st.exists
+                for reg in state_regs:
                     reg.touched.add(fid)
 
     # -- fetching --------------------------------------------------------------------------------------------------
@@ -473,9 +479,9 @@ class Engine:
                 reg.resync = True
         for scope in self.scopes.values():
             owners = [r for r in self.regs.values() if r.scope is scope]
-            fids = [f for f in scope.files if pairs is None or (f.dev, f.subvol) in pairs]
-            if owners and fids:
-                self._snapshot(scope, fids, owners)
+            if owners:
+                self._snapshot(scope, ((f, rel) for f, rel in scope.files.items()
+                                       if pairs is None or (f.dev, f.subvol) in pairs), owners)
 
     # -- teardown --------------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:

@@ -86,11 +86,13 @@ def loop_fs(
     direct_io: bool = False,
     mount_opts: str | None = None,
     prefix: str = "duet-",
+    mkfs_args: Sequence[str] = (),
 ) -> Iterator[LoopFs]:
     """Make, attach and mount a fresh ``fstype`` filesystem on a sparse image; always tear it all down.
 
     ``direct_io`` attaches the loop device with ``--direct-io=on`` so its reads are not cached a second time in the
-    host filesystem (needed for honest I/O accounting). xfs images are at least 300 MiB, the mkfs minimum.
+    host filesystem (needed for honest I/O accounting). ``mkfs_args`` go to mkfs before the image (e.g. ext4's
+    ``-N`` for a million inodes). xfs images are at least 300 MiB, the mkfs minimum.
     """
     if fstype not in _MKFS:
         raise ValueError(f"unsupported fstype {fstype!r} (choose from {', '.join(_MKFS)})")
@@ -104,7 +106,7 @@ def loop_fs(
         os.mkdir(mnt)
         with open(image, "wb") as f:
             f.truncate(size_mb << 20)
-        run([*_MKFS[fstype], image])
+        run([*_MKFS[fstype], *mkfs_args, image])
         losetup = ["losetup", "--find", "--show"]
         if direct_io:
             losetup.append("--direct-io=on")

@@ -27,7 +27,7 @@ from pyroaring import BitMap
 from duet_core import residency
 from duet_core.engine import Engine
 from duet_core.errors import DuetError
-from duet_core.events import PAGE_SIZE, Event
+from duet_core.events import PAGE_SIZE, Event, FileId
 from duet_core.identity import inode_generation
 from duet_core.lock import ScopeLock
 from duet_core.plugins import LoadedTask, TaskRegistry
@@ -41,6 +41,8 @@ PLAN_BATCH = 4096
 COMMIT_EVERY_S = 1.0   # commit progress at least this often ...
 SLOW_ITEM_S = 0.1      # ... and after every item that took this long: a crash then redoes at most one of them
 PREFETCH_MAX = 64 << 20
+ID_CACHE = 1 << 16     # FileId <-> file id pairs kept in memory (the store has them all)
+BULK_LOOKUP = 2000     # more touched files than this at once: map them to file ids in one pass over the store
 
 # Exit codes of `duet run` / `duet watch` (docs/cli.md).
 EXIT_OK = 0            # every task finished its round
@@ -130,7 +132,7 @@ class _TaskRun:
         self.range_done: dict[int, BitMap] = {}       # file id -> done pages (range tasks), loaded lazily
         self.dirty_ranges: set[int] = set()
         self.failed: set[int] = set()                 # failed in this run: retried by the next run, not this one
-        self.done_ns: dict[int, int] = {}             # file id -> when this run started processing it
+        self.done_ns: dict[int, int] = {}             # file id -> when this run started processing it (MODIFIED)
 
     @property
     def name(self) -> str:
@@ -179,40 +181,24 @@ class Runner:
         self.run_id = store.start_run(self.scope_id, [t.name for t in self.tasks])
         scope = Scope(self.root, one_file_system=self.opts.one_file_system)
         store.sync_files(self.scope_id, scope.scan())
+        phases = {"scan_s": time.monotonic() - started}
         self.scope = scope
-        self.file_ids = store.file_ids(self.scope_id)
-        self.fid_of = {v: k for k, v in self.file_ids.items()}
+        self._ids: dict[FileId, int] = {}       # file id <-> FileId, for files the engine reports: filled on demand
+        self._fids: dict[int, FileId] = {}
         dataset_bytes = store.dataset_bytes(self.scope_id)
 
-        self.runs = [self._start_task(t) for t in self.tasks]
+        t0 = time.monotonic()
+        self.runs = self._start_tasks()
+        phases["plan_s"] = time.monotonic() - t0
         self._todo = BitMap()     # files some task still needs: the union of pending, kept up to date
         for r in self.runs:
             self._todo |= r.progress.pending
-        with Engine(source=self.opts.source, skip_own_reads=True) as engine:
-            self.engine = engine
-            if engine.source_warning:
-                self.ui.message(engine.source_warning)
-            engine.on_rescan = self._on_rescan
-            # State (what is cached, what is dirty) is read from the engine's shared file states; only range tasks
-            # that count foreground reads need page events, through a second registration.
-            self.reg = engine.register("duet-run", Event.EXISTS | Event.MODIFIED, self.root,
-                                       self.opts.one_file_system, scope=scope)
-            self.reg_added = None
-            if any(r.spec.granularity == "range" and r.spec.events & Event.ADDED for r in self.runs):
-                self.reg_added = engine.register("duet-run-reads", Event.ADDED | Event.DIRTIED, self.root,
-                                                 self.opts.one_file_system, scope=scope)
-            # Files every task is done with have their events dropped in the kernel — unless a task wants to hear
-            # of writes to them (MODIFIED puts them back in the round).
-            self._wants_modified = any(r.spec.events & Event.MODIFIED for r in self.runs)
-            self.ui.started({r.name: r.report for r in self.runs}, dataset_bytes, engine.source_name)
-            self._heap: list[tuple[int, int]] = []
-            self._absorb()
-            self._loop(started)
-            engine_stats = {k: v for k, v in engine.stats().items()
-                            if k.startswith(("kernel_lost", "resyncs", "kernel_ignored", "kernel_pages"))}
-            for reg in (self.reg, self.reg_added):
-                if reg:
-                    engine.unregister(reg)
+        if self._todo or self.opts.mode == "watch":
+            source, engine_stats = self._run_engine(started, phases, dataset_bytes)
+        else:   # nothing to do: no BPF program to load, no snapshot to take
+            source, engine_stats = "none", {}
+            self.ui.started({r.name: r.report for r in self.runs}, dataset_bytes, source)
+            phases["startup_s"] = time.monotonic() - started
 
         # "complete": nothing left this run could do (failed items wait for the next run); otherwise why it stopped.
         result = "complete"
@@ -231,16 +217,79 @@ class Runner:
                 r.report.extra.update(extra)
         self._commit(again=False)
         summary = {
-            "scope": self.root, "result": result, "source": self.engine.source_name,
+            "scope": self.root, "result": result, "source": source,
             "tasks": {r.name: r.report.as_dict() for r in self.runs},
             "dataset_bytes": dataset_bytes,
             "device_read_bytes": read_bytes_io() - io_start,
             "wall_s": round(time.monotonic() - started, 3),
+            "phases": {k: round(v, 3) for k, v in phases.items()},   # scan+sync, planning, engine snapshot
             "engine": engine_stats,
         }
         store.end_run(self.run_id, result, summary)
         self.ui.finished(summary)
         return summary
+
+    def _run_engine(self, started: float, phases: dict, dataset_bytes: int) -> tuple[str, dict]:
+        """The processing loop, with the page-cache engine watching the scope; returns its source and counters."""
+        with Engine(source=self.opts.source, skip_own_reads=True) as engine:
+            self.engine = engine
+            if engine.source_warning:
+                self.ui.message(engine.source_warning)
+            engine.on_rescan = self._on_rescan
+            t0 = time.monotonic()
+            # State (what is cached, what is dirty) is read from the engine's shared file states; only range tasks
+            # that count foreground reads need page events, through a second registration.
+            self.reg = engine.register("duet-run", Event.EXISTS | Event.MODIFIED, self.root,
+                                       self.opts.one_file_system, scope=self.scope)
+            self.reg_added = None
+            if any(r.spec.granularity == "range" and r.spec.events & Event.ADDED for r in self.runs):
+                self.reg_added = engine.register("duet-run-reads", Event.ADDED | Event.DIRTIED, self.root,
+                                                 self.opts.one_file_system, scope=self.scope)
+            # Files every task is done with have their events dropped in the kernel — unless a task wants to hear
+            # of writes to them (MODIFIED puts them back in the round).
+            self._wants_modified = any(r.spec.events & Event.MODIFIED for r in self.runs)
+            self.ui.started({r.name: r.report for r in self.runs}, dataset_bytes, engine.source_name)
+            phases["snapshot_s"] = time.monotonic() - t0
+            self._heap: list[tuple[int, int]] = []
+            self._absorb()
+            phases["startup_s"] = time.monotonic() - started
+            self._loop(started)
+            stats = {k: v for k, v in engine.stats().items()
+                     if k.startswith(("kernel_lost", "resyncs", "kernel_ignored", "kernel_pages"))}
+            for reg in (self.reg, self.reg_added):
+                if reg:
+                    engine.unregister(reg)
+            return engine.source_name, stats
+
+    def _file_id(self, fid: FileId) -> int | None:
+        """The scope's compact id of ``fid``, or None if it is not a file of the scope (yet)."""
+        file_id = self._ids.get(fid)
+        if file_id is None:
+            file_id = self.store.file_id(self.scope_id, fid)
+            if file_id is not None:
+                if len(self._ids) >= ID_CACHE:   # a cache, not a copy of the scope: start over when full
+                    self._ids.clear()
+                    self._fids.clear()
+                self._ids[fid], self._fids[file_id] = file_id, fid
+        return file_id
+
+    def _learn_ids(self, fids) -> None:
+        """Look up many FileIds at once (a start-up snapshot of a cached tree): one pass over the scope's files."""
+        want = set(fids) - self._ids.keys()
+        for fid, file_id in self.store.file_ids(self.scope_id):
+            if fid in want:
+                self._ids[fid], self._fids[file_id] = file_id, fid
+
+    def _fid(self, file_id: int) -> FileId | None:
+        fid = self._fids.get(file_id)
+        if fid is None:
+            f = self.store.file(self.scope_id, file_id)
+            if f is not None:
+                if len(self._fids) >= ID_CACHE:
+                    self._ids.clear()
+                    self._fids.clear()
+                fid = self._fids[file_id] = f.fid
+        return fid
 
     def exit_code(self, summary: dict) -> int:
         if summary["result"] not in ("complete",):
@@ -250,62 +299,92 @@ class Runner:
         return EXIT_OK
 
     # -- rounds ----------------------------------------------------------------------------------------------------
-    def _start_task(self, task: LoadedTask) -> _TaskRun:
-        store, sid, name = self.store, self.scope_id, task.name
-        run = RunInfo(self.run_id, self.root, name, self.options[name], self.opts.mode,
-                      state=TaskState(lambda k, d=None: store.kv_get(name, k, d),
-                                      lambda k, v: store.kv_put(name, k, v),
-                                      lambda k: store.kv_delete(name, k)),
-                      shared=SharedResults(lambda f, n: store.shared_get(f, n),
-                                           lambda f, n, v: store.shared_put(f, n, v, name)))
-        prog = store.progress(sid, name)
+    def _start_tasks(self) -> list[_TaskRun]:
+        """Open each task's round (a new one after a complete round), and plan the files new to it.
+
+        Planning reads the scope's files from the state store once, in batches, and hands each batch to every
+        task that has files in it to plan.
+        """
+        store, sid = self.store, self.scope_id
         all_ids = store.all_ids(sid)
-        if prog.complete:
-            prog = TaskProgress(round=prog.round + 1, complete=False)
-            store.clear_range_done(sid, name)
-            new = all_ids
-        else:
-            new = all_ids - prog.planned
-            prog.relevant &= all_ids
-            prog.done &= all_ids
-        run.round = prog.round
-        tr = _TaskRun(task, prog, run)
-        try:
-            prog.relevant |= self._plan(task, run, new)
-            prog.planned |= new
-        except Exception as exc:  # noqa: BLE001 - a task that cannot plan sits this run out; the others go on
-            self._task_failed(tr, "plan", exc)   # its round stays open: the next run plans again
-            return tr
-        tr.report.items_total = len(prog.relevant)
-        tr.report.items_done = len(prog.done & prog.relevant)
-        if not prog.pending:
-            prog.complete = True
+        runs: list[_TaskRun] = []
+        news: list[BitMap] = []
+        for task in self.tasks:
+            name = task.name
+            run = RunInfo(self.run_id, self.root, name, self.options[name], self.opts.mode,
+                          state=TaskState(lambda k, d=None, name=name: store.kv_get(name, k, d),
+                                          lambda k, v, name=name: store.kv_put(name, k, v),
+                                          lambda k, name=name: store.kv_delete(name, k)),
+                          shared=SharedResults(lambda f, n: store.shared_get(f, n),
+                                               lambda f, n, v, name=name: store.shared_put(f, n, v, name)))
+            prog = store.progress(sid, name)
+            if prog.complete:
+                prog = TaskProgress(round=prog.round + 1, complete=False)
+                store.clear_range_done(sid, name)
+                new = BitMap(all_ids)
+            else:
+                new = all_ids - prog.planned
+                prog.relevant &= all_ids
+                prog.done &= all_ids
+            run.round = prog.round
+            runs.append(_TaskRun(task, prog, run))
+            news.append(new)
+        chosen = self._plan(runs, news)
+        for tr, new in zip(runs, news):
+            prog = tr.progress
+            if tr.name in chosen:
+                prog.relevant |= chosen[tr.name]
+                prog.planned |= new
+            tr.report.items_total = len(prog.relevant)
+            tr.report.items_done = len(prog.done & prog.relevant)
+            if not prog.pending and tr.name in chosen:
+                prog.complete = True
         with store.tx():
-            store.save_progress(sid, name, prog)
-        return tr
+            for tr in runs:
+                store.save_progress(sid, tr.name, tr.progress)
+        return runs
 
     def _task_failed(self, r: _TaskRun, hook: str, exc: Exception) -> None:
         r.report.items_failed += 1
         r.report.errors.append(f"duet_{hook} failed: {type(exc).__name__}: {exc}")
         self.ui.message(f"{r.name}: duet_{hook} failed: {type(exc).__name__}: {exc}")
 
-    def _plan(self, task: LoadedTask, run: RunInfo, ids: BitMap) -> BitMap:
-        relevant = BitMap()
+    def _plan(self, runs: list[_TaskRun], news: list[BitMap]) -> dict[str, BitMap]:
+        """``duet_plan`` of every task over the files new to it; a task whose plan raises sits this run out (its
+        round stays open, so the next run plans again) and is missing from the result."""
+        chosen = {tr.name: BitMap() for tr in runs}
+        union = BitMap.union(*news) if news else BitMap()
+        if not union:
+            return chosen
         batch: list[FileInfo] = []
 
         def flush():
-            chosen = task.hook.duet_plan(run=run, files=batch)
-            relevant.update(f.id for f in batch) if chosen is None else relevant.update(chosen)
+            for tr, new in zip(runs, news):
+                if tr.name not in chosen:
+                    continue
+                mine = batch if len(new) == len(union) else [f for f in batch if f.id in new]
+                if not mine:
+                    continue
+                try:
+                    picked = tr.task.hook.duet_plan(run=tr.run, files=mine)
+                except Exception as exc:  # noqa: BLE001 - one task's failure to plan is that task's
+                    self._task_failed(tr, "plan", exc)
+                    del chosen[tr.name]
+                    continue
+                if picked is None:
+                    chosen[tr.name].update(f.id for f in mine)
+                else:
+                    chosen[tr.name].update(BitMap(picked) & new)
             batch.clear()
 
-        for f in self.store.files(self.scope_id, ids if len(ids) < 1000 else None):
-            if f.id in ids:
+        for f in self.store.files(self.scope_id, union if len(union) < 1000 else None):
+            if f.id in union:
                 batch.append(f)
                 if len(batch) >= PLAN_BATCH:
                     flush()
         if batch:
             flush()
-        return relevant & ids
+        return chosen
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def _loop(self, started: float) -> None:
@@ -369,7 +448,7 @@ class Runner:
                 and file_id not in r.failed]
 
     def _resident(self, file_id: int) -> int:
-        fid = self.fid_of.get(file_id)
+        fid = self._fid(file_id)
         st = self.engine.files.get(fid) if fid else None
         return len(st.exists) if st else 0
 
@@ -394,11 +473,13 @@ class Runner:
         """Fold page-cache changes into the schedule: cached files onto the heap, files written during the run back
         to pending (tasks that asked for MODIFIED), foreground reads to range tasks (``duet_observe``)."""
         fids, resync = self.engine.fetch_touched(self.reg)
-        touched = {self.file_ids[fid] for fid in fids if fid in self.file_ids}
         if resync:
-            touched = set(self.file_ids.values())
+            fids = set(fids) | set(self.engine.files)
+        if len(fids) > BULK_LOOKUP:
+            self._learn_ids(fids)
+        touched = {i for i in map(self._file_id, fids) if i is not None}
         for file_id in touched:
-            st = self.engine.files.get(self.fid_of[file_id])
+            st = self.engine.files.get(self._fid(file_id))
             if st is None:
                 continue
             # Written after a task processed it: dirtied since (still dirty, or already written back).
@@ -409,7 +490,7 @@ class Runner:
         if self.reg_added is not None:
             added: dict[int, BitMap] = {}
             for item in self.engine.fetch(self.reg_added).items:
-                file_id = self.file_ids.get(item.fid)
+                file_id = self._file_id(item.fid)
                 if file_id is not None and item.flags & Event.ADDED and not item.flags & Event.DIRTIED:
                     added.setdefault(file_id, BitMap()).add_range(item.index, item.index + item.count)
             for file_id, pages in added.items():
@@ -619,7 +700,8 @@ class Runner:
     def _mark_done(self, r: _TaskRun, file_id: int) -> None:
         if file_id in r.progress.done:
             return
-        r.done_ns[file_id] = self._item_started_ns
+        if r.spec.events & Event.MODIFIED:
+            r.done_ns[file_id] = self._item_started_ns
         r.progress.done.add(file_id)
         r.report.items_done += 1
         if not r.progress.pending:
@@ -633,8 +715,7 @@ class Runner:
             return
         for found in diff.added:
             f = self.store.add_file(self.scope_id, found)
-            self.file_ids[f.fid] = f.id
-            self.fid_of[f.id] = f.fid
+            self._ids[f.fid], self._fids[f.id] = f.id, f.fid
             for r in self.runs:
                 if f.id not in r.progress.planned:
                     r.progress.planned.add(f.id)

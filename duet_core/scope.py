@@ -10,16 +10,25 @@ distinct ``st_dev`` (subvolume or mount) via :class:`~duet_core.identity.DevMap`
 directories whose mtime (or identity) changed and ``lstat``s only the names it has not seen.
 
 A file with several hard links in the scope is one file: it appears once, under one of its paths.
+
+Memory: a million-file scope must not cost a Python object per file. Each directory keeps its file names as one
+string and their inode numbers as an array; ``files`` is a :class:`FileIndex` — sorted numpy arrays from
+(dev, subvol, inode) to (directory, position) — rebuilt after each walk that changed something. About 40 bytes
+per file in all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 import time
-from collections.abc import Iterator
+from array import array
+from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
+
+import numpy as np
 
 from duet_core.errors import DuetError
 from duet_core.events import FileId
@@ -38,6 +47,7 @@ class ScannedFile(NamedTuple):
     size: int
     mtime_ns: int = 0
     ctime_ns: int = 0
+    nlink: int = 1
 
 
 class ScanDiff(NamedTuple):
@@ -48,15 +58,39 @@ class ScanDiff(NamedTuple):
 
 
 class _Dir(NamedTuple):
-    """What the last walk saw of one directory; ``mtime_ns`` -1 means "list it again next time"."""
+    """What the last walk saw of one directory; ``mtime_ns`` -1 means "list it again next time".
+
+    Its regular files are ``names`` joined by NUL (which no file name contains), starting at ``starts``, with
+    their inode numbers in ``inos``, in the same order.
+    """
 
     st_dev: int
     st_ino: int
     mtime_ns: int
     key: tuple[int, int]  # (superblock dev, subvol)
-    names: tuple[str, ...]  # regular files ...
-    fids: tuple[FileId, ...]  # ... and their ids, in the same order
+    names: str
+    starts: array
+    inos: array
     subdirs: tuple[str, ...]
+
+    def name(self, pos: int) -> str:
+        end = self.starts[pos + 1] - 1 if pos + 1 < len(self.starts) else len(self.names)
+        return self.names[self.starts[pos]:end]
+
+    def entries(self) -> Iterator[tuple[str, FileId]]:
+        if self.inos:
+            dev, subvol = self.key
+            for name, ino in zip(self.names.split("\0"), self.inos):
+                yield name, FileId(dev, subvol, ino)
+
+
+def _pack_names(names: list[str]) -> tuple[str, array]:
+    starts = array("I")
+    pos = 0
+    for name in names:
+        starts.append(pos)
+        pos += len(name) + 1
+    return "\0".join(names), starts
 
 
 class _Lost(NamedTuple):
@@ -66,6 +100,83 @@ class _Lost(NamedTuple):
 
 def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
+
+
+class FileIndex(Mapping):
+    """The scope's files, FileId → path relative to the root, in sorted arrays rather than a dict.
+
+    Built from the directories of one walk; a file with several hard links in the scope appears once, under the
+    first of its paths in walk order. Lookups are a binary search within the file's (dev, subvol).
+    """
+
+    def __init__(self, dirs: dict[str, _Dir]):
+        self._rels = list(dirs)
+        self._dirs = [dirs[rel] for rel in self._rels]
+        pair_ids: dict[tuple[int, int], int] = {}
+        inos, dir_ix, pos, pair = [], [], [], []
+        for di, d in enumerate(self._dirs):
+            n = len(d.inos)
+            if not n:
+                continue
+            inos.append(np.frombuffer(d.inos, dtype=np.uint64))
+            dir_ix.append(np.full(n, di, dtype=np.uint32))
+            pos.append(np.arange(n, dtype=np.uint32))
+            pair.append(np.full(n, pair_ids.setdefault(d.key, len(pair_ids)), dtype=np.uint32))
+        if not inos:
+            self._ino = np.zeros(0, np.uint64)
+            self._dir = self._pos = np.zeros(0, np.uint32)
+            self._slices: dict[tuple[int, int], tuple[int, int]] = {}
+            return
+        ino_a, dir_a, pos_a, pair_a = (np.concatenate(x) for x in (inos, dir_ix, pos, pair))
+        order = np.lexsort((pos_a, dir_a, ino_a, pair_a))
+        ino_a, dir_a, pos_a, pair_a = ino_a[order], dir_a[order], pos_a[order], pair_a[order]
+        first = np.ones(len(ino_a), dtype=bool)      # hard links: keep the first path of each file
+        first[1:] = (ino_a[1:] != ino_a[:-1]) | (pair_a[1:] != pair_a[:-1])
+        self._ino, self._dir, self._pos, pair_a = ino_a[first], dir_a[first], pos_a[first], pair_a[first]
+        bounds = np.searchsorted(pair_a, np.arange(len(pair_ids) + 1))
+        self._slices = {key: (int(bounds[i]), int(bounds[i + 1])) for key, i in pair_ids.items()}
+
+    def _find(self, fid) -> int:
+        try:
+            lo, hi = self._slices[(fid[0], fid[1])]
+        except (KeyError, TypeError, IndexError):
+            return -1
+        i = lo + int(self._ino[lo:hi].searchsorted(np.uint64(fid[2])))   # a uint64 key: no float promotion
+        return i if i < hi and int(self._ino[i]) == fid[2] else -1
+
+    def _path(self, i: int) -> str:
+        di = int(self._dir[i])
+        return _join(self._rels[di], self._dirs[di].name(int(self._pos[i])))
+
+    def __getitem__(self, fid) -> str:
+        i = self._find(fid)
+        if i < 0:
+            raise KeyError(fid)
+        return self._path(i)
+
+    def get(self, fid, default=None):
+        i = self._find(fid)
+        return default if i < 0 else self._path(i)
+
+    def __contains__(self, fid) -> bool:
+        return self._find(fid) >= 0
+
+    def __len__(self) -> int:
+        return len(self._ino)
+
+    def __iter__(self) -> Iterator[FileId]:
+        for (dev, subvol), (lo, hi) in self._slices.items():
+            for ino in self._ino[lo:hi].tolist():
+                yield FileId(dev, subvol, ino)
+
+    def items(self):   # a generator, not a view: no per-file lookups
+        for (dev, subvol), (lo, hi) in self._slices.items():
+            for ino, i in zip(self._ino[lo:hi].tolist(), range(lo, hi)):
+                yield FileId(dev, subvol, ino), self._path(i)
+
+    def values(self):
+        for _, path in self.items():
+            yield path
 
 
 class Scope:
@@ -80,11 +191,11 @@ class Scope:
         if not os.path.isdir(self.root):
             raise DuetError(f"scope root {root!r} is not an existing directory")
         self.one_file_system = one_file_system
-        self.files: dict[FileId, str] = {}
+        self.files = FileIndex({})
         self.skipped = 0
         self.listed = 0
         self._dirs: dict[str, _Dir] = {}
-        self._links: dict[FileId, int] = {}  # paths per file, only for files with more than one in scope
+        self._changed = False   # the last walk changed some directory: rebuild the index
         self._devmap = DevMap()
 
     def __len__(self) -> int:
@@ -120,24 +231,39 @@ class Scope:
 
     def open(self, relpath: str) -> int:
         """Open a file of the scope read-only without following any symlink or leaving the scope."""
+        with self.opener() as open_file:
+            return open_file(relpath)
+
+    @contextlib.contextmanager
+    def opener(self) -> Iterator[Callable[[str], int]]:
+        """:meth:`open` for many files: the scope's root stays open while the block runs."""
         root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
+
+        def open_file(relpath: str) -> int:
             try:
                 return open_beneath(root_fd, relpath, os.O_RDONLY | os.O_NOATIME)
             except PermissionError:
                 return open_beneath(root_fd, relpath, os.O_RDONLY)
+
+        try:
+            yield open_file
         finally:
             os.close(root_fd)
 
     def scan(self) -> Iterator[ScannedFile]:
-        """Walk the whole tree afresh, yielding ``(fid, relpath, size)`` per regular file (each file once).
+        """Walk the whole tree afresh, yielding ``(fid, relpath, size, ...)`` per regular file (each file once).
 
         The index (``files``, ``devs()``) is complete once the iterator is exhausted.
         """
-        self.files, self._links, self._dirs = {}, {}, {}
+        self._dirs = {}
+        linked: set[FileId] = set()   # files with more than one link, seen once already
         for change in self._walk():
-            if self._add_link(change.fid, change.relpath):
-                yield change
+            if change.nlink > 1:
+                if change.fid in linked:
+                    continue
+                linked.add(change.fid)
+            yield change
+        self.files = FileIndex(self._dirs)
 
     def rescan(self) -> ScanDiff:
         """Bring the index up to date, re-listing only changed directories; return the files added and removed.
@@ -148,56 +274,32 @@ class Scope:
         """
         found: list[ScannedFile] = []
         lost: list[_Lost] = []
+        self._changed = False
         for change in self._walk():
             (found if isinstance(change, ScannedFile) else lost).append(change)
-        return self._reconcile(found, lost)
+        if not self._changed:
+            return ScanDiff([], [])
+        old, self.files = self.files, FileIndex(self._dirs)
+        return self._reconcile(old, found, lost)
 
-    # ------------------------------------------------------------------------------------------------ index
-
-    def _add_link(self, fid: FileId, relpath: str) -> bool:
-        """Count one more path of ``fid``; True if the file is new to the scope."""
-        if fid not in self.files:
-            self.files[fid] = relpath
-            return True
-        self._links[fid] = self._links.get(fid, 1) + 1
-        return False
-
-    def _drop_link(self, fid: FileId) -> None:
-        """Count one path of ``fid`` less, forgetting the file with its last path."""
-        links = self._links.pop(fid, 1) - 1
-        if links > 1:
-            self._links[fid] = links
-        elif links == 0:
-            del self.files[fid]
-
-    def _reconcile(self, found: list[ScannedFile], lost: list[_Lost]) -> ScanDiff:
-        """Apply a walk's found and lost paths to the index and say which files came and went.
+    def _reconcile(self, old: FileIndex, found: list[ScannedFile], lost: list[_Lost]) -> ScanDiff:
+        """Which files came and went, from a walk's found and lost paths and the index before and after.
 
         A file loses its place only with its last path (hard links). A FileId that lost a path and gained another
         in the same walk is reported as removed and added: it may be a rename, but it may just as well be a new
         file that was given the inode number of a deleted one, and FileId carries no generation to tell.
         """
-        before = {c.fid: self.files[c.fid] for c in lost}
-        renewed = {c.fid: c for c in found if c.fid in before}
-        added = [c for c in found if self._add_link(c.fid, c.relpath)]
-        for c in lost:
-            self._drop_link(c.fid)
-        removed = [(fid, path) for fid, path in before.items() if fid not in self.files or fid in renewed]
-        for fid, c in renewed.items():
-            self.files[fid] = c.relpath
-            added.append(c)
-        lost_paths = {(c.fid, c.relpath) for c in lost}
-        for fid in before.keys() - renewed.keys():
-            if fid in self.files and (fid, self.files[fid]) in lost_paths:
-                self.files[fid] = self._find_path(fid)  # another hard link of it is still in scope
+        lost_path = {c.fid: c.relpath for c in lost}
+        added: list[ScannedFile] = []
+        seen: set[FileId] = set()
+        for c in found:
+            if c.fid in seen or c.fid not in self.files:
+                continue
+            if c.fid not in old or c.fid in lost_path:
+                seen.add(c.fid)
+                added.append(c)
+        removed = [(fid, path) for fid, path in lost_path.items() if fid not in self.files or fid in seen]
         return ScanDiff(added, removed)
-
-    def _find_path(self, fid: FileId) -> str:
-        """Some current path of ``fid`` (a hard link whose indexed path went away): a rare, linear search."""
-        for rel, d in self._dirs.items():
-            if fid in d.fids:
-                return _join(rel, d.names[d.fids.index(fid)])
-        raise AssertionError(f"{fid} is counted in the scope but in no directory")
 
     # ------------------------------------------------------------------------------------------------- walk
 
@@ -259,10 +361,12 @@ class Scope:
     ) -> Iterator[ScannedFile | _Lost]:
         """Read a directory that is new or changed, compare it with what it held, and record its new state."""
         self.listed += 1
-        known = dict(zip(old.names, old.fids)) if old else {}
+        self._changed = True
+        known = dict(old.entries()) if old else {}
         names: list[str] = []
-        fids: list[FileId] = []
+        inos = array("Q")
         subdirs: list[str] = []
+        dev, subvol = key
         with os.scandir(fd) as entries:
             for entry in entries:
                 try:
@@ -271,27 +375,29 @@ class Scope:
                         continue
                     if not entry.is_file(follow_symlinks=False):
                         continue  # symlinks, devices, fifos, sockets
-                    fid = FileId(key[0], key[1], entry.inode())
+                    fid = FileId(dev, subvol, entry.inode())
                     if known.get(entry.name) != fid:
                         relpath = _join(rel, entry.name)
                         fid, fst = self._new_file(entry, st.st_dev, fid, root_fd, relpath)
-                        yield ScannedFile(fid, relpath, fst.st_size, fst.st_mtime_ns, fst.st_ctime_ns)
+                        yield ScannedFile(fid, relpath, fst.st_size, fst.st_mtime_ns, fst.st_ctime_ns, fst.st_nlink)
                 except OSError:
                     self.skipped += 1  # vanished while we looked
                     continue
+                if (fid.dev, fid.subvol) != key:
+                    continue  # a file bind-mounted over this entry: another filesystem's file, left out
                 names.append(entry.name)
-                fids.append(fid)
+                inos.append(fid.ino)
         if old:
-            still = dict(zip(names, fids))
-            for name, fid in zip(old.names, old.fids):
-                if still.get(name) != fid:
+            still = set(zip(names, inos))
+            for name, fid in old.entries():
+                if (name, fid.ino) not in still:
                     yield _Lost(fid, _join(rel, name))
             for name in set(old.subdirs) - set(subdirs):
                 yield from self._drop(_join(rel, name))
         racy = time.time_ns() - st.st_mtime_ns < RACY_NS
-        self._dirs[rel] = _Dir(
-            st.st_dev, st.st_ino, -1 if racy else st.st_mtime_ns, key, tuple(names), tuple(fids), tuple(subdirs)
-        )
+        packed, starts = _pack_names(names)
+        self._dirs[rel] = _Dir(st.st_dev, st.st_ino, -1 if racy else st.st_mtime_ns, key, packed, starts, inos,
+                               tuple(subdirs))
         stack.extend(_join(rel, name) for name in subdirs)
 
     def _new_file(
@@ -317,6 +423,7 @@ class Scope:
             d = self._dirs.pop(rel, None)
             if d is None:
                 continue
-            for name, fid in zip(d.names, d.fids):
+            self._changed = True
+            for name, fid in d.entries():
                 yield _Lost(fid, _join(rel, name))
             pending.extend(_join(rel, name) for name in d.subdirs)

@@ -168,23 +168,43 @@ class StateStore:
             return self.db.execute("INSERT INTO scopes (root, next_file_id) VALUES (?, 0)", (root,)).lastrowid
 
     def sync_files(self, scope_id: int, scanned: Iterable) -> None:
-        """Record a full scan: (fid, relpath, size, mtime_ns, ctime_ns) per file. Known files keep their id."""
+        """Record a full scan: (fid, relpath, size, mtime_ns, ctime_ns) per file. Known files keep their id.
+
+        The scan streams into a temporary table and is reconciled with ``files`` in SQL: rows that did not change
+        are not written, and no per-file Python objects are kept (a million-file scope stays small in memory).
+        New files get ids in scan order.
+        """
         stamp = time.time_ns()
+        db = self.db
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS scan (dev INTEGER, subvol INTEGER, ino INTEGER, relpath TEXT, "
+                   "size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER)")
+        db.execute("DROP INDEX IF EXISTS temp.scan_by_fid")
         with self.tx():
-            next_id = self.db.execute("SELECT next_file_id FROM scopes WHERE id=?", (scope_id,)).fetchone()[0]
-            known = {(d, s, i): fid for d, s, i, fid in self.db.execute(
-                "SELECT dev, subvol, ino, id FROM files WHERE scope_id=?", (scope_id,))}
-            rows = []
-            for f in scanned:
-                key = (f.fid.dev, f.fid.subvol, f.fid.ino)
-                file_id = known.get(key)
-                if file_id is None:
-                    file_id = next_id
-                    next_id += 1
-                rows.append((scope_id, file_id, *key, f.relpath, f.size, f.mtime_ns, f.ctime_ns, stamp))
-            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
-            self.db.execute("DELETE FROM files WHERE scope_id=? AND seen<>?", (scope_id, stamp))
-            self.db.execute("UPDATE scopes SET next_file_id=? WHERE id=?", (next_id, scope_id))
+            db.execute("DELETE FROM temp.scan")
+            db.executemany("INSERT INTO temp.scan VALUES (?,?,?,?,?,?,?)",
+                           ((f.fid.dev, f.fid.subvol, f.fid.ino, f.relpath, f.size, f.mtime_ns, f.ctime_ns)
+                            for f in scanned))
+            db.execute("CREATE UNIQUE INDEX temp.scan_by_fid ON scan (dev, subvol, ino)")
+            db.execute("DELETE FROM files WHERE scope_id=? AND NOT EXISTS (SELECT 1 FROM temp.scan s "
+                       "WHERE s.dev=files.dev AND s.subvol=files.subvol AND s.ino=files.ino)", (scope_id,))
+            db.execute("UPDATE files SET relpath=s.relpath, size=s.size, mtime_ns=s.mtime_ns, ctime_ns=s.ctime_ns, "
+                       "seen=? FROM temp.scan s WHERE files.scope_id=? AND s.dev=files.dev AND "
+                       "s.subvol=files.subvol AND s.ino=files.ino AND (files.relpath, files.size, files.mtime_ns, "
+                       "files.ctime_ns) IS NOT (s.relpath, s.size, s.mtime_ns, s.ctime_ns)", (stamp, scope_id))
+            next_id = db.execute("SELECT next_file_id FROM scopes WHERE id=?", (scope_id,)).fetchone()[0]
+            added = db.execute(
+                "INSERT INTO files SELECT ?, ? + ROW_NUMBER() OVER (ORDER BY s.rowid) - 1, s.dev, s.subvol, s.ino, "
+                "s.relpath, s.size, s.mtime_ns, s.ctime_ns, ? FROM temp.scan s WHERE NOT EXISTS (SELECT 1 FROM "
+                "files f WHERE f.scope_id=? AND f.dev=s.dev AND f.subvol=s.subvol AND f.ino=s.ino) ORDER BY s.rowid",
+                (scope_id, next_id, stamp, scope_id)).rowcount
+            db.execute("UPDATE scopes SET next_file_id=? WHERE id=?", (next_id + added, scope_id))
+            db.execute("DELETE FROM temp.scan")
+
+    def file_id(self, scope_id: int, fid: FileId) -> int | None:
+        """The compact id of ``fid`` in the scope, or None."""
+        row = self.db.execute("SELECT id FROM files WHERE scope_id=? AND dev=? AND subvol=? AND ino=?",
+                              (scope_id, *fid)).fetchone()
+        return row[0] if row else None
 
     def add_file(self, scope_id: int, f) -> FileInfo:
         """A file found after the scan (a rescan during the run)."""
@@ -216,9 +236,11 @@ class StateStore:
     def file(self, scope_id: int, file_id: int) -> FileInfo | None:
         return next(self.files(scope_id, [file_id]), None)
 
-    def file_ids(self, scope_id: int) -> dict[FileId, int]:
-        return {FileId(d, s, i): fid for d, s, i, fid in self.db.execute(
-            "SELECT dev, subvol, ino, id FROM files WHERE scope_id=?", (scope_id,))}
+    def file_ids(self, scope_id: int) -> Iterator[tuple[FileId, int]]:
+        """Every file of the scope as (FileId, file id), streamed."""
+        for d, s, i, file_id in self.db.execute("SELECT dev, subvol, ino, id FROM files WHERE scope_id=?",
+                                                (scope_id,)):
+            yield FileId(d, s, i), file_id
 
     def all_ids(self, scope_id: int) -> BitMap:
         return BitMap(r[0] for r in self.db.execute("SELECT id FROM files WHERE scope_id=?", (scope_id,)))

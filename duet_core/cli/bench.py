@@ -174,3 +174,38 @@ def share(
             console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
     if not all(report["targets"].values()):
         raise typer.Exit(1)
+
+
+@app.command("scale")
+def scale(
+    files: int = typer.Option(1_000_000, "--files", help="Number of small files in the scope."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """A million small files and four tasks: start-up rate, peak RSS, `duet status` time, and a no-op run.
+
+    Exits 1 if start-up is slower than 50,000 files/s, peak RSS above 250 MB, `duet status` 1 s or more, or the
+    no-op run 30 s or more.
+    """
+    from duet_core.bench.scale import run_scale
+
+    with err_console.status("starting") as status:
+        report = run_scale(files=files, progress=status.update)
+    if json_out:
+        emit_json(report)
+    else:
+        first, noop = report["first_run"], report["noop_run"]
+        table = Table(title=f"duet bench scale — {report['files']:,} files, {len(report['tasks'])} tasks",
+                      title_justify="left")
+        for col in ("", "wall s", "scan+sync s", "plan s", "snapshot s", "start-up s", "peak RSS"):
+            table.add_column(col, justify="left" if not col else "right")
+        for name, r in (("first run", first), ("no-op run", noop)):
+            ph = r["phases"]
+            table.add_row(name, f"{r['wall_s']:.1f}", f"{ph['scan_s']:.1f}", f"{ph['plan_s']:.1f}",
+                          f"{ph.get('snapshot_s', 0):.1f}", f"{ph.get('startup_s', 0):.1f}",
+                          units.format_bytes(r["max_rss_bytes"]))
+        console.print(table)
+        console.print(f"start-up rate {report['scan_files_per_s']:,} files/s; duet status {report['status_s']:.2f} s")
+        for name, ok in report["targets"].items():
+            console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
+    if not all(report["targets"].values()):
+        raise typer.Exit(1)
