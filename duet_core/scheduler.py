@@ -257,7 +257,8 @@ class Runner:
                                       lambda k, v: store.kv_put(name, k, v),
                                       lambda k: store.kv_delete(name, k)),
                       shared=SharedResults(lambda f, n: store.shared_get(f, n),
-                                           lambda f, n, v: store.shared_put(f, n, v, name)))
+                                           lambda f, n, v: store.shared_put(f, n, v, name)),
+                      files=lambda: store.files(sid))
         prog = store.progress(sid, name)
         all_ids = store.all_ids(sid)
         if prog.complete:
