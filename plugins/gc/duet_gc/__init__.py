@@ -149,7 +149,8 @@ class Gc:
             if already >= f.size:
                 out["already_shared_files"] += 1
                 return out
-            freed = extents.exclusive_bytes(dst_ext, f.size)
+            blk = os.fstat(ctx.fd).st_blksize or 4096
+            freed = extents.exclusive_bytes(dst_ext, -(-f.size // blk) * blk)   # whole blocks are freed
             if not _unchanged(ctx.fd, f):
                 out["changed_before_dedupe"] += 1
                 say(f"{f.relpath} changed since it was hashed: not deduplicated")
@@ -171,7 +172,7 @@ class Gc:
             out["duplicate_files"] += 1
             out["deduped_files"] += 1
             out["deduped_bytes"] += deduped - already
-            out["reclaimed_bytes"] += min(freed, deduped)
+            out["reclaimed_bytes"] += freed if deduped == f.size else min(freed, deduped)
             return out
         finally:
             os.close(rep_fd)

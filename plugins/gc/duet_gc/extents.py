@@ -94,10 +94,10 @@ def same_physical_bytes(a: list[Extent], b: list[Extent], size: int) -> int:
     return total
 
 
-def exclusive_bytes(extents: list[Extent], size: int) -> int:
-    """Bytes of the first ``size`` bytes in extents no other file (or snapshot) refers to: what sharing them
-    with another file's extents frees."""
-    return sum(max(0, min(e.logical + e.length, size) - e.logical) for e in extents if not e.shared)
+def exclusive_bytes(extents: list[Extent], limit: int) -> int:
+    """Bytes below offset ``limit`` (the file's size rounded up to whole blocks) in extents no other file or
+    snapshot refers to: what sharing them with another file's extents frees."""
+    return sum(max(0, min(e.logical + e.length, limit) - e.logical) for e in extents if not e.shared)
 
 
 def dedupe(src_fd: int, dst_fd: int, length: int) -> tuple[int, bool]:
