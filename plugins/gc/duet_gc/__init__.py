@@ -156,6 +156,8 @@ class Gc:
                 say(f"{f.relpath} changed since it was hashed: not deduplicated")
                 return out
             before = residency.resident_pages(rep_fd, f.size)
+            # The kernel's compare reads what is not cached one page at a time; read ahead in large I/Os instead.
+            os.posix_fadvise(rep_fd, 0, f.size, os.POSIX_FADV_WILLNEED)
             try:
                 deduped, differs = extents.dedupe(rep_fd, ctx.fd, f.size)
             except OSError as exc:
