@@ -328,6 +328,9 @@ def test_with_a_backup_task_target_goes_to_both_and_the_new_snapshot_is_kept(ext
 def test_bad_retention_input_is_one_line(ext4_fs, tmp_path, args, code, needle):
     scope = os.path.join(ext4_fs.mnt, "scope")
     os.mkdir(scope)
+    for name_ in ("a", "b"):
+        with open(os.path.join(scope, name_), "wb") as fh:
+            fh.write(b"same" * 4096)
     proc = Duet(tmp_path)("run", "gc", "--path", scope, *args, "--json")
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -58,6 +58,7 @@ class Gc:
 
     def __init__(self) -> None:
         self._sizes: dict[int, Counter] = {}     # run id -> how many files of the scope have each size
+        self._refused: set[int] = set()          # runs whose retention options were refused in duet_plan
 
     @hookimpl
     def duet_task(self) -> TaskSpec:
@@ -82,8 +83,12 @@ class Gc:
     def duet_plan(self, run, files):
         opts = run.options
         if opts.get("target"):
-            policy_of(opts)          # a bad count is bad input: said now, before any work
-            Target(opts["target"])   # and so is a target that is not one
+            try:
+                policy_of(opts)          # a bad count is bad input: said now (once, by duet), before any work
+                Target(opts["target"])   # and so is a target that is not one
+            except DuetError:
+                self._refused.add(run.run_id)
+                raise
         if not opts.get("dedupe", True):
             return []
         sizes = self._sizes.get(run.run_id)
@@ -192,7 +197,9 @@ class Gc:
                     + (f"; {c.get('duplicate_files', 0)} duplicate file(s) ({format_bytes(c['reclaimable_bytes'])}) "
                        "could be reclaimed on a filesystem that dedupes" if c.get("reclaimable_bytes") else ""))
         target = run.options.get("target")
-        if target:
+        if target and run.run_id in self._refused:
+            self._refused.discard(run.run_id)    # already said, by duet, when duet_plan refused it
+        elif target:
             try:
                 rep = run_retention(target, policy_of(run.options), bool(run.options.get("prune")), say)
             except (OSError, DuetError) as exc:
