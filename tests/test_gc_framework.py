@@ -20,7 +20,6 @@ from duet_core.scheduler import EXIT_ITEM_ERRORS, EXIT_OK, Runner, RunOptions
 from duet_core.state import StateStore
 
 
-
 class Flagged:
     """A task with one option of each kind that matters for flags."""
 
