@@ -144,10 +144,10 @@ def run_gc_bench(size: int = 256 << 20, progress=None) -> dict:
             out.append(_one(name, tasks, fs, size, precache))
     by = {r["name"]: r for r in out}
     dup = by["gc"]["duplicate_bytes"]
-    report = {"scenario": "gc", "runs": out,
-              "gc_extra_reads_next_to_reader": by["reader+gc"]["device_read_bytes"] - by["reader"]["device_read_bytes"],
-              "duplicate_bytes": dup,
-              "half_cached_vs_cold": round(by["gc, half cached"]["device_read_bytes"] / max(1, by["gc"]["device_read_bytes"]), 3)}
+    reads = {name: r["device_read_bytes"] for name, r in by.items()}
+    report = {"scenario": "gc", "runs": out, "duplicate_bytes": dup,
+              "gc_extra_reads_next_to_reader": reads["reader+gc"] - reads["reader"],
+              "half_cached_vs_cold": round(reads["gc, half cached"] / max(1, reads["gc"]), 3)}
     report["targets"] = {
         # Next to a reader, gc reads nothing to hash; only the kernel's compare of each representative remains.
         "reader+gc_reads_le_reader_plus_duplicates": report["gc_extra_reads_next_to_reader"] <= 1.05 * dup,

@@ -28,8 +28,7 @@ from typing import Any
 
 import blake3
 
-from duet_core import Event, ItemResult, TaskOption, TaskSpec, hookimpl
-from duet_core import residency
+from duet_core import Event, ItemResult, TaskOption, TaskSpec, hookimpl, residency
 from duet_core.errors import DuetError
 from duet_core.identity import file_id, open_beneath
 from duet_core.scheduler import runs_of
