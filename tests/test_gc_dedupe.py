@@ -285,3 +285,17 @@ def test_a_representative_changed_since_an_earlier_run_is_not_used(btrfs_fs, tmp
     assert digest(os.path.join(scope, "a")) == hashlib.sha256(new).hexdigest()
     assert digest(os.path.join(scope, "b")) == hashlib.sha256(old).hexdigest()
     assert not shared(os.path.join(scope, "a")) and not shared(os.path.join(scope, "b"))
+
+
+def test_dedupe_false_leaves_the_scope_alone_and_runs_retention_only(btrfs_fs, tmp_path):
+    scope, contents = make_scope(btrfs_fs.mnt)
+    target = os.path.join(btrfs_fs.mnt, "target")
+    for n in ("2026-11-24T000000Z", "2026-11-25T000000Z"):
+        os.makedirs(os.path.join(target, "snapshots", n))
+    layout = {rel: physical(os.path.join(scope, rel)) for rel in contents}
+    rep = Duet(tmp_path).gc("run", "gc", "--path", scope, "--dedupe", "false", "--target", target,
+                            "--keep-last", "1", "--prune")
+    assert rep["items_total"] == 0 and rep["counters"] == {}
+    assert rep["retention"]["removed"] == ["2026-11-24T000000Z"]
+    assert os.listdir(os.path.join(target, "snapshots")) == ["2026-11-25T000000Z"]
+    assert {rel: physical(os.path.join(scope, rel)) for rel in contents} == layout
