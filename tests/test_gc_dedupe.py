@@ -299,3 +299,22 @@ def test_dedupe_false_leaves_the_scope_alone_and_runs_retention_only(btrfs_fs, t
     assert rep["retention"]["removed"] == ["2026-11-24T000000Z"]
     assert os.listdir(os.path.join(target, "snapshots")) == ["2026-11-25T000000Z"]
     assert {rel: physical(os.path.join(scope, rel)) for rel in contents} == layout
+
+
+def test_plan_takes_files_with_a_same_size_twin_also_files_that_appear_during_the_run():
+    from duet_gc import Gc
+
+    from duet_core.events import FileId
+    from duet_core.tasks import FileInfo, RunInfo
+
+    def info(i, size):
+        return FileInfo(i, FileId(1, 0, 100 + i), f"f{i}", size, 0, 0)
+
+    scanned = [info(1, 8192), info(2, 8192), info(3, 5000), info(4, 100), info(5, 100), info(6, 0), info(7, 0)]
+    gc = Gc()
+    run = RunInfo(1, "/scope", "gc", {"dedupe": True, "min_size": 4096}, files=lambda: iter(scanned))
+    assert sorted(gc.duet_plan(run=run, files=scanned)) == [1, 2]       # unique sizes and small files are not read
+    assert gc.duet_plan(run=run, files=[info(8, 5000)]) == [8]           # a twin of f3 appeared during the run
+    assert gc.duet_plan(run=run, files=[info(9, 7777)]) == []
+    off = RunInfo(2, "/scope", "gc", {"dedupe": False}, files=lambda: iter(scanned))
+    assert gc.duet_plan(run=off, files=scanned) == []

@@ -27,6 +27,7 @@ from collections import Counter
 from typing import Any
 
 import blake3
+from pyroaring import BitMap
 
 from duet_core import Event, ItemResult, TaskOption, TaskSpec, hookimpl, residency
 from duet_core.errors import DuetError
@@ -56,7 +57,7 @@ class Gc:
     """The gc task. One instance serves every run of the process; per-run data is keyed by run id."""
 
     def __init__(self) -> None:
-        self._sizes: dict[int, Counter] = {}     # run id -> how many files of the scope have each size
+        self._sizes: dict[int, tuple[Counter, BitMap]] = {}   # run id -> (files per size, the ids counted)
         self._refused: set[int] = set()          # runs whose retention options were refused in duet_plan
 
     @hookimpl
@@ -90,9 +91,14 @@ class Gc:
                 raise
         if not opts.get("dedupe", True):
             return []
-        sizes = self._sizes.get(run.run_id)
-        if sizes is None:
-            sizes = self._sizes[run.run_id] = Counter(f.size for f in run.files())
+        if run.run_id not in self._sizes:
+            every = list(run.files())
+            self._sizes[run.run_id] = (Counter(f.size for f in every), BitMap(f.id for f in every))
+        sizes, counted = self._sizes[run.run_id]
+        for f in files:              # files that appeared during the run are planned one by one: count them too
+            if f.id not in counted:
+                counted.add(f.id)
+                sizes[f.size] += 1
         min_size = max(1, opts.get("min_size") or 1)
         return [f.id for f in files if f.size >= min_size and sizes[f.size] >= 2]
 
@@ -125,7 +131,7 @@ class Gc:
         while chunk := os.pread(ctx.fd, READ_CHUNK, off):
             h.update(chunk)
             off += len(chunk)
-        ctx.progress.advance(off)
+            ctx.progress.advance(len(chunk))
         return h.hexdigest()
 
     def _share(self, ctx, key: str, rep: dict) -> Counter:
