@@ -335,3 +335,46 @@ def test_bad_retention_input_is_one_line(ext4_fs, tmp_path, args, code, needle):
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr
     assert sum(needle in line for line in proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_kill_9_during_prune_leaves_whole_snapshots_and_the_next_prune_finishes(ext4_fs, tmp_path):
+    import signal
+    import time
+
+    target = os.path.join(ext4_fs.mnt, "target")
+    names = [name(t) for t in DAYS[:4]]
+    per_snapshot = 3000
+    for n in names:
+        for i in range(per_snapshot):
+            d = os.path.join(target, "snapshots", n, f"d{i % 30}")
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, f"f{i}"), "w") as fh:
+                fh.write(n)
+    scope = os.path.join(ext4_fs.mnt, "scope")
+    os.mkdir(scope)
+    trash = os.path.join(target, ".duet", "trash")
+    duet = Duet(tmp_path)
+    argv = plugin_dist.duet_argv("run", "gc", "--path", scope, "--target", target, "--keep-last", "1", "--prune",
+                                 "--json", "--config", str(duet.config))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=duet.env)
+    try:
+        while proc.poll() is None and not (os.path.isdir(trash) and os.listdir(trash)):
+            time.sleep(0.001)
+        if proc.poll() is not None:
+            pytest.skip("the prune finished before it could be interrupted")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.communicate(timeout=30)
+
+    def files_in(path):
+        return sum(len(fs) for _d, _s, fs in os.walk(path))
+
+    # Whatever is still under snapshots/ is whole; what was being removed is out of it, in the trash.
+    left = sorted(os.listdir(os.path.join(target, "snapshots")))
+    assert names[-1] in left and len(left) < len(names)
+    assert all(files_in(os.path.join(target, "snapshots", n)) == per_snapshot for n in left)
+    assert os.listdir(trash) and not set(os.listdir(trash)) & set(left)
+    rep = gc_report(duet("run", "gc", "--path", scope, "--target", target, "--keep-last", "1", "--prune",
+                         "--json"))["retention"]
+    assert rep["trash_emptied"] >= 1
+    assert os.listdir(os.path.join(target, "snapshots")) == [names[-1]] and os.listdir(trash) == []
