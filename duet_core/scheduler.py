@@ -316,7 +316,8 @@ class Runner:
                                           lambda k, v, name=name: store.kv_put(name, k, v),
                                           lambda k, name=name: store.kv_delete(name, k)),
                           shared=SharedResults(lambda f, n: store.shared_get(f, n),
-                                               lambda f, n, v, name=name: store.shared_put(f, n, v, name)))
+                                               lambda f, n, v, name=name: store.shared_put(f, n, v, name)),
+                          files=lambda: store.files(sid))
             prog = store.progress(sid, name)
             if prog.complete:
                 prog = TaskProgress(round=prog.round + 1, complete=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -64,7 +65,12 @@ class FileInfo:
 
 @dataclass
 class RunInfo:
-    """One run of duet over one scope, as a task sees it."""
+    """One run of duet over one scope, as a task sees it.
+
+    ``files()`` iterates over every regular file of the scope as the last scan saw it — not only the batch
+    ``duet_plan`` is handed — for tasks that relate files to each other (deduplication groups them by size), also on
+    a resumed round, where ``duet_plan`` sees only the files new to the scope.
+    """
 
     run_id: int
     root: str
@@ -74,6 +80,7 @@ class RunInfo:
     round: int = 1
     state: "TaskState | None" = None
     shared: "SharedResults | None" = None
+    files: "Callable[[], Iterator[FileInfo]] | None" = None
 
 
 class TaskState:

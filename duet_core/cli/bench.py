@@ -209,3 +209,36 @@ def scale(
             console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
     if not all(report["targets"].values()):
         raise typer.Exit(1)
+
+
+@app.command("gc")
+def gc(
+    size: str = typer.Option("256M", "--size", help="Data set size (half of the files have an identical twin)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """The gc task's deduplication: device reads alone, next to a hashing reader, and with half of it cached.
+
+    Needs the gc task installed. Exits 1 if gc, next to a reader, reads more than the duplicates' bytes on top of
+    the reader (the kernel's byte compare), re-hashes anything, or reclaims less than the duplicates.
+    """
+    from duet_core.bench.gc import run_gc_bench
+
+    with err_console.status("starting") as status:
+        report = run_gc_bench(size=parse_size(size), progress=status.update)
+    if json_out:
+        emit_json(report)
+    else:
+        first = report["runs"][0]
+        table = Table(title=f"duet bench gc — {units.format_bytes(first['dataset_bytes'])} in {first['files']} files, "
+                            f"{units.format_bytes(report['duplicate_bytes'])} duplicated, btrfs",
+                      title_justify="left")
+        for col in ("run", "device read", "hashed", "hashes reused", "reclaimed", "wall s"):
+            table.add_column(col, justify="left" if col == "run" else "right")
+        for r in report["runs"]:
+            table.add_row(r["name"], units.format_bytes(r["device_read_bytes"]), str(r["hashed_files"]),
+                          str(r["hash_reused_files"]), units.format_bytes(r["reclaimed_bytes"]), f"{r['wall_s']:.2f}")
+        console.print(table)
+        for name, ok in report["targets"].items():
+            console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
+    if not all(report["targets"].values()):
+        raise typer.Exit(1)

@@ -30,6 +30,8 @@ def parse_task_args(extra: list[str], opts: list[str], tasks: list[str], registr
                     config: Config, all_tasks: list[str] | None = None) -> dict[str, dict]:
     """Task options from the config, then ``-o TASK.KEY=VALUE``, then ``--KEY VALUE`` (to every task having KEY).
 
+    A boolean option given alone (``--prune``, followed by nothing or by another ``--option``) means true.
+
     ``tasks`` are this scope's tasks; ``all_tasks`` those of the whole invocation (several config scopes): an
     option is an error only if no task of the invocation takes it, and applies where its task runs.
     """
@@ -50,16 +52,19 @@ def parse_task_args(extra: list[str], opts: list[str], tasks: list[str], registr
         if not arg.startswith("--") or len(arg) == 2:
             raise DuetError(f"unexpected argument {arg!r}", hint="tasks come first: duet run TASK... --path P")
         key, sep, value = arg[2:].partition("=")
-        if not sep:
-            if i + 1 >= len(extra):
-                raise DuetError(f"option {arg} needs a value")
-            value = extra[i + 1]
-            i += 1
-        i += 1
         key = key.replace("-", "_")
         takers = [t for t in everyone if any(o.name == key for o in registry.get(t).spec.options)]
         if not takers:
             raise DuetError(f"no such option: {arg.split('=')[0]}", hint="see duet run --help and duet plugins")
+        if not sep:
+            if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+                value = extra[i + 1]
+                i += 1
+            elif all(o.type == "bool" for t in takers for o in registry.get(t).spec.options if o.name == key):
+                value = "true"
+            else:
+                raise DuetError(f"option {arg} needs a value")
+        i += 1
         for t in takers:
             if t in out:
                 out[t][key] = value
@@ -169,7 +174,7 @@ def split_args(tokens: list[str]) -> tuple[list[str], list[str]]:
         tok = tokens[i]
         if tok.startswith("--"):
             extra.append(tok)
-            if "=" not in tok and i + 1 < len(tokens):
+            if "=" not in tok and i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
                 extra.append(tokens[i + 1])
                 i += 1
         else:
