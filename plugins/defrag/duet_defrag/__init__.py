@@ -10,8 +10,9 @@ and extents averaging less than ``extent_size``), rewrite (:mod:`duet_defrag.rew
 never changed — the kernel moves the data — and extents shared with snapshots or reflink copies are left alone
 unless ``allow_unshare`` is set, because rewriting them would silently double the space they take.
 
-A file is rewritten at most once per run: the rewrite itself dirties the file's pages, which requeues it for a
-re-check, and a file the filesystem cannot improve must not be rewritten over and over.
+The rewrite itself dirties the file's pages, which requeues it too: a file is rewritten again in the same run only
+if someone else wrote to it since (its size or mtime changed; a rewrite changes neither), so a file the filesystem
+cannot improve is not rewritten over and over.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class RunState:
 
     root_fd: int
     files: dict[int, FileReport] = field(default_factory=dict)
-    rewritten: set[int] = field(default_factory=set)
+    rewritten: dict[int, tuple[int, int]] = field(default_factory=dict)   # file id -> (size, mtime) after it
     rechecks: int = 0
 
 
@@ -96,11 +97,13 @@ class Defrag:
         known = state.files.get(f.id)
         if known is not None:
             state.rechecks += 1
-        rep = FileReport(f.relpath, lay.ideal, known.before if known else lay.extents, lay.extents, OK, lay.shared)
+        # A re-check (the file was written during the run) keeps the count from the first check, and what was done.
+        rep = FileReport(f.relpath, lay.ideal, known.before if known else lay.extents, lay.extents,
+                         known.outcome if known and known.outcome == DEFRAGMENTED else OK, lay.shared)
         state.files[f.id] = rep
-        if f.id in state.rewritten:              # a re-check after the rewrite: rewritten once per run is enough
-            rep.outcome = known.outcome
-            return None
+        st = os.fstat(ctx.fd)
+        if state.rewritten.get(f.id) == (st.st_size, st.st_mtime_ns):
+            return None                           # requeued by the writes of our own rewrite
         if not self._fragmented(lay, opts):
             return None
         rep.outcome = FRAGMENTED
@@ -115,7 +118,6 @@ class Defrag:
         if not lay.runs:
             rep.outcome = NO_GAIN
             return ItemResult(message=f"{lay.extents} extents, none a rewrite could merge")
-        state.rewritten.add(f.id)
         try:
             self._rewrite(state, ctx, fstype, lay)
         except rewrite.NotImproved as exc:
@@ -127,6 +129,8 @@ class Defrag:
             rep.outcome = BUSY
             return ItemResult(message="in use as a running program: not rewritten")
         after = fiemap.layout(fiemap.extents(ctx.fd, sync=True), fstype, opts["allow_unshare"])
+        st = os.fstat(ctx.fd)
+        state.rewritten[f.id] = (st.st_size, st.st_mtime_ns)
         rep.after, rep.shared = after.extents, after.shared
         rep.outcome = DEFRAGMENTED if after.extents < lay.extents else NO_GAIN
         return ItemResult(message=f"{lay.extents} → {after.extents} extents")
