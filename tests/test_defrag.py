@@ -321,6 +321,15 @@ def test_file_written_during_the_run_is_not_corrupted(duet, any_fs):
     assert report["defragmented"] == len(names), json.dumps(report)
 
 
+def items_done(duet: Duet, scope: str) -> int | None:
+    """The defrag task's files done in the scope's current round, as ``duet status`` shows it (None: no record)."""
+    proc = duet("status", "--path", scope, "--json")
+    if proc.returncode != 0:
+        return None
+    scopes = json.loads(proc.stdout).get("scopes") or [{}]
+    return scopes[0].get("tasks", {}).get("defrag", {}).get("items_done")
+
+
 def test_watch_rechecks_a_file_fragmented_after_it_was_checked(duet, btrfs_fs):
     scope = btrfs_fs.mnt
     path = os.path.join(scope, "w")
@@ -328,20 +337,21 @@ def test_watch_rechecks_a_file_fragmented_after_it_was_checked(duet, btrfs_fs):
         fh.write(os.urandom(SIZE))
     proc = duet.start("watch", "defrag", "--path", scope, "--json")
     end = time.monotonic() + 30
-    while json.loads(duet("status", "--path", scope, "--json").stdout or "{}").get("scopes", [{}])[0] \
-            .get("tasks", {}).get("defrag", {}).get("items_done") != 1:
-        assert proc.poll() is None and time.monotonic() < end, "the watch never checked the file"
+    while items_done(duet, scope) != 1:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, "the watch never checked the file"
         time.sleep(0.2)
     hashes = write_interleaved(scope, ["w", "x"], seed=5)      # fragments w after its check
     end = time.monotonic() + 30
     while filefrag(path) > 2 or filefrag(os.path.join(scope, "x")) > 2:
-        assert proc.poll() is None and time.monotonic() < end, f"w stays at {filefrag(path)} extents"
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, f"w stays at {filefrag(path)} extents"
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 5, err
     report = json.loads(out)["tasks"]["defrag"]
-    assert report["rechecks"] >= 1 and by_path(report)["w"]["outcome"] == "defragmented", report
+    assert report["rechecks"] >= 1 and by_path(report)["w"]["outcome"] == "defragmented", (report, err)
     assert {n: sha256(os.path.join(scope, n)) for n in hashes} == hashes
 
 
