@@ -24,7 +24,6 @@ from typing import Any
 
 from duet_core import Event, ItemResult, TaskOption, TaskSpec, hookimpl
 from duet_core.identity import file_id, open_beneath
-
 from duet_defrag import fiemap, rewrite
 
 __version__ = "0.1.0"
@@ -59,7 +58,7 @@ class RunState:
 
     root_fd: int
     files: dict[int, FileReport] = field(default_factory=dict)
-    rewritten: dict[int, tuple[int, int]] = field(default_factory=dict)   # file id -> (size, mtime) after it
+    rewritten: dict[int, tuple[int, int]] = field(default_factory=dict)   # file id -> (size, mtime) at it
     rechecks: int = 0
 
 
@@ -118,6 +117,7 @@ class Defrag:
         if not lay.runs:
             rep.outcome = NO_GAIN
             return ItemResult(message=f"{lay.extents} extents, none a rewrite could merge")
+        st = os.fstat(ctx.fd)         # before the rewrite: a write from now on must make the re-check rewrite again
         try:
             self._rewrite(state, ctx, fstype, lay)
         except rewrite.NotImproved as exc:
@@ -128,9 +128,8 @@ class Defrag:
                 raise
             rep.outcome = BUSY
             return ItemResult(message="in use as a running program: not rewritten")
-        after = fiemap.layout(fiemap.extents(ctx.fd, sync=True), fstype, opts["allow_unshare"])
-        st = os.fstat(ctx.fd)
         state.rewritten[f.id] = (st.st_size, st.st_mtime_ns)
+        after = fiemap.layout(fiemap.extents(ctx.fd, sync=True), fstype, opts["allow_unshare"])
         rep.after, rep.shared = after.extents, after.shared
         rep.outcome = DEFRAGMENTED if after.extents < lay.extents else NO_GAIN
         return ItemResult(message=f"{lay.extents} → {after.extents} extents")

@@ -27,7 +27,6 @@ FIEMAP_EXTENT_DELALLOC = 0x4         # delayed allocation: dirty data not yet gi
 FIEMAP_EXTENT_ENCODED = 0x8          # compressed (btrfs) or otherwise encoded
 FIEMAP_EXTENT_NOT_ALIGNED = 0x100
 FIEMAP_EXTENT_DATA_INLINE = 0x200    # stored in metadata (btrfs inline extent, ext4 inline data)
-FIEMAP_EXTENT_DATA_TAIL = 0x400
 FIEMAP_EXTENT_UNWRITTEN = 0x800      # preallocated
 FIEMAP_EXTENT_SHARED = 0x2000        # shared with a snapshot or a reflink copy
 
@@ -79,8 +78,7 @@ def extents(fd: int, sync: bool = False) -> list[Extent]:
             return out
         last = None
         for i in range(mapped):
-            logical, physical, length, flags = FIEMAP_EXTENT.unpack_from(buf, FIEMAP_HEADER.size + i * FIEMAP_EXTENT.size)
-            last = Extent(logical, physical, length, flags)
+            last = Extent(*FIEMAP_EXTENT.unpack_from(buf, FIEMAP_HEADER.size + i * FIEMAP_EXTENT.size))
             out.append(last)
         if last.flags & FIEMAP_EXTENT_LAST or mapped < BATCH:
             return out
@@ -92,16 +90,16 @@ class Layout:
     """How a file lies on disk, summed up from its extents.
 
     ``extents``: extents after merging physically contiguous neighbours (what ``filefrag`` reports);
-    ``ideal``: the fewest this file could have on its filesystem; ``data_bytes``: bytes mapped; ``shared``: extents shared with a snapshot or
-    reflink; ``unplaced``: delayed-allocation extents (being written); ``runs``: logical ranges ``(start, end)``
-    of the mergeable, unshared extents worth rewriting — each a stretch of several extents that could be one.
+    ``ideal``: the fewest this file could have on its filesystem; ``data_bytes``: bytes mapped;
+    ``shared``: extents shared with a snapshot or reflink; ``unplaced``: delayed-allocation
+    extents (being written); ``runs``: logical ranges ``(start, end)`` worth rewriting — each a stretch of
+    mergeable extents (unshared ones, unless asked otherwise) that holds more extents than it could.
     """
 
     extents: int
     ideal: int
     data_bytes: int
     shared: int
-    shared_bytes: int
     unplaced: int
     runs: tuple[tuple[int, int], ...]
 
@@ -182,13 +180,11 @@ def layout(records: list[Extent], fstype: str, rewrite_shared: bool = False) -> 
     if run_end is not None:
         ideal += close_run()
     close_stretch()
-    shared = [e for e in merged if e.shared]
     return Layout(
         extents=len(merged),
         ideal=ideal,
         data_bytes=sum(e.length for e in merged),
-        shared=len(shared),
-        shared_bytes=sum(e.length for e in shared),
+        shared=sum(1 for e in merged if e.shared),
         unplaced=sum(1 for e in merged if e.unplaced),
         runs=tuple(runs),
     )

@@ -21,7 +21,6 @@ import struct
 import subprocess
 
 from duet_core.errors import DuetError
-
 from duet_defrag import fiemap
 
 BTRFS_SUPER_MAGIC = 0x9123683E
