@@ -242,3 +242,43 @@ def gc(
             console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
     if not all(report["targets"].values()):
         raise typer.Exit(1)
+
+
+@app.command("defrag")
+def defrag(
+    files: int = typer.Option(32, "--files", min=2, help="Fragmented files in the data set."),
+    file_size: str = typer.Option("4MiB", "--file-size", help="Size of each file."),
+    chunk: str = typer.Option("64KiB", "--chunk", help="Files are written round-robin in fsynced chunks this big."),
+    runs: int = typer.Option(3, "--runs", min=1, help="Repetitions (medians are reported)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """The defrag task over a fragmented data set with none, half or all of it cached, and btrfs-progs for reference.
+
+    Exits 1 if a cached file costs a device read, or if the files do not end near one extent each.
+    """
+    from duet_core.bench.defrag import SCENARIOS, run_defrag_bench
+
+    with err_console.status("starting") as status:
+        report = run_defrag_bench(files=files, file_size=parse_size(file_size), chunk=parse_size(chunk), runs=runs,
+                                  progress=status.update)
+    if json_out:
+        emit_json(report)
+    else:
+        cfg = report["config"]
+        table = Table(title=f"duet bench defrag — {cfg['files']} files of {units.format_bytes(cfg['file_size'])} "
+                            f"written in {units.format_bytes(cfg['chunk'])} chunks, btrfs, medians of {runs}",
+                      title_justify="left")
+        for col in ("", "device read", "vs cold", "wall s", "extents before", "after"):
+            table.add_column(col, justify="left" if not col else "right")
+        for s in SCENARIOS:
+            m = report["medians"][s]
+            table.add_row(s, units.format_bytes(m["device_read_bytes"]), f"{report['device_ratio_vs_cold'][s]:.2f}",
+                          f"{m['wall_s']:.2f}", f"{m['extents_before']:,.0f}", f"{m['extents_after']:,.0f}")
+        console.print(table)
+        console.print(f"duet cold / btrfs-progs cold wall time: {report['wall_ratio_vs_btrfs_progs']:.2f}; "
+                      f"without duet's start ({report['duet_start_s']:.2f} s over an empty directory): "
+                      f"{report['work_ratio_vs_btrfs_progs']:.2f}")
+        for name, ok in report["targets"].items():
+            console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
+    if not all(report["targets"].values()):
+        raise typer.Exit(1)

@@ -1,0 +1,190 @@
+"""A file's extent map from FIEMAP, and how fragmented it is.
+
+``filefrag`` counts a file's extents after merging neighbours that are contiguous on disk; so does
+:func:`layout`. Whether a file is *fragmented* is judged against the ideal for its size on its filesystem: btrfs
+writes data extents of at most 128 MiB (128 KiB when compressed), ext4 at most 32768 blocks of 4 KiB (128 MiB). A
+1 GiB file in 8 extents is perfect; a 1 MiB file in 3 is not. Compressed (``ENCODED``) and inline extents are
+counted at their ideal (one per 128 KiB, one per inline tail), never as fragmentation: rewriting them cannot merge
+them. Holes split a file into data runs, each with its own ideal, so a sparse file is not "fragmented" by its holes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import struct
+from dataclasses import dataclass
+
+FS_IOC_FIEMAP = 0xC020660B          # _IOWR('f', 11, struct fiemap)
+FIEMAP_HEADER = struct.Struct("=QQIIII")          # fm_start, fm_length, fm_flags, fm_mapped_extents, fm_extent_count
+FIEMAP_EXTENT = struct.Struct("=QQQ16xI12x")      # fe_logical, fe_physical, fe_length, (reserved), fe_flags
+FIEMAP_MAX_OFFSET = (1 << 64) - 1
+BATCH = 512                         # extents asked for per ioctl call
+
+# fe_flags (include/uapi/linux/fiemap.h)
+FIEMAP_EXTENT_LAST = 0x1
+FIEMAP_EXTENT_UNKNOWN = 0x2          # location not known yet
+FIEMAP_EXTENT_DELALLOC = 0x4         # delayed allocation: dirty data not yet given blocks
+FIEMAP_EXTENT_ENCODED = 0x8          # compressed (btrfs) or otherwise encoded
+FIEMAP_EXTENT_NOT_ALIGNED = 0x100
+FIEMAP_EXTENT_DATA_INLINE = 0x200    # stored in metadata (btrfs inline extent, ext4 inline data)
+FIEMAP_EXTENT_UNWRITTEN = 0x800      # preallocated
+FIEMAP_EXTENT_SHARED = 0x2000        # shared with a snapshot or a reflink copy
+
+MiB = 1 << 20
+KiB = 1 << 10
+# The largest data extent each filesystem writes: the ideal extent size for a file.
+MAX_EXTENT = {"btrfs": 128 * MiB, "ext4": 32768 * 4 * KiB, "xfs": 8 * 1024 * MiB}
+MAX_ENCODED_EXTENT = 128 * KiB      # btrfs compressed extents cover at most 128 KiB of the file
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """One FIEMAP record: ``logical`` offset in the file, ``physical`` address, ``length`` in bytes, ``flags``."""
+
+    logical: int
+    physical: int
+    length: int
+    flags: int
+
+    @property
+    def end(self) -> int:
+        return self.logical + self.length
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.flags & FIEMAP_EXTENT_SHARED)
+
+    @property
+    def unplaced(self) -> bool:
+        """Dirty data without blocks yet (delayed allocation): the file is being written."""
+        return bool(self.flags & (FIEMAP_EXTENT_DELALLOC | FIEMAP_EXTENT_UNKNOWN))
+
+    @property
+    def fixed_size(self) -> bool:
+        """Compressed or inline: not made of ordinary data extents a defragmenter could merge."""
+        return bool(self.flags & (FIEMAP_EXTENT_ENCODED | FIEMAP_EXTENT_DATA_INLINE | FIEMAP_EXTENT_NOT_ALIGNED))
+
+
+def extents(fd: int, sync: bool = False) -> list[Extent]:
+    """Every extent of the open file, in logical order (``sync``: write dirty data back first, FIEMAP_FLAG_SYNC)."""
+    out: list[Extent] = []
+    start = 0
+    while True:
+        buf = bytearray(FIEMAP_HEADER.size + BATCH * FIEMAP_EXTENT.size)
+        FIEMAP_HEADER.pack_into(buf, 0, start, FIEMAP_MAX_OFFSET - start, 1 if sync else 0, 0, BATCH, 0)
+        fcntl.ioctl(fd, FS_IOC_FIEMAP, buf, True)
+        mapped = FIEMAP_HEADER.unpack_from(buf, 0)[3]
+        if mapped == 0:
+            return out
+        last = None
+        for i in range(mapped):
+            last = Extent(*FIEMAP_EXTENT.unpack_from(buf, FIEMAP_HEADER.size + i * FIEMAP_EXTENT.size))
+            out.append(last)
+        if last.flags & FIEMAP_EXTENT_LAST or mapped < BATCH:
+            return out
+        start = last.end
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a file lies on disk, summed up from its extents.
+
+    ``extents``: extents after merging physically contiguous neighbours (what ``filefrag`` reports);
+    ``ideal``: the fewest this file could have on its filesystem; ``data_bytes``: bytes mapped;
+    ``shared``: extents shared with a snapshot or reflink; ``unplaced``: delayed-allocation
+    extents (being written); ``runs``: logical ranges ``(start, end)`` worth rewriting — each a stretch of
+    mergeable extents (unshared ones, unless asked otherwise) that holds more extents than it could.
+    """
+
+    extents: int
+    ideal: int
+    data_bytes: int
+    shared: int
+    unplaced: int
+    runs: tuple[tuple[int, int], ...]
+
+    @property
+    def excess(self) -> int:
+        """Extents beyond the ideal: 0 for a perfectly laid out file."""
+        return max(0, self.extents - self.ideal)
+
+
+def merge(records: list[Extent]) -> list[Extent]:
+    """Merge neighbours that continue each other both in the file and on disk, as ``filefrag`` counts them.
+
+    Flags must agree on sharing and encoding: a shared extent next to an exclusive one stays separate.
+    """
+    merged: list[Extent] = []
+    keep = FIEMAP_EXTENT_SHARED | FIEMAP_EXTENT_ENCODED | FIEMAP_EXTENT_DATA_INLINE | FIEMAP_EXTENT_UNWRITTEN
+    for e in records:
+        if merged:
+            p = merged[-1]
+            if (not e.unplaced and not p.unplaced and not e.fixed_size and not p.fixed_size
+                    and p.end == e.logical and p.physical + p.length == e.physical
+                    and (p.flags & keep) == (e.flags & keep)):
+                merged[-1] = Extent(p.logical, p.physical, p.length + e.length, p.flags | e.flags)
+                continue
+        merged.append(e)
+    return merged
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def layout(records: list[Extent], fstype: str, rewrite_shared: bool = False) -> Layout:
+    """Sum up ``records`` (from :func:`extents`) for a file on ``fstype``.
+
+    The ideal counts, per data run (logically adjacent extents; holes split runs): one extent per
+    ``MAX_EXTENT[fstype]`` of ordinary data, one per 128 KiB of compressed data, one per inline tail. Rewrite runs
+    are maximal stretches of ordinary, placed extents — exclusive ones only, unless ``rewrite_shared`` — that hold
+    more extents than their ideal.
+    """
+    max_extent = MAX_EXTENT.get(fstype, MAX_EXTENT["ext4"])
+    merged = merge(records)
+    ideal = 0
+    runs: list[tuple[int, int]] = []
+    # Ideal per data run.
+    run_plain = run_encoded = 0
+    run_end = None
+
+    def close_run() -> int:
+        return _ceil_div(run_plain, max_extent) + _ceil_div(run_encoded, MAX_ENCODED_EXTENT)
+
+    # Candidate rewrite stretches: consecutive mergeable extents, logically adjacent.
+    stretch: list[Extent] = []
+
+    def close_stretch() -> None:
+        if len(stretch) > 1:
+            size = stretch[-1].end - stretch[0].logical
+            if len(stretch) > _ceil_div(size, max_extent):
+                runs.append((stretch[0].logical, stretch[-1].end))
+        stretch.clear()
+
+    for e in merged:
+        if run_end is not None and e.logical != run_end:
+            ideal += close_run()
+            run_plain = run_encoded = 0
+        if e.flags & FIEMAP_EXTENT_DATA_INLINE:
+            ideal += 1
+        elif e.fixed_size:
+            run_encoded += e.length
+        else:
+            run_plain += e.length
+        run_end = e.end
+        mergeable = not (e.fixed_size or e.unplaced or (e.shared and not rewrite_shared))
+        if not mergeable or (stretch and stretch[-1].end != e.logical):
+            close_stretch()
+        if mergeable:
+            stretch.append(e)
+    if run_end is not None:
+        ideal += close_run()
+    close_stretch()
+    return Layout(
+        extents=len(merged),
+        ideal=ideal,
+        data_bytes=sum(e.length for e in merged),
+        shared=sum(1 for e in merged if e.shared),
+        unplaced=sum(1 for e in merged if e.unplaced),
+        runs=tuple(runs),
+    )
