@@ -673,7 +673,11 @@ class Runner:
                 r.report.counters[k] = r.report.counters.get(k, 0) + v
             if result.message:
                 self.ui.message(f"{r.name}: {f.relpath}: {result.message}")
-            if not result.done:
+            if not result.done:   # "try again in a later round": out of this run, not failed, round left open
+                r.failed.add(f.id)
+                r.report.counters["deferred"] = r.report.counters.get("deferred", 0) + 1
+                if not self._needs(f.id):
+                    self._todo.discard(f.id)
                 return device
         if r.spec.granularity == "file":
             self._mark_done(r, f.id)

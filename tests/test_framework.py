@@ -8,6 +8,7 @@ count in this process's /proc/self/io).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import subprocess
@@ -852,3 +853,32 @@ def test_status_reports_each_task_s_round(direct_fs, tmp_path):
     for key in ("bytes_processed", "bytes_from_cache", "bytes_from_device"):
         assert slow[key] == summary["tasks"]["slow"][key]
     assert fast["bytes_processed"] == summary["tasks"]["fast"]["bytes_processed"]
+
+
+class DefersOnce(M.ReaderTask):
+    """Says "not done, try again in a later round" the first time it sees each file."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.seen: collections.Counter = collections.Counter()
+
+    @hookimpl
+    def duet_process(self, ctx):
+        self.seen[ctx.file.relpath] += 1
+        if self.seen[ctx.file.relpath] == 1:
+            return ItemResult(done=False, message="busy, later")
+        return None
+
+
+def test_an_item_not_done_waits_for_a_later_round(direct_fs, tmp_path):
+    """ItemResult(done=False): the file leaves this run (no retry loop), is not a failure, and the next run does it."""
+    scope, files = make_dataset(direct_fs.mnt, n=3)
+    task = DefersOnce("later")
+    summary, code = run_tasks(tmp_path / "state", registry(task), ["later"], scope, budget_s=20)
+    assert summary["result"] == "complete" and code == EXIT_OK
+    rep = summary["tasks"]["later"]
+    assert rep["items_done"] == 0 and rep["items_failed"] == 0 and rep["counters"]["deferred"] == len(files)
+    assert set(task.seen.values()) == {1}
+    summary, code = run_tasks(tmp_path / "state", registry(task), ["later"], scope)
+    assert summary["tasks"]["later"]["items_done"] == len(files) and code == EXIT_OK
+    assert set(task.seen.values()) == {2}
