@@ -25,7 +25,7 @@ app.add_typer(bench.app, name="bench")
 app.command("run", context_settings=run.EXTRA)(run.run)
 app.command("watch", context_settings=run.EXTRA)(run.watch)
 app.command("status")(status.status)
-app.command("plugins")(plugins.plugins)
+app.add_typer(plugins.app, name="plugins")
 
 
 def _version(value: bool) -> None:
