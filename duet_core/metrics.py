@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from duet_core.atomicfile import write_atomically
 from duet_core.errors import DuetError
 
 WRITE_EVERY_S = 15.0
@@ -149,28 +150,6 @@ def check_dir(directory: str) -> str:
     if not os.access(directory, os.W_OK):
         raise DuetError(f"metrics directory {directory} is not writable")
     return directory
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Replace ``path`` with ``text``: temp file (not ``*.prom``, so never collected), fsync, rename, fsync dir."""
-    directory = os.path.dirname(path)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, text.encode())
-        os.fchmod(fd, 0o644)   # node_exporter usually runs as its own user
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class MetricsWriter:

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from duet_core import __version__
-from duet_core.cli import bench, demo, doctor, events, logs, plugins, run, status
+from duet_core.cli import bench, demo, doctor, events, install_units, logs, plugins, run, status
 from duet_core.errors import DuetError
 
 app = typer.Typer(
@@ -24,6 +24,7 @@ app.command("run", context_settings=run.EXTRA)(run.run)
 app.command("watch", context_settings=run.EXTRA)(run.watch)
 app.command("status")(status.status)
 app.add_typer(plugins.app, name="plugins")
+app.command("install-units")(install_units.install_units)
 
 
 def _version(value: bool) -> None:

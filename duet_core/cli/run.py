@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -215,10 +216,24 @@ def _runs(tasks: list[str], path: str | None, config: Config) -> list[tuple[str,
     return out
 
 
-def _execute(*args) -> None:
+class Reload:
+    """SIGHUP to ``duet watch``: the current pass stops as on SIGTERM (progress saved, metrics written), then the
+    config and the installed plugins are read again and the watch goes on — ``systemctl reload duet-watch@...``."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.runner: Runner | None = None
+
+    def __call__(self, _signum, _frame) -> None:
+        self.requested = True
+        if self.runner is not None:
+            self.runner.stop_reason = "SIGHUP"
+
+
+def _execute(*args, reload: Reload | None = None) -> None:
     """Unit parse errors (ValueError from duet_core.units) become a DuetError line."""
     try:
-        _execute_runs(*args)
+        _execute_runs(*args, reload=reload)
     except ValueError as exc:
         raise DuetError(str(exc)) from None
 
@@ -243,7 +258,7 @@ def split_args(tokens: list[str]) -> tuple[list[str], list[str]]:
 def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget: str | None, rate_limit: str | None,
              idle_io: bool | None, cache_hygiene: bool | None, one_file_system: bool | None, json_out: bool,
              config_path: str | None, state_dir_opt: str | None, source: str, opts: list[str], mode: str,
-             quiet: bool, metrics_dir: str | None) -> None:
+             quiet: bool, metrics_dir: str | None, reload: Reload | None = None) -> None:
     tasks, extra = split_args(list(tasks) + list(ctx.args))
     config = load_config(config_path)
     metrics_dir = metrics_dir or config.metrics_dir
@@ -254,6 +269,9 @@ def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget
         note(f"plugin {b.name} ({b.package}) is broken and was skipped: {b.error}")
     store = StateStore(state_dir(state_dir_opt, config))
     runs = _runs(tasks, path, config)
+    if mode == "watch" and len(runs) > 1:
+        raise DuetError(f"duet watch watches one scope, and {len(runs)} were given by the config",
+                        hint="--path P, e.g. one duet-watch@ unit per scope (docs/operations.md)")
     everyone = sorted({n for _, names, _ in runs for n in names})
     for n in everyone:
         registry.get(n)
@@ -278,6 +296,10 @@ def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget
         runner = Runner(store, registry, names, root, ro, ui)
         if isinstance(ui, MetricsUI):
             ui.runner = runner
+        if reload is not None:
+            reload.runner = runner
+            if reload.requested:         # a SIGHUP while the config was being read: take it now
+                runner.stop_reason = "SIGHUP"
         summary = runner.run()
         code = runner.exit_code(summary)
         if isinstance(ui, MetricsUI):
@@ -288,6 +310,8 @@ def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget
             _print_summary(summary)
         log.info("run finished: %s", _log_fields(summary, code, mode))
         worst = max(worst, code)
+        if runner.stop_reason in ("SIGTERM", "SIGINT", "SIGHUP"):   # stop means stop: no further scope starts
+            break
     raise typer.Exit(worst)
 
 
@@ -340,10 +364,27 @@ def watch(
 ) -> None:
     """Daemon: process only files (or pages) that are already in the page cache — no extra device reads.
 
-    Stops cleanly on SIGTERM/SIGINT, saving progress (exit 5: stopped, as a watch always is).
+    Stops cleanly on SIGTERM/SIGINT, saving progress (exit 5: stopped, as a watch always is). On SIGHUP it stops
+    the current pass the same way, reads the config and the plugin list again and goes on (systemctl reload).
+    Without tasks, those of the config's [[scope]] for --path.
 
     Examples:
       duet watch scrub --path /srv
+      duet watch --path /srv --config /etc/duet/duet.toml --metrics-dir /var/lib/prometheus/node-exporter
+      kill -HUP $(pidof -s duet)      # re-read the config
     """
-    _execute(ctx, tasks or [], path, budget, None, True, False, None, json_out, config_path,
-                            state_dir_opt, source, opts, "watch", quiet, metrics_dir)
+    reload = Reload()
+    old = signal.signal(signal.SIGHUP, reload)
+    try:
+        while True:
+            try:
+                _execute(ctx, tasks or [], path, budget, None, True, False, None, json_out, config_path,
+                         state_dir_opt, source, opts, "watch", quiet, metrics_dir, reload=reload)
+            except typer.Exit:
+                if reload.runner is None or reload.runner.stop_reason != "SIGHUP":   # SIGTERM wins over SIGHUP
+                    raise
+                reload.requested, reload.runner = False, None
+                log.warning("SIGHUP: reloading the config and plugins")
+                continue
+    finally:
+        signal.signal(signal.SIGHUP, old)
