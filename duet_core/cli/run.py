@@ -29,6 +29,11 @@ def state_dir(option: str | None, config: Config) -> str:
     return option or os.environ.get("DUET_STATE_DIR") or config.state_dir or DEFAULT_STATE_DIR
 
 
+def complete_task(incomplete: str) -> list[str]:
+    """Shell completion of task names: the installed tasks."""
+    return [name for name in sorted(load_plugins().tasks) if name.startswith(incomplete)]
+
+
 def parse_task_args(extra: list[str], opts: list[str], tasks: list[str], registry: TaskRegistry,
                     config: Config, all_tasks: list[str] | None = None) -> dict[str, dict]:
     """Task options from the config, then ``-o TASK.KEY=VALUE``, then ``--KEY VALUE`` (to every task having KEY).
@@ -317,7 +322,8 @@ def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget
 
 def run(
     ctx: typer.Context,
-    tasks: list[str] = typer.Argument(None, help="Tasks to run (see duet plugins); default: the config's."),
+    tasks: list[str] = typer.Argument(None, help="Tasks to run (see duet plugins); default: the config's.",
+                                      autocompletion=complete_task),
     path: str = typer.Option(None, "--path", "-p", help="The scope: a directory tree (subvolumes included)."),
     budget: str = typer.Option(None, "--for", help="Stop cleanly after this long (e.g. 2h); the next run resumes."),
     rate_limit: str = typer.Option(None, "--rate-limit", help="Cap device reads, e.g. 50MB/s."),
@@ -350,7 +356,8 @@ def run(
 
 def watch(
     ctx: typer.Context,
-    tasks: list[str] = typer.Argument(None, help="Tasks to run on what arrives in the cache."),
+    tasks: list[str] = typer.Argument(None, help="Tasks to run on what arrives in the cache.",
+                                      autocompletion=complete_task),
     path: str = typer.Option(None, "--path", "-p", help="The scope."),
     budget: str = typer.Option(None, "--for", help="Stop after this long (default: until SIGTERM)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary object when stopped."),
