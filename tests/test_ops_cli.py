@@ -41,9 +41,17 @@ def test_the_reference_in_docs_cli_md_is_current():
     with open(os.path.join(REPO, "docs", "cli.md")) as fh:
         doc = fh.read()
     assert doc == reference.updated(doc, reference.render(app)), (
-        "docs/cli.md is stale: run `python -m duet_core.cli.reference --write docs/cli.md`")
+        f"docs/cli.md is stale: run `{reference.REGENERATE}`")
     for command in ALL:
         assert f"### `{command}`" in doc
+
+
+def test_the_hook_reference_in_docs_plugins_md_is_current():
+    with open(os.path.join(REPO, "docs", "plugins.md")) as fh:
+        doc = fh.read()
+    assert doc == reference.updated_hooks(doc), f"docs/plugins.md is stale: run `{reference.REGENERATE}`"
+    assert "### `duet_process(ctx) -> ItemResult | None`" in doc
+    assert "- `ctx`: the item:" in doc
 
 
 def test_the_reference_documents_every_option_of_run():
