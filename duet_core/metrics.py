@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -25,6 +26,7 @@ from duet_core.atomicfile import write_atomically
 from duet_core.errors import DuetError
 
 WRITE_EVERY_S = 15.0
+log = logging.getLogger("duet.metrics")
 LOST_PREFIX = "kernel_lost_"
 
 
@@ -153,20 +155,33 @@ def check_dir(directory: str) -> str:
 
 
 class MetricsWriter:
-    """Writes one scope's metrics file while a run works (throttled) and when it ends."""
+    """Writes one scope's metrics file while a run works (throttled) and when it ends.
+
+    A file that cannot be written (disk full, directory removed) is logged as a warning once per run and never
+    stops the run: the maintenance matters more than its report.
+    """
 
     def __init__(self, directory: str, root: str, mode: str, store):
         self.path = os.path.join(directory, file_name(root, mode))
         self.root, self.mode, self.store = root, mode, store
         self._last = 0.0
+        self._warned = False
         self._success = last_success(store, root)
 
     def update(self, summary: Mapping[str, Any], engine: Mapping[str, int] | None, force: bool = False) -> None:
         if not force and time.monotonic() - self._last < WRITE_EVERY_S:
             return
         self._last = time.monotonic()
-        write_atomically(self.path, render(summary, self.mode, engine, self._success))
+        self._write(render(summary, self.mode, engine, self._success))
 
     def finished(self, summary: Mapping[str, Any], engine: Mapping[str, int] | None, exit_code: int) -> None:
         self._success = last_success(self.store, self.root)
-        write_atomically(self.path, render(summary, self.mode, engine, self._success, exit_code))
+        self._write(render(summary, self.mode, engine, self._success, exit_code))
+
+    def _write(self, text: str) -> None:
+        try:
+            write_atomically(self.path, text)
+        except OSError as exc:
+            if not self._warned:
+                log.warning("cannot write metrics to %s: %s", self.path, exc.strerror or exc)
+                self._warned = True

