@@ -177,11 +177,12 @@ def test_metrics_dir_from_the_config_and_a_missing_one_is_one_line(env, direct_f
 
 def test_log_lines_as_json_and_with_journald_priorities(env, direct_fs, tmp_path):
     scope, _files = make_dataset(direct_fs.mnt, n=2)
-    proc = env.run("-v", "--log-format", "json", "run", "reader", "--path", scope, "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    records = [json.loads(line) for line in proc.stderr.splitlines()]
-    assert [r["msg"].split(":")[0] for r in records if r["logger"] == "duet.cli"] == ["run finished"]
-    assert all(r["level"] == "info" for r in records)
+    proc = env.run("-v", "--log-format", "json", "run", "reader", "--path", scope, "--quiet", "--fail", "f01")
+    assert proc.returncode == 1, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines()]   # every line is a JSON object
+    assert [(r["level"], r["msg"].split(":")[0]) for r in records if r["logger"] == "duet.cli"] == [
+        ("warning", "reader"), ("info", "run finished")]
+    assert "reader refuses b/f01" in records[0]["msg"]
 
     # Under systemd, stderr is the journal stream named by $JOURNAL_STREAM: lines carry their syslog priority.
     with open(tmp_path / "journal", "w+") as journal:

@@ -108,10 +108,11 @@ class LiveUI:
                 print(f"duet: {name}: {rep.items_done}/{rep.items_total} files, {_detail(rep)}", file=sys.stderr)
 
     def message(self, line: str) -> None:
+        """A notable event (an item failed, a fallback): above the bars, else a log line (JSON, journal priority)."""
         if self.bars:
             self.bars.console.print(line, markup=False)
         else:
-            print(f"duet: {line}", file=sys.stderr)
+            log.warning("%s", line)
 
     def finished(self, summary: dict) -> None:
         if self.bars:
