@@ -230,3 +230,33 @@ def test_a_full_metrics_filesystem_warns_once_and_never_stops_the_run(env, direc
     warnings = [line for line in proc.stderr.splitlines() if "cannot write metrics" in line]
     assert len(warnings) == 1 and "No space left on device" in warnings[0], proc.stderr
     assert leftovers == ["filler"]                  # no temp file left behind
+
+
+def test_updates_while_running_are_throttled_and_the_end_always_written(tmp_path, monkeypatch):
+    from duet_core.state import StateStore
+
+    store = StateStore(str(tmp_path / "state"))
+    writer = metrics.MetricsWriter(str(tmp_path), "/srv", "watch", store)
+    report = {"items_total": 2, "items_done": 0, "items_failed": 0, "bytes_from_cache": 0, "bytes_from_device": 0,
+              "complete": False}
+    so_far = {"scope": "/srv", "result": "watching", "source": "bpf", "wall_s": 0.1, "dataset_bytes": 5,
+              "tasks": {"t": report}}
+
+    def done() -> float:
+        with open(writer.path) as fh:
+            text = fh.read()
+        (value,) = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                    if s.name == "duet_task_items" and s.labels["state"] == "done"]
+        return value
+
+    writer.update(so_far, {}, force=True)
+    assert done() == 0
+    writer.update({**so_far, "tasks": {"t": {**report, "items_done": 1}}}, {})   # within WRITE_EVERY_S: skipped
+    assert done() == 0
+    monkeypatch.setattr(metrics, "WRITE_EVERY_S", 0.0)
+    writer.update({**so_far, "tasks": {"t": {**report, "items_done": 1}}}, {})
+    assert done() == 1
+    monkeypatch.setattr(metrics, "WRITE_EVERY_S", 3600.0)
+    writer.finished({**so_far, "result": "SIGTERM", "tasks": {"t": {**report, "items_done": 2}}}, {}, 5)
+    assert done() == 2
+    assert sorted(os.listdir(tmp_path)) == sorted(["state", metrics.file_name("/srv", "watch")])   # no temp files
