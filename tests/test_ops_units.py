@@ -207,3 +207,12 @@ def test_watch_refuses_several_scopes_in_one_process(installed, tmp_path):
     assert out.returncode == 2
     assert out.stderr.startswith("duet: error: duet watch watches one scope, and 2 were given by the config")
     assert len(out.stderr.splitlines()) == 1
+
+
+def test_the_units_run_the_duet_that_wrote_them(tmp_path):
+    out = subprocess.run([DUET, "install-units", "--print"], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PATH="/usr/bin:/bin"))   # not the PATH's duet: this one
+    assert out.returncode == 0, out.stderr
+    assert f"ExecStart={DUET} -v run " in out.stdout and f"ExecStart={DUET} -v watch " in out.stdout
+    lost = duet("install-units", "--print", env=dict(os.environ, PATH="/usr/bin:/bin"), cwd=str(tmp_path))
+    assert lost.returncode == 2 and "give it with --duet PATH" in lost.stderr

@@ -10,12 +10,19 @@ import typer
 
 from duet_core import systemd
 from duet_core.config import DEFAULT_PATH
+from duet_core.errors import DuetError
 
 
 def _this_duet() -> str:
-    """The duet executable to put in the units: the one on PATH, else the one running now."""
+    """The duet executable to put in the units: the one running now if it is the ``duet`` script, else the one on
+    PATH; never a guess."""
+    me = os.path.abspath(sys.argv[0])
+    if os.path.basename(me) == "duet" and os.access(me, os.X_OK):
+        return me
     found = shutil.which("duet")
-    return os.path.abspath(found or sys.argv[0])
+    if not found:
+        raise DuetError("cannot tell which duet executable the units should run", hint="give it with --duet PATH")
+    return os.path.abspath(found)
 
 
 def install_units(
