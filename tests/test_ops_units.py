@@ -105,6 +105,8 @@ def test_install_keeps_an_edited_unit_unless_forced(tmp_path):
     (["--cron", "--print", "--config", "/etc/100%.toml"], "% cannot go into a cron line"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
+    if "--duet" not in args:
+        args = ["--duet", DUET, *args]
     out = duet("install-units", "--dir", str(tmp_path), *args)
     assert out.returncode == 2
     assert len(out.stderr.splitlines()) == 1 and message in out.stderr, out.stderr
