@@ -68,6 +68,7 @@ class Config:
 
     source: str | None = None
     state_dir: str = DEFAULT_STATE_DIR
+    metrics_dir: str | None = None   # node_exporter textfile directory for *.prom files (docs/operations.md)
     defaults: Defaults = field(default_factory=Defaults)
     scopes: tuple[ScopeConfig, ...] = ()
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
@@ -122,7 +123,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
 
 
 # -- validation --------------------------------------------------------------------------------------------------------
-_TOP_KEYS = ("state_dir", "defaults", "scope", "task")
+_TOP_KEYS = ("state_dir", "defaults", "scope", "task", "metrics_dir")
 _DEFAULT_KEYS = ("rate_limit", "budget", "idle_io", "cache_hygiene", "one_file_system")
 _SCOPE_KEYS = ("path", "tasks", "one_file_system", "budget", "rate_limit")
 _SCALARS = (str, int, float, bool, datetime.datetime, datetime.date, datetime.time)
@@ -213,11 +214,12 @@ class _Checker:
     def config(self, data: dict[str, Any]) -> Config:
         self.known_keys("", data, _TOP_KEYS)
         state_dir = self.abs_path("state_dir", data["state_dir"]) if "state_dir" in data else DEFAULT_STATE_DIR
+        metrics_dir = self.abs_path("metrics_dir", data["metrics_dir"]) if "metrics_dir" in data else None
         defaults = self.defaults(data.get("defaults", {}))
         scopes = self.scopes(data.get("scope", []), defaults)
         task_options = self.tasks(data.get("task", {}))
-        return Config(source=self.source, state_dir=state_dir, defaults=defaults, scopes=scopes,
-                      task_options=task_options)
+        return Config(source=self.source, state_dir=state_dir, metrics_dir=metrics_dir, defaults=defaults,
+                      scopes=scopes, task_options=task_options)
 
     def defaults(self, table: object) -> Defaults:
         self.expect("defaults", table, dict, "a table ([defaults])")

@@ -162,7 +162,7 @@ def test_toml_syntax_error_has_line_and_column(tmp_path):
 BAD = [
     # (file text, key path in the message, more text the message must hold)
     ("stat_dir = '/x'", "stat_dir", "did you mean 'state_dir'?"),
-    ("colour = 1", "colour", "valid keys: state_dir, defaults, scope, task"),
+    ("colour = 1", "colour", "valid keys: state_dir, defaults, scope, task, metrics_dir"),
     ("[defaults]\nbuget = '1h'", "defaults.buget", "did you mean 'budget'?"),
     ("[defaults]\nidle = true", "defaults.idle", "did you mean 'idle_io'?"),
     ("[[scope]]\npath = '/a'\ntasks = ['x']\nbudgt = '1h'", "scope[0].budgt", "did you mean 'budget'?"),
@@ -171,6 +171,7 @@ BAD = [
     ("[tasks.backup]\nx = 1", "tasks", "did you mean 'task'?"),
     # wrong types
     ("state_dir = 5", "state_dir", "expected an absolute path, got integer 5"),
+    ("metrics_dir = 'prom'", "metrics_dir", 'expected an absolute path, got "prom"'),
     ("defaults = 5", "defaults", "expected a table"),
     ("[defaults]\nidle_io = 'yes'", "defaults.idle_io", 'expected true or false, got string "yes"'),
     ("[defaults]\ncache_hygiene = 1", "defaults.cache_hygiene", "expected true or false, got integer 1"),

@@ -58,6 +58,7 @@ def build(force: bool = False) -> Path:
         return obj
     out = obj.parent
     out.mkdir(parents=True, exist_ok=True)
+    print(f"duet: building the BPF object for this kernel in {out} (once; clang and bpftool needed)", file=sys.stderr)
     vmlinux_h = out / "vmlinux.h"
     if not vmlinux_h.exists() or force:
         if not VMLINUX_BTF.exists():

@@ -10,7 +10,8 @@ from duet_core.cli.output import console, emit_json, err_console, is_tty, note
 from duet_core.errors import DuetError
 from duet_core.events import Event
 
-app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+app = typer.Typer(help="Benchmarks (docs/benchmarks.md).\n\nExamples:\n  duet bench engine\n  duet bench share --json",
+                  no_args_is_help=True)
 
 
 def parse_size(text: str) -> int:
@@ -114,7 +115,12 @@ def engine(
     bpf_stats: bool = typer.Option(False, "--bpf-stats", help="Measure ns per BPF run (kernel.bpf_stats_enabled; "
                                    "adds a little overhead to the engine runs)."),
 ) -> None:
-    """The event engine under the highest page-event rate this machine makes, against the same work without it."""
+    """The event engine under the highest page-event rate this machine makes, against the same work without it.
+
+    Examples:
+      duet bench engine
+      duet bench engine --only dev-rand --no-drop-caches --json
+    """
     from duet_core.bench.engine import run_bench
 
     try:
@@ -148,6 +154,10 @@ def share(
 
     Exits 1 if duet reads more than 1.05x the data set from the device or takes more than 1.15x the slowest task
     alone.
+
+    Examples:
+      duet bench share
+      duet bench share --size 2G --runs 5 --json
     """
     from duet_core.bench.share import run_share
 

@@ -77,7 +77,12 @@ def demo(
     seconds: float = typer.Option(6.0, "--seconds", help="How long to watch."),
     source: str = typer.Option("auto", "--source", help="auto, bpf or poll."),
 ) -> None:
-    """Watch page-cache events on a demo btrfs image while a scripted foreground reads and writes it."""
+    """Watch page-cache events on a demo btrfs image while a scripted foreground reads and writes it.
+
+    Examples:
+      duet demo
+      duet demo --seconds 20 --source poll
+    """
     if os.geteuid() != 0:
         raise DuetError("the demo mounts a loop image and needs root")
     console.print("[bold]duet demo[/]: a btrfs image with /home/alice, /home/bob (subvolumes) and a snapshot")

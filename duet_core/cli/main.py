@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import typer
 
 from duet_core import __version__
-from duet_core.cli import bench, demo, doctor, events, plugins, run, status
+from duet_core.cli import bench, demo, doctor, events, install_units, logs, plugins, run, status
 from duet_core.errors import DuetError
 
 app = typer.Typer(
     name="duet",
-    help="Page-cache-aware storage maintenance: backup, scrub, defrag and gc that process cached data first.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -25,7 +23,8 @@ app.add_typer(bench.app, name="bench")
 app.command("run", context_settings=run.EXTRA)(run.run)
 app.command("watch", context_settings=run.EXTRA)(run.watch)
 app.command("status")(status.status)
-app.command("plugins")(plugins.plugins)
+app.add_typer(plugins.app, name="plugins")
+app.command("install-units")(install_units.install_units)
 
 
 def _version(value: bool) -> None:
@@ -37,10 +36,21 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log lines (-vv for debug)."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                help="More log lines: -v one line per run and notable event, -vv debug."),
+    log_format: str = typer.Option("text", "--log-format", envvar="DUET_LOG_FORMAT",
+                                   help="Log lines as text (journald priorities under systemd) or json."),
 ) -> None:
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="duet: %(message)s", stream=sys.stderr)
+    """Page-cache-aware storage maintenance: backup, scrub, defrag and gc that process cached data first.
+
+    Examples:
+      duet doctor
+      duet run backup --path /home --target /mnt/backup
+      duet -v --log-format json run --config /etc/duet/duet.toml --quiet
+    """
+    if log_format not in logs.FORMATS:
+        raise DuetError(f"bad --log-format {log_format!r}", hint="text or json")
+    logs.setup(verbose, log_format)
 
 
 def main() -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import sys
 import time
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from duet_core import units
+from duet_core import metrics, units
 from duet_core.cli.output import console, emit_json, is_tty, note
 from duet_core.config import Config, load_config
 from duet_core.errors import DuetError
@@ -19,11 +21,17 @@ from duet_core.state import DEFAULT_STATE_DIR, StateStore
 from duet_core.tasks import TaskReport
 
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+log = logging.getLogger("duet.cli")
 
 
 def state_dir(option: str | None, config: Config) -> str:
     """--state-dir, else $DUET_STATE_DIR, else the config's state_dir, else /var/lib/duet."""
     return option or os.environ.get("DUET_STATE_DIR") or config.state_dir or DEFAULT_STATE_DIR
+
+
+def complete_task(incomplete: str) -> list[str]:
+    """Shell completion of task names: the installed tasks."""
+    return [name for name in sorted(load_plugins().tasks) if name.startswith(incomplete)]
 
 
 def parse_task_args(extra: list[str], opts: list[str], tasks: list[str], registry: TaskRegistry,
@@ -105,15 +113,56 @@ class LiveUI:
                 print(f"duet: {name}: {rep.items_done}/{rep.items_total} files, {_detail(rep)}", file=sys.stderr)
 
     def message(self, line: str) -> None:
+        """A notable event (an item failed, a fallback): above the bars, else a log line (JSON, journal priority)."""
         if self.bars:
             self.bars.console.print(line, markup=False)
         else:
-            print(f"duet: {line}", file=sys.stderr)
+            log.warning("%s", line)
 
     def finished(self, summary: dict) -> None:
         if self.bars:
             self.bars.stop()
             self.bars = None
+
+
+class MetricsUI:
+    """Shows the run through ``display`` and keeps the scope's Prometheus file current (:mod:`duet_core.metrics`).
+
+    ``runner`` is set once the runner exists: the engine's counters (events absorbed, lost) are read from it while
+    it runs, and the last reading is what the final file reports.
+    """
+
+    def __init__(self, display: LiveUI, writer: metrics.MetricsWriter, mode: str):
+        self.display, self.writer, self.mode = display, writer, mode
+        self.runner: Runner | None = None
+        self.engine_stats: dict[str, int] = {}
+        self._started = time.monotonic()
+        self._head: dict = {}
+
+    def started(self, reports: dict[str, TaskReport], dataset_bytes: int, source: str) -> None:
+        self.display.started(reports, dataset_bytes, source)
+        self._started = time.monotonic()
+        self._head = {"scope": self.runner.root if self.runner else "", "dataset_bytes": dataset_bytes,
+                      "source": source, "result": "watching" if self.mode == "watch" else "running"}
+        self._write(reports, force=True)
+
+    def advanced(self, reports: dict[str, TaskReport]) -> None:
+        self.display.advanced(reports)
+        self._write(reports)
+
+    def message(self, line: str) -> None:
+        self.display.message(line)
+
+    def finished(self, summary: dict) -> None:
+        self.display.finished(summary)   # the final file is written by the caller, who knows the exit code
+
+    def _write(self, reports: dict[str, TaskReport], force: bool = False) -> None:
+        engine = getattr(self.runner, "engine", None)
+        if engine is not None:
+            self.engine_stats = engine.stats()
+        so_far = {**self._head, "wall_s": round(time.monotonic() - self._started, 3),
+                  "tasks": {name: rep.as_dict() for name, rep in reports.items()}}
+        self.writer.update(so_far, self.engine_stats, force=force)
 
 
 def _detail(rep: TaskReport) -> str:
@@ -134,6 +183,26 @@ def _print_summary(summary: dict) -> None:
     console.print(table)
     console.print(f"data set {units.format_bytes(summary['dataset_bytes'])}, read from the device by this run: "
                   f"{units.format_bytes(summary['device_read_bytes'])}, {summary['wall_s']:.1f} s")
+
+
+def _log_fields(summary: dict, code: int, mode: str) -> str:
+    """One run as ``key=value`` pairs (logfmt), for the journal and log search: one line per run and scope."""
+    fields = {"scope": summary["scope"], "mode": mode, "result": summary["result"], "exit": code,
+              "source": summary["source"], "wall_s": summary["wall_s"],
+              "device_read_bytes": summary["device_read_bytes"]}
+    for name, t in summary["tasks"].items():
+        fields[f"{name}.done"] = f"{t['items_done']}/{t['items_total']}"
+        fields[f"{name}.failed"] = t["items_failed"]
+        fields[f"{name}.from_cache"] = t["bytes_from_cache"]
+        fields[f"{name}.from_device"] = t["bytes_from_device"]
+    return " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items())
+
+
+def _logfmt(value: object) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
 
 
 def _runs(tasks: list[str], path: str | None, config: Config) -> list[tuple[str, list[str], object]]:
@@ -158,10 +227,24 @@ def _runs(tasks: list[str], path: str | None, config: Config) -> list[tuple[str,
     return out
 
 
-def _execute(*args) -> None:
+class Reload:
+    """SIGHUP to ``duet watch``: the current pass stops as on SIGTERM (progress saved, metrics written), then the
+    config and the installed plugins are read again and the watch goes on — ``systemctl reload duet-watch@...``."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.runner: Runner | None = None
+
+    def __call__(self, _signum, _frame) -> None:
+        self.requested = True
+        if self.runner is not None:
+            self.runner.stop_reason = "SIGHUP"
+
+
+def _execute(*args, reload: Reload | None = None) -> None:
     """Unit parse errors (ValueError from duet_core.units) become a DuetError line."""
     try:
-        _execute_runs(*args)
+        _execute_runs(*args, reload=reload)
     except ValueError as exc:
         raise DuetError(str(exc)) from None
 
@@ -186,14 +269,20 @@ def split_args(tokens: list[str]) -> tuple[list[str], list[str]]:
 def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget: str | None, rate_limit: str | None,
              idle_io: bool | None, cache_hygiene: bool | None, one_file_system: bool | None, json_out: bool,
              config_path: str | None, state_dir_opt: str | None, source: str, opts: list[str], mode: str,
-             quiet: bool) -> None:
+             quiet: bool, metrics_dir: str | None, reload: Reload | None = None) -> None:
     tasks, extra = split_args(list(tasks) + list(ctx.args))
     config = load_config(config_path)
+    metrics_dir = metrics_dir or config.metrics_dir
+    if metrics_dir:
+        metrics_dir = metrics.check_dir(metrics_dir)
     registry = load_plugins()
     for b in registry.broken:
         note(f"plugin {b.name} ({b.package}) is broken and was skipped: {b.error}")
     store = StateStore(state_dir(state_dir_opt, config))
     runs = _runs(tasks, path, config)
+    if mode == "watch" and len(runs) > 1:
+        raise DuetError(f"duet watch watches one scope, and {len(runs)} were given by the config",
+                        hint="--path P, e.g. one duet-watch@ unit per scope (docs/operations.md)")
     everyone = sorted({n for _, names, _ in runs for n in names})
     for n in everyone:
         registry.get(n)
@@ -212,19 +301,35 @@ def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget
                              (sc.one_file_system if sc else d.one_file_system)),
             source=source, mode=mode,
             task_options=parse_task_args(extra, opts, names, registry, config, everyone))
-        runner = Runner(store, registry, names, root, ro, LiveUI(quiet=quiet or json_out))
+        ui: LiveUI | MetricsUI = LiveUI(quiet=quiet or json_out)
+        if metrics_dir:
+            ui = MetricsUI(ui, metrics.MetricsWriter(metrics_dir, os.path.realpath(root), mode, store), mode)
+        runner = Runner(store, registry, names, root, ro, ui)
+        if isinstance(ui, MetricsUI):
+            ui.runner = runner
+        if reload is not None:
+            reload.runner = runner
+            if reload.requested:         # a SIGHUP while the config was being read: take it now
+                runner.stop_reason = "SIGHUP"
         summary = runner.run()
+        code = runner.exit_code(summary)
+        if isinstance(ui, MetricsUI):
+            ui.writer.finished(summary, ui.engine_stats, code)
         if json_out:
             emit_json(summary)
         elif not quiet:
             _print_summary(summary)
-        worst = max(worst, runner.exit_code(summary))
+        log.info("run finished: %s", _log_fields(summary, code, mode))
+        worst = max(worst, code)
+        if runner.stop_reason in ("SIGTERM", "SIGINT", "SIGHUP"):   # stop means stop: no further scope starts
+            break
     raise typer.Exit(worst)
 
 
 def run(
     ctx: typer.Context,
-    tasks: list[str] = typer.Argument(None, help="Tasks to run (see duet plugins); default: the config's."),
+    tasks: list[str] = typer.Argument(None, help="Tasks to run (see duet plugins); default: the config's.",
+                                      autocompletion=complete_task),
     path: str = typer.Option(None, "--path", "-p", help="The scope: a directory tree (subvolumes included)."),
     budget: str = typer.Option(None, "--for", help="Stop cleanly after this long (e.g. 2h); the next run resumes."),
     rate_limit: str = typer.Option(None, "--rate-limit", help="Cap device reads, e.g. 50MB/s."),
@@ -238,7 +343,9 @@ def run(
     state_dir_opt: str = typer.Option(None, "--state-dir", help="State directory (default /var/lib/duet)."),
     source: str = typer.Option("auto", "--source", help="Event source: auto, bpf or poll."),
     opts: list[str] = typer.Option([], "--option", "-o", help="Task option TASK.KEY=VALUE (repeatable)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display or summary table; log lines only."),
+    metrics_dir: str = typer.Option(None, "--metrics-dir", help="Write Prometheus metrics (*.prom) here, for "
+                                    "node_exporter's textfile collector (default: the config's metrics_dir)."),
 ) -> None:
     """Run maintenance tasks over a scope: cached files first, one device read shared by all tasks.
 
@@ -250,12 +357,13 @@ def run(
       duet run --config /etc/duet/duet.toml --for 2h --rate-limit 50MB/s
     """
     _execute(ctx, tasks or [], path, budget, rate_limit, idle_io, cache_hygiene, one_file_system,
-                            json_out, config_path, state_dir_opt, source, opts, "run", quiet)
+                            json_out, config_path, state_dir_opt, source, opts, "run", quiet, metrics_dir)
 
 
 def watch(
     ctx: typer.Context,
-    tasks: list[str] = typer.Argument(None, help="Tasks to run on what arrives in the cache."),
+    tasks: list[str] = typer.Argument(None, help="Tasks to run on what arrives in the cache.",
+                                      autocompletion=complete_task),
     path: str = typer.Option(None, "--path", "-p", help="The scope."),
     budget: str = typer.Option(None, "--for", help="Stop after this long (default: until SIGTERM)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary object when stopped."),
@@ -263,14 +371,33 @@ def watch(
     state_dir_opt: str = typer.Option(None, "--state-dir", help="State directory."),
     source: str = typer.Option("auto", "--source", help="Event source: auto, bpf or poll."),
     opts: list[str] = typer.Option([], "--option", "-o", help="Task option TASK.KEY=VALUE (repeatable)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display or summary table; log lines only."),
+    metrics_dir: str = typer.Option(None, "--metrics-dir", help="Keep Prometheus metrics (*.prom) current here "
+                                    "(default: the config's metrics_dir)."),
 ) -> None:
     """Daemon: process only files (or pages) that are already in the page cache — no extra device reads.
 
-    Stops cleanly on SIGTERM/SIGINT, saving progress (exit 5: stopped, as a watch always is).
+    Stops cleanly on SIGTERM/SIGINT, saving progress (exit 5: stopped, as a watch always is). On SIGHUP it stops
+    the current pass the same way, reads the config and the plugin list again and goes on (systemctl reload).
+    Without tasks, those of the config's [[scope]] for --path.
 
     Examples:
       duet watch scrub --path /srv
+      duet watch --path /srv --config /etc/duet/duet.toml --metrics-dir /var/lib/prometheus/node-exporter
+      kill -HUP $(pidof -s duet)      # re-read the config
     """
-    _execute(ctx, tasks or [], path, budget, None, True, False, None, json_out, config_path,
-                            state_dir_opt, source, opts, "watch", quiet)
+    reload = Reload()
+    old = signal.signal(signal.SIGHUP, reload)
+    try:
+        while True:
+            try:
+                _execute(ctx, tasks or [], path, budget, None, True, False, None, json_out, config_path,
+                         state_dir_opt, source, opts, "watch", quiet, metrics_dir, reload=reload)
+            except typer.Exit:
+                if reload.runner is None or reload.runner.stop_reason != "SIGHUP":   # SIGTERM wins over SIGHUP
+                    raise
+                reload.requested, reload.runner = False, None
+                log.warning("SIGHUP: reloading the config and plugins")
+                continue
+    finally:
+        signal.signal(signal.SIGHUP, old)

@@ -1,0 +1,76 @@
+"""Packaging: wheels for the core, the example and every plugin under plugins/; an installed wheel builds its BPF
+object on first use with a clear line, and reports the one version defined in duet_core/__init__.py."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+import duet_core
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(REPO, "plugins", "*", "pyproject.toml")))
+PACKAGES += [os.path.join(REPO, "examples", "duet-catalog")]
+IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+                                "tests", "docs", "var", "tmp")
+
+
+def wheel(project: str, tmp_path) -> str:
+    """``pip wheel`` of a copy of ``project`` (building must not write into the repository); the wheel's path."""
+    copy = str(tmp_path / "src" / os.path.basename(project))
+    shutil.copytree(project, copy, ignore=IGNORE)
+    out = str(tmp_path / "wheels")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
+                    "--no-build-isolation", "--no-index", "-w", out, copy], check=True, capture_output=True,
+                   timeout=300)
+    (whl,) = glob.glob(os.path.join(out, "*.whl"))
+    return whl
+
+
+def test_core_wheel_installs_and_builds_its_bpf_object_on_first_use(tmp_path, bpf_required):
+    whl = wheel(REPO, tmp_path)
+    assert os.path.basename(whl) == f"duet-{duet_core.__version__}-py3-none-any.whl"
+    with zipfile.ZipFile(whl) as zf:
+        names = set(zf.namelist())
+        entry_points = zf.read(f"duet-{duet_core.__version__}.dist-info/entry_points.txt").decode()
+    assert {"duet_core/bpf/pagecache.bpf.c", "duet_core/bpf/pagecache.h", "duet_core/testing.py"} <= names
+    assert not [n for n in names if n.endswith(".o")]            # the object is built for the kernel it runs on
+    assert "duet = duet_core.cli.main:main" in entry_points and "duet = duet_core.testing" in entry_points
+
+    site = str(tmp_path / "site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", site, whl],
+                   check=True, capture_output=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=site)
+    env.pop("DUET_BPF_DIR", None)
+    argv = [sys.executable, "-m", "duet_core.cli.main"]
+    cwd = str(tmp_path)   # not the repository, whose duet_core would come first on sys.path
+    where = subprocess.run([sys.executable, "-c", "import duet_core; print(duet_core.__file__)"], env=env,
+                           capture_output=True, text=True, check=True, cwd=cwd)
+    assert where.stdout.startswith(site)                         # the wheel's copy runs, not the repository's
+
+    first = subprocess.run([*argv, "doctor", "--json"], env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    built = os.path.join(site, "duet_core", "bpf", "build")
+    assert first.stderr.splitlines() == [
+        f"duet: building the BPF object for this kernel in {built} (once; clang and bpftool needed)"]
+    assert first.returncode == 0 and json.loads(first.stdout)["bpf"] is True
+    assert os.path.exists(os.path.join(built, "pagecache.bpf.o"))
+    second = subprocess.run([*argv, "doctor", "--json"], env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert second.returncode == 0 and second.stderr == ""
+
+    version = subprocess.run([*argv, "--version"], env=env, capture_output=True, text=True, timeout=60, cwd=cwd)
+    assert version.stdout == f"duet {duet_core.__version__}\n"
+
+
+@pytest.mark.parametrize("project", PACKAGES, ids=[os.path.basename(p) for p in PACKAGES])
+def test_plugin_wheels_build_and_carry_their_entry_point(tmp_path, project):
+    whl = wheel(project, tmp_path)
+    with zipfile.ZipFile(whl) as zf:
+        (eps,) = [n for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt")]
+        assert "[duet.tasks]" in zf.read(eps).decode()

@@ -1,0 +1,121 @@
+"""``duet plugins new``: the generated project installs with pip, is listed by ``duet plugins``, and passes its own
+test — which is a real test: break the task and it fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from plugin_dist import duet_argv
+
+from duet_core import scaffold
+
+
+def duet(*args: str, cwd: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(duet_argv(*args), capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
+
+
+def pip_install(project: str, site: str) -> None:
+    """A real, non-editable ``pip install`` of the project into ``site`` (no network: duet is already here)."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                    "--no-build-isolation", "--no-index", "--upgrade", "--target", site, project],
+                   check=True, capture_output=True, timeout=300)
+
+
+def run_pytest(project: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", project,
+                           os.path.join(project, "tests")], capture_output=True, text=True, cwd=project, env=env,
+                          timeout=300)
+
+
+@pytest.fixture
+def scaffolded(tmp_path):
+    """``duet plugins new`` run for real, and an environment where a pip-installed copy of it is found."""
+    result = duet("plugins", "new", "hello-world", "--dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    project = str(tmp_path / "duet-hello-world")
+    assert result.stdout.startswith(f"created {project}\n")
+    site = str(tmp_path / "site")
+    env = dict(os.environ, PYTHONPATH=site)
+    return project, site, env
+
+
+def test_new_plugin_installs_lists_and_passes_its_own_test(scaffolded, require_root):
+    project, site, env = scaffolded
+    assert sorted(os.listdir(project)) == ["README.md", "duet_hello_world", "pyproject.toml", "tests"]
+    pip_install(project, site)
+
+    listed = json.loads(duet("plugins", "--json", env=env).stdout)
+    task = next(t for t in listed["tasks"] if t["name"] == "hello-world")
+    assert (task["package"], task["version"]) == ("duet-hello-world", "0.1.0")
+
+    tested = run_pytest(project, env)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "1 passed" in tested.stdout
+
+
+def test_the_generated_test_fails_when_the_task_is_broken(scaffolded, require_root):
+    project, site, env = scaffolded
+    module = os.path.join(project, "duet_hello_world", "__init__.py")
+    with open(module) as fh:
+        source = fh.read()
+    broken = source.replace('"hashed_bytes": ctx.file.size', '"hashed_bytes": 0')
+    assert broken != source
+    with open(module, "w") as fh:
+        fh.write(broken)
+    pip_install(project, site)
+
+    tested = run_pytest(project, env)
+    assert tested.returncode == 1, tested.stdout + tested.stderr
+    assert "1 failed" in tested.stdout
+
+
+def test_a_plugin_built_for_another_api_is_refused_with_one_line(scaffolded):
+    project, site, env = scaffolded
+    module = os.path.join(project, "duet_hello_world", "__init__.py")
+    with open(module) as fh:
+        source = fh.read()
+    with open(module, "w") as fh:
+        fh.write(source.replace('cached files first")', 'cached files first", api_version=99)'))
+    pip_install(project, site)
+
+    listed = json.loads(duet("plugins", "--json", env=env).stdout)
+    assert "hello-world" not in [t["name"] for t in listed["tasks"]]
+    (broken,) = [b for b in listed["broken"] if b["name"] == "hello-world"]
+    assert "built for duet plugin API 99, this duet has API 1" in broken["error"]
+
+    run = duet("run", "hello-world", "--path", project, "--state-dir", os.path.join(site, "state"),
+               "--config", os.devnull, env=env)
+    assert run.returncode == 2
+    *_notes, last = run.stderr.splitlines()   # a note that the plugin was skipped, then the error
+    assert last.startswith("duet: error: task 'hello-world' is installed but broken")
+    assert "built for duet plugin API 99" in last
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("name", ["Upper", "1abc", "has space", "dot.ted", "../escape", "x" * 41])
+def test_bad_names_are_refused_with_one_line(tmp_path, name):
+    result = duet("plugins", "new", name, "--dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"duet: error: bad plugin name {name!r}")
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_existing_project_is_never_overwritten(tmp_path):
+    (tmp_path / "duet-mine").mkdir()
+    (tmp_path / "duet-mine" / "keep").write_text("mine")
+    result = duet("plugins", "new", "mine", "--dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "already exists" in result.stderr
+    assert os.listdir(tmp_path / "duet-mine") == ["keep"]
+
+
+def test_generated_files_name_the_task_consistently():
+    files = scaffold.plugin_files("img_thumbs")
+    assert 'img_thumbs = "duet_img_thumbs:plugin"' in files["pyproject.toml"]
+    assert 'name = "duet-img-thumbs"' in files["pyproject.toml"]
+    assert 'TaskSpec("img_thumbs"' in files["duet_img_thumbs/__init__.py"]
+    assert "def test_img_thumbs_processes_every_file" in files["tests/test_img_thumbs.py"]
