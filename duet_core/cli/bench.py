@@ -195,6 +195,10 @@ def scale(
 
     Exits 1 if start-up is slower than 50,000 files/s, peak RSS above 250 MB, `duet status` 1 s or more, or the
     no-op run 30 s or more.
+
+    Examples:
+      duet bench scale
+      duet bench scale --files 100000 --json
     """
     from duet_core.bench.scale import run_scale
 
@@ -230,6 +234,10 @@ def gc(
 
     Needs the gc task installed. Exits 1 if gc, next to a reader, reads more than the duplicates' bytes on top of
     the reader (the kernel's byte compare), re-hashes anything, or reclaims less than the duplicates.
+
+    Examples:
+      duet bench gc
+      duet bench gc --size 1G --json
     """
     from duet_core.bench.gc import run_gc_bench
 
@@ -265,6 +273,10 @@ def defrag(
     """The defrag task over a fragmented data set with none, half or all of it cached, and btrfs-progs for reference.
 
     Exits 1 if a cached file costs a device read, or if the files do not end near one extent each.
+
+    Examples:
+      duet bench defrag
+      duet bench defrag --files 64 --file-size 8MiB --json
     """
     from duet_core.bench.defrag import SCENARIOS, run_defrag_bench
 
