@@ -467,8 +467,21 @@ class Runner:
         if self.opts.mode != "watch":
             return True
         f = self.store.file(self.scope_id, file_id)
-        return f is not None and any(r.spec.granularity == "range" or resident >= f.pages
-                                     for r in self._needs(file_id))
+        if f is None:
+            return False
+        needs = self._needs(file_id)
+        if any(r.spec.granularity == "range" for r in needs):
+            return True
+        # Whole-file tasks: compare with the file's size now, not at the scan (it may have been rewritten shorter).
+        try:
+            fd = self.scope.open(f.relpath)
+        except OSError:
+            return False
+        try:
+            pages = (os.fstat(fd).st_size + PAGE_SIZE - 1) // PAGE_SIZE
+        finally:
+            os.close(fd)
+        return bool(needs) and resident >= pages
 
     def _absorb(self) -> None:
         """Fold page-cache changes into the schedule: cached files onto the heap, files written during the run back

@@ -833,6 +833,31 @@ def test_watch_processes_only_what_is_cached(direct_fs, tmp_path):
     assert summary["device_read_bytes"] < 1 << 20, summary
 
 
+def test_watch_takes_again_a_file_rewritten_shorter(direct_fs, tmp_path):
+    """A file rewritten (truncated, then written shorter) after the watch processed it is processed again once its
+    new, smaller content is cached: readiness is judged against the file's size now, not at the scan."""
+    scope, files = make_dataset(direct_fs.mnt, n=2, sizes=(256 << 10,))
+    target = scan_order(scope)[0]
+    path = os.path.join(scope, target)
+    foreground_read(path)
+    log = tmp_path / "log"
+
+    def app():
+        wait_for(lambda: log_counts(log).get(("reader", target)), what="the first pass")
+        subprocess.run([sys.executable, "-c",     # another process: O_TRUNC, then a quarter of the old size
+                        "import os, sys\nwith open(sys.argv[1], 'wb') as fh:\n    fh.write(os.urandom(64 << 10))\n"
+                        "    fh.flush()\n    os.fsync(fh.fileno())\n", path], check=True, timeout=30)
+
+    bg = Background(app)
+    bg.start()
+    summary, code = run_tasks(tmp_path / "state", registry(M.ReaderTask("reader", events=Event.EXISTS | Event.MODIFIED)),
+                              ["reader"], scope, log=log, mode="watch", budget_s=3, watch_interval=0.1,
+                              cache_hygiene=False)
+    bg.join()
+    assert code == EXIT_STOPPED
+    assert log_counts(log)[("reader", target)] == 2
+
+
 # -- status ------------------------------------------------------------------------------------------------------------
 def test_status_reports_each_task_s_round(direct_fs, tmp_path):
     scope, files = make_dataset(direct_fs.mnt, n=6, sizes=(64 << 10,))
