@@ -46,6 +46,7 @@ PREFETCH_MAX = 64 << 20
 EXIT_OK = 0            # every task finished its round
 EXIT_ITEM_ERRORS = 1   # the run finished, but some items failed (see the report)
 EXIT_STOPPED = 5       # stopped early (--for budget, SIGTERM/SIGINT); progress saved, the next run resumes
+EXIT_DAMAGE = 6        # a task found damage in the data (e.g. scrub: corruption); wins over the codes above
 
 
 @dataclass
@@ -243,6 +244,8 @@ class Runner:
         return summary
 
     def exit_code(self, summary: dict) -> int:
+        if any(t.get("items_damaged") for t in summary["tasks"].values()):
+            return EXIT_DAMAGE
         if summary["result"] not in ("complete",):
             return EXIT_STOPPED
         if any(t["items_failed"] for t in summary["tasks"].values()):
@@ -589,6 +592,8 @@ class Runner:
         if isinstance(result, ItemResult):
             for k, v in result.counters.items():
                 r.report.counters[k] = r.report.counters.get(k, 0) + v
+            if result.damaged:
+                r.report.items_damaged += 1
             if result.message:
                 self.ui.message(f"{r.name}: {f.relpath}: {result.message}")
             if not result.done:
