@@ -89,7 +89,8 @@ def duet_process(ctx: ItemContext) -> ItemResult | None:
 
     :param ctx: the item: ``ctx.file`` (id, FileId, size, times), ``ctx.path``, ``ctx.fd`` (open read-only, never
         through a symlink, inside the scope), ``ctx.ranges`` to process, ``ctx.cached`` (resident ranges),
-        ``ctx.state`` (the task's own store), ``ctx.shared`` (results per file version) and ``ctx.progress``
+        ``ctx.fresh`` (those of them this run read from the device for this item), ``ctx.state`` (the task's own
+        store), ``ctx.shared`` (results per file version) and ``ctx.progress``
         (``advance(nbytes, from_device=None)``).
     :returns: None when the item is done, or an :class:`~duet_core.tasks.ItemResult` (``done=False`` to retry it in
         a later round; counters for the report; ``damaged=True`` when the task found damage in the data, e.g. a

@@ -516,7 +516,7 @@ class Runner:
             # One task after the other on the same open file: the first reads from the device, the rest find the
             # pages cached. (Running them in threads at once was measured slower here: see docs/benchmarks.md.)
             for r in needs:
-                ctx = self._item(r, f, fd, cached_pass)
+                ctx = self._item(r, f, fd, cached_pass, pre)
                 if ctx is None:
                     continue
                 result, failed = self._call(r, ctx)
@@ -547,8 +547,11 @@ class Runner:
         self._todo.discard(f.id)
         log.info("%s: %s, skipped", f.relpath, why)
 
-    def _item(self, r: _TaskRun, f: FileInfo, fd: int, cached_pass: bool) -> ItemContext | None:
-        """The item a task gets for this file now, or None (nothing to do now; a range task may be done)."""
+    def _item(self, r: _TaskRun, f: FileInfo, fd: int, cached_pass: bool, pre: BitMap) -> ItemContext | None:
+        """The item a task gets for this file now, or None (nothing to do now; a range task may be done).
+
+        ``pre``: the file's resident pages before the run touched it (before its prefetch, or before the first task
+        of this item); what is resident now beyond them the run itself read from the device moments ago."""
         resident = residency.resident_pages(fd, f.size)
         if r.spec.granularity == "file":
             if self.opts.mode == "watch" and len(resident) < f.pages:
@@ -563,7 +566,7 @@ class Runner:
                 self._mark_done(r, f.id)
                 return None
         return ItemContext(r.run, f, os.path.join(self.root, f.relpath), fd, ranges, runs_of(resident),
-                           r.run.state, r.run.shared)
+                           r.run.state, r.run.shared, fresh=runs_of(resident - pre))
 
     def _call(self, r: _TaskRun, ctx: ItemContext) -> tuple[object, bool]:
         """Run ``duet_process``; returns (result, failed)."""

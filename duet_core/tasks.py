@@ -122,6 +122,10 @@ class ItemContext:
     state: TaskState
     shared: SharedResults
     progress: Progress = field(default_factory=Progress)
+    # Of ``cached``, the ranges this run itself read into the cache for this item (the scheduler's prefetch, or a
+    # task handed the file before this one): read from the device moments ago, so as good as a device read (a
+    # checksumming filesystem verified them) — unlike pages that were cached before, perhaps long ago.
+    fresh: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def options(self) -> dict[str, Any]:
