@@ -2,15 +2,17 @@
 
 On **btrfs** every read from the device is checked against the data checksums, so a page a foreground program read
 into the page cache during the run (ADDED by a read, not written) has been verified: ``duet_observe`` counts it as
-scrubbed. What is left is read with O_DIRECT, which verifies the same way without filling the page cache; an
-``EIO`` is narrowed down to the bad 4 KiB sectors. Pages that were already cached when the run started are *not*
-trusted (they may have been read long ago): they are read from the device like the rest.
+scrubbed, and so are pages the run itself just read for another task (``ctx.fresh``). What is left is read from the
+device (:mod:`duet_scrub.reader`): uncached pages with ordinary reads (read-ahead keeps the device busy; duet evicts
+them afterwards), pages cached before the run with O_DIRECT — they may have been read long ago, so they do not
+answer for the device. An ``EIO`` is narrowed down to the bad 4 KiB sectors.
 
 On **ext4, xfs and others** nothing verifies reads, so the scrub keeps a manifest: per file version (size, mtime,
 ctime, inode) the blake3 of the whole file and of each 256 KiB chunk (:mod:`duet_scrub.manifest`). A file whose
 content no longer matches while its metadata is unchanged is silent corruption, reported with the chunks that
-differ. Pages foreground programs read during the run are hashed from the cache (fresh from the device, no extra
-I/O); the rest is read with O_DIRECT. The whole-file hash is published for the other tasks (``"blake3"``).
+differ. Pages foreground programs (or the run, for another task) read during the run are hashed from the cache
+(fresh from the device, no extra I/O); the rest is read from the device as above. The whole-file hash is published
+for the other tasks (``"blake3"``).
 
 A file verified within the scrub period (option ``every``, default 30 days) is not read again. Corrupt files make
 ``duet run`` exit 6 and are listed under ``"corrupt"`` in the task's summary (``duet run --json``).
@@ -20,16 +22,17 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 
 from pyroaring import BitMap
 
 from duet_core import Event, ItemResult, TaskOption, TaskSpec, hookimpl
 from duet_core.events import PAGE_SIZE
-from duet_core.identity import parse_mountinfo
+from duet_core.identity import open_beneath, parse_mountinfo
 from duet_core.residency import resident_pages
 from duet_core.tasks import FileInfo, ItemContext, RunInfo, TaskReport
 from duet_scrub.manifest import Hasher, Record, differing_ranges, key, version
-from duet_scrub.reader import READ_SIZE, DeviceReader
+from duet_scrub.reader import DirectBuffer, FileReader
 
 DAY = 86400.0
 DEFAULT_PERIOD = 30 * DAY
@@ -42,6 +45,58 @@ def _pages(ranges) -> BitMap:
     return bm
 
 
+def _runs(pages: BitMap, kind: str) -> list[tuple[int, int, str]]:
+    """Page set -> sorted (first, count, kind) runs."""
+    out: list[list] = []
+    for p in pages:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1][1] += 1
+        else:
+            out.append([p, 1, kind])
+    return [tuple(r) for r in out]
+
+
+@dataclass
+class ReadResult:
+    bad: list[tuple[int, int]] = field(default_factory=list)
+    nbytes: int = 0              # bytes covered
+    from_device: int = 0         # of them, read from the device now
+
+
+def read_verified(ctx: ItemContext, reader: FileReader, want: BitMap, observed: BitMap, sink=None) -> ReadResult:
+    """Make sure the pages ``want`` of the file were read from the device during this run, in file order.
+
+    Pages fresh in the cache — ``observed`` (others read them during the run) and ``ctx.fresh`` (the run read them
+    for this item: its prefetch, or a task before this one) — are read from the cache: a page is resident as soon as
+    its read *starts*, and stays resident, not up to date, when the read fails, so only reading it proves that it
+    came in whole (a failed one is read again and fails again). Of the others, pages cached before the run are read
+    with O_DIRECT and uncached ones with ordinary reads. ``sink`` gets every byte of ``want`` in order (b"" for a
+    piece with a bad sector). The run's own reads count as from the device, others' as from the cache.
+    """
+    size = ctx.file.size
+    by_run = _pages(ctx.fresh)
+    trusted = observed | by_run
+    resident = resident_pages(ctx.fd, size) if ctx.cached else BitMap()
+    segments = sorted(_runs(want & observed - by_run, "observed") + _runs(want & by_run, "run")
+                      + _runs((want & resident) - trusted, "stale") + _runs(want - resident - trusted, "cold"))
+    out = ReadResult()
+    for first, count, kind in segments:
+        start, end = first * PAGE_SIZE, min(size, (first + count) * PAGE_SIZE)
+        if start >= end:
+            continue
+        out.nbytes += end - start
+        direct_before = reader.direct_bytes
+        pieces = reader.direct(start, end) if kind == "stale" else reader.buffered(start, end)
+        for piece in pieces:
+            out.bad += piece.bad
+            if kind in ("cold", "run"):
+                out.from_device += len(piece.data)
+            if sink:
+                sink(piece.data)
+        out.from_device += reader.direct_bytes - direct_before
+    return out
+
+
 class Scrub:
     """The scrub task. One instance serves one run at a time; its in-memory state is reset when a new run starts."""
 
@@ -49,8 +104,15 @@ class Scrub:
         self._run_id: int | None = None
         self._fstypes: dict[int, str] = {}
         self._observed: dict[int, BitMap] = {}   # btrfs: file id -> pages verified by foreground reads this run
-        self._fresh: dict[int, BitMap] = {}      # elsewhere: file id -> pages read from the device this run
+        self._fresh: dict[int, BitMap] = {}      # file id -> pages others read into the cache this run
         self._round_started = 0.0
+        self._buffer: DirectBuffer | None = None
+        self._root: tuple[str, int] | None = None    # the scope's root directory, to open files beneath it
+
+    def _reader(self, fd: int) -> FileReader:
+        if self._buffer is None:
+            self._buffer = DirectBuffer()
+        return FileReader(fd, self._buffer)
 
     # -- per run, per scope ------------------------------------------------------------------------------------------
     def _begin(self, run: RunInfo) -> None:
@@ -61,6 +123,9 @@ class Scrub:
         self._run_id = run.run_id
         self._observed.clear()
         self._fresh.clear()
+        if self._root is not None:
+            os.close(self._root[1])
+            self._root = None
         current = run.state.get(f"round:{run.root}")
         if current is None or current["n"] != run.round:
             current = {"n": run.round, "started": time.time()}
@@ -112,18 +177,60 @@ class Scrub:
 
     @hookimpl
     def duet_observe(self, run: RunInfo, file: FileInfo, added):
-        """btrfs: pages read into the cache were checked against their checksums, so they are done. Elsewhere they
-        are remembered, to be hashed from the cache instead of read again."""
+        """Pages someone else read into the cache during the run.
+
+        btrfs: a page read from the device was checked against its checksum — if the read succeeded. A page is
+        ADDED when its read starts, and a page whose read failed stays in the cache, not up to date; so the pages
+        are read back from the cache here with RWF_NOWAIT, which never goes to the device and refuses a page that
+        is not up to date. Those that come back whole are done; the rest are read when the file is processed.
+        Elsewhere the pages are remembered, to be hashed from the cache instead of read again."""
         self._begin(run)
         pages = _pages(added)
-        if self._fstype(file) == "btrfs":
-            seen = self._observed.setdefault(file.id, BitMap())
-            seen |= pages
-            if file.pages and len(seen) >= file.pages:
-                self._verified(run, file)
-            return added
         self._fresh.setdefault(file.id, BitMap()).update(pages)
-        return None
+        if self._fstype(file) != "btrfs":
+            return None
+        confirmed = self._confirm_cached(run, file, added)
+        seen = self._observed.setdefault(file.id, BitMap())
+        seen |= confirmed
+        if file.pages and len(seen) >= file.pages:
+            self._verified(run, file)
+        return [(first, count) for first, count, _ in _runs(confirmed, "")]
+
+    def _confirm_cached(self, run: RunInfo, file: FileInfo, ranges) -> BitMap:
+        """The pages of ``ranges`` that are in the cache and up to date (read without any device I/O)."""
+        confirmed = BitMap()
+        try:
+            fd = open_beneath(self._root_fd(run), file.relpath, os.O_RDONLY | os.O_NOATIME)
+        except OSError:
+            return confirmed                    # gone or replaced: the scheduler finds out when it opens the file
+        try:
+            if os.fstat(fd).st_ino != file.fid.ino:
+                return confirmed
+            buf = bytearray(1 << 20)
+            for first, count in ranges:
+                page, stop = first, first + count
+                while page < stop:
+                    n = min(stop - page, len(buf) // PAGE_SIZE)
+                    try:
+                        got = os.preadv(fd, [memoryview(buf)[: n * PAGE_SIZE]], page * PAGE_SIZE, os.RWF_NOWAIT)
+                    except OSError:
+                        break                   # EAGAIN: not all there, or not up to date
+                    whole = min(n, (got + PAGE_SIZE - 1) // PAGE_SIZE) if got else 0
+                    if whole:
+                        confirmed.add_range(page, page + whole)
+                    if got < n * PAGE_SIZE:
+                        break
+                    page += n
+        finally:
+            os.close(fd)
+        return confirmed
+
+    def _root_fd(self, run: RunInfo) -> int:
+        if self._root is None or self._root[0] != run.root:
+            if self._root is not None:
+                os.close(self._root[1])
+            self._root = (run.root, os.open(run.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        return self._root[1]
 
     @hookimpl
     def duet_process(self, ctx: ItemContext) -> ItemResult | None:
@@ -145,17 +252,11 @@ class Scrub:
     def _scrub_checksummed(self, ctx: ItemContext) -> ItemResult | None:
         if ctx.run.mode == "watch":
             return ItemResult(done=False)      # watch reads nothing: only foreground reads verify (duet_observe)
-        bad: list[tuple[int, int]] = []
-        nbytes = 0
-        with DeviceReader(ctx.fd) as rd:
-            for first, count in ctx.ranges:
-                start, end = first * PAGE_SIZE, min(ctx.file.size, (first + count) * PAGE_SIZE)
-                for piece in rd.pieces(start, end):
-                    bad += piece.bad
-                nbytes += max(0, end - start)
-            ctx.progress.advance(nbytes, from_device=rd.bytes_read if rd.direct else None)
-        if bad:
-            return self._corrupt(ctx, bad, "checksum error (EIO)")
+        with self._reader(ctx.fd) as rd:
+            res = read_verified(ctx, rd, _pages(ctx.ranges), self._fresh.pop(ctx.file.id, BitMap()))
+        ctx.progress.advance(res.nbytes, from_device=res.from_device)
+        if res.bad:
+            return self._corrupt(ctx, res.bad, "checksum error (EIO)")
         self._verified(ctx.run, ctx.file)
         return None
 
@@ -168,23 +269,16 @@ class Scrub:
         if ctx.run.mode == "watch" and len(fresh) < f.pages:
             return ItemResult(done=False)      # watch hashes only files read whole by someone else
         before = os.fstat(fd)
-        hasher, bad = Hasher(), []
-        with DeviceReader(fd) as rd:
-            for off in range(0, f.size, READ_SIZE):
-                end = min(f.size, off + READ_SIZE)
-                first, stop = off // PAGE_SIZE, (end + PAGE_SIZE - 1) // PAGE_SIZE
-                if fresh.range_cardinality(first, stop) == stop - first:
-                    hasher.update(os.pread(fd, end - off, off))   # just read from the device by someone else
-                    continue
-                for piece in rd.pieces(off, end):
-                    bad += piece.bad
-                    hasher.update(piece.data)
-            ctx.progress.advance(f.size, from_device=rd.bytes_read if rd.direct else None)
+        hasher = Hasher()
+        with self._reader(fd) as rd:
+            res = read_verified(ctx, rd, BitMap(range(f.pages)) if f.pages else BitMap(), fresh,
+                                sink=hasher.update)
+        ctx.progress.advance(res.nbytes, from_device=res.from_device)
         after = os.fstat(fd)
         if not _same_version(f, before) or not _same_version(f, after):
             return ItemResult(counters={"changed_while_scrubbed": 1})   # a new version: checked next round
-        if bad:
-            return self._corrupt(ctx, bad, "read error (EIO)")
+        if res.bad:
+            return self._corrupt(ctx, res.bad, "read error (EIO)")
         whole, chunks = hasher.finish()
         ctx.shared.put(f, "blake3", whole)
         rec = Record.load(ctx.state.get(key(f)))

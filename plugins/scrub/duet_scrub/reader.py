@@ -1,16 +1,21 @@
-"""Reading a file for a scrub: from the device with O_DIRECT, and finding exactly which sectors fail.
+"""Reading a file for a scrub so that every byte comes from the device now, and naming exactly which sectors fail.
 
-O_DIRECT bypasses the page cache both ways: pages that happen to be cached (perhaps read long ago) do not answer for
-the device, and the scrub leaves nothing behind in the cache that foreground programs would have to compete with.
-btrfs verifies data checksums on direct reads as on buffered ones, so a bad sector is an ``EIO`` either way.
+Three kinds of pages, three ways to read them:
+
+* pages **not cached**: an ordinary read, which goes to the device (btrfs verifies the checksums as the pages come
+  in) with the kernel's read-ahead keeping the device busy; duet evicts afterwards what the run brought in.
+* pages **cached before the run** touched the file, perhaps long ago: they do not answer for the device, so they are
+  read with O_DIRECT, which goes to the device (verified the same way) without disturbing the cached copy.
+* pages **fresh** in the cache (read from the device during this run, by a foreground program or by the run
+  itself): already verified; a hash reads them from the cache, a btrfs scrub not at all.
 
 btrfs runs a direct read with page faults disabled; when the buffer's pages are not yet mapped it quietly falls
 back to a buffered read (measured here: an untouched buffer put the whole file in the page cache and read up to
-1.5x the bytes from the device). The buffer is therefore touched once before use.
+1.5x the bytes from the device). The O_DIRECT buffer is therefore touched once, when it is made, and reused.
 
-A direct read that meets a bad sector returns what it read before it (a short read), and the next read, starting at
-the bad sector, fails with EIO. A failed read is retried sector by sector, so a report names the bad 4 KiB blocks,
-not the 1 MiB read that contained them.
+A read that meets a bad sector returns what it read before it (a short read), and the next read, starting at the
+bad sector, fails with EIO. A failed read is retried sector by sector with O_DIRECT, so a report names the bad
+4 KiB blocks, not the 1 MiB read that contained them.
 """
 
 from __future__ import annotations
@@ -22,66 +27,77 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 SECTOR = 4096            # the unit of a btrfs data checksum, and of the retries after an error
-READ_SIZE = 1 << 20      # one O_DIRECT read
+READ_SIZE = 1 << 20      # one read
 
 
 @dataclass
 class Piece:
-    """A stretch of the file as read: ``data`` (b"" where unreadable) and the byte ranges that failed."""
+    """A stretch of the file as read: ``data`` (b"" if any of it was unreadable) and the byte ranges that failed."""
 
     offset: int
     data: bytes
     bad: list[tuple[int, int]] = field(default_factory=list)   # [start, end) byte ranges that gave EIO
 
 
-class DeviceReader:
-    """Reads a file opened by duet (``fd``) from the device, through a second descriptor opened with O_DIRECT.
+class DirectBuffer:
+    """One page-aligned buffer for O_DIRECT reads, faulted in once (see the module docstring)."""
 
-    The second descriptor is the same open file reopened through ``/proc/self/fd``: same inode, so it cannot escape
-    the scope, and the shared descriptor's flags are left alone for the other tasks. Where O_DIRECT is refused
-    (tmpfs, some FUSE), it reads through the cache instead (``direct`` is then False) and duet's cache hygiene
-    evicts what it brought in.
-    """
+    def __init__(self, size: int = READ_SIZE):
+        self.map = mmap.mmap(-1, size)
+        self.map.write(bytes(size))
+        self.size = size
 
-    def __init__(self, fd: int):
-        self.direct = True
-        try:
-            self.fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC | os.O_NOATIME)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self.fd, self.direct = os.dup(fd), False
-        self._buf = mmap.mmap(-1, READ_SIZE)       # page-aligned, as O_DIRECT wants ...
-        self._buf.write(bytes(READ_SIZE))           # ... and faulted in: see the module's docstring
-        self.bytes_read = 0
+
+class FileReader:
+    """Reads one file (``fd``, opened by duet) either way. The O_DIRECT descriptor is the same open file reopened
+    through ``/proc/self/fd`` (same inode: it cannot escape the scope; the shared descriptor's flags stay as they
+    are for the other tasks), opened on first use. Where O_DIRECT is refused (tmpfs, some FUSE) direct reads go
+    through the cache instead and duet's cache hygiene evicts what they brought in."""
+
+    def __init__(self, fd: int, buf: DirectBuffer):
+        self.fd, self.buf = fd, buf
+        self._direct_fd: int | None = None
+        self.direct_bytes = 0        # read with O_DIRECT: from the device
+        self.buffered_bytes = 0      # read through the page cache
 
     def close(self) -> None:
-        os.close(self.fd)
-        self._buf.close()
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
 
-    def __enter__(self) -> "DeviceReader":
+    def __enter__(self) -> "FileReader":
         return self
 
     def __exit__(self, *_exc) -> None:
         self.close()
 
-    def _read(self, length: int, offset: int) -> bytes:
-        """One aligned read of at most READ_SIZE bytes (short at end of file)."""
-        n = os.preadv(self.fd, [memoryview(self._buf)[:length]], offset)
-        self.bytes_read += n
-        return self._buf[:n]
+    def _dfd(self) -> int:
+        if self._direct_fd is None:
+            try:
+                self._direct_fd = os.open(f"/proc/self/fd/{self.fd}",
+                                          os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC | os.O_NOATIME)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._direct_fd = os.dup(self.fd)
+        return self._direct_fd
 
-    def pieces(self, start: int, end: int) -> Iterator[Piece]:
-        """Read ``[start, end)`` (``start`` sector-aligned) in READ_SIZE pieces; EIO pieces are narrowed down."""
+    def _read_direct(self, length: int, offset: int) -> bytes:
+        n = os.preadv(self._dfd(), [memoryview(self.buf.map)[:length]], offset)
+        self.direct_bytes += n
+        return self.buf.map[:n]
+
+    def direct(self, start: int, end: int) -> Iterator[Piece]:
+        """``[start, end)`` (``start`` sector-aligned) with O_DIRECT, in pieces of at most the buffer's size."""
         off = start
         while off < end:
-            length = min(READ_SIZE, _round_up(end - off))
+            length = min(self.buf.size, _round_up(end - off))
             try:
-                data = self._read(length, off)
+                data = self._read_direct(length, off)
             except OSError as exc:
                 if exc.errno != errno.EIO:
                     raise
-                yield self._sector_by_sector(off, min(end, off + length))
+                yield self.narrow(off, min(end, off + length))
                 off += length
                 continue
             if not data:
@@ -91,22 +107,41 @@ class DeviceReader:
                 return                                  # end of file, mid-sector
             off += len(data)    # a short read stops before a bad sector: the next read starts there and fails
 
-    def _sector_by_sector(self, start: int, end: int) -> Piece:
-        chunks, bad = [], []
-        for off in range(start, end, SECTOR):
+    def buffered(self, start: int, end: int) -> Iterator[Piece]:
+        """``[start, end)`` through the page cache (read-ahead included), in READ_SIZE pieces."""
+        off = start
+        while off < end:
+            length = min(READ_SIZE, end - off)
             try:
-                chunks.append(self._read(SECTOR, off)[: end - off])
+                data = os.pread(self.fd, length, off)
             except OSError as exc:
                 if exc.errno != errno.EIO:
                     raise
-                chunks.append(b"")
-                self.bytes_read += SECTOR             # asked of the device all the same
+                yield self.narrow(off, min(end, off + _round_up(length)))
+                off += _round_up(length)
+                continue
+            if not data:
+                return
+            self.buffered_bytes += len(data)
+            yield Piece(off, data)
+            off += len(data)
+
+    def narrow(self, start: int, end: int) -> Piece:
+        """Re-read ``[start, end)`` sector by sector with O_DIRECT; the sectors that fail are the bad ranges."""
+        chunks, bad = [], []
+        for off in range(start, end, SECTOR):
+            try:
+                chunks.append(self._read_direct(SECTOR, off)[: end - off])
+            except OSError as exc:
+                if exc.errno != errno.EIO:
+                    raise
+                self.direct_bytes += SECTOR           # asked of the device all the same
                 stop = min(end, off + SECTOR)
                 if bad and bad[-1][1] == off:
                     bad[-1] = (bad[-1][0], stop)
                 else:
                     bad.append((off, stop))
-        return Piece(start, b"".join(chunks) if not bad else b"", bad)
+        return Piece(start, b"" if bad else b"".join(chunks), bad)
 
 
 def _round_up(n: int) -> int:
