@@ -169,6 +169,9 @@ def corrupt_and_check(fs, duet: Duet, scope: str, files: dict[str, int], first_r
     assert report["items_damaged"] == len(FLIPS) and report["items_done"] == len(files)
     for rel in FLIPS:
         assert f"{rel}: CORRUPT" in err
+    # A corrupt file is checked again by every round, whatever the period; the others are not.
+    code, again, err = duet.scrub(scope)
+    assert code == 6 and set(corrupt_map(again)) == set(found) and again["items_total"] == len(FLIPS), err
     return report
 
 

@@ -146,7 +146,11 @@ class Scrub:
         run.state.put(key(f), Record(version(f), self._round_started, b3, chunks).dump())
 
     def _corrupt(self, ctx: ItemContext, ranges: list[tuple[int, int]], why: str) -> ItemResult:
-        """Remember and report a corrupt file: its absolute path and the byte ranges ``[start, end)``."""
+        """Remember and report a corrupt file: its absolute path and the byte ranges ``[start, end)``. Its record
+        keeps the last good hashes, marked bad, so every round checks it again."""
+        rec = Record.load(ctx.state.get(key(ctx.file))) or Record(version(ctx.file), 0.0)
+        rec.bad = True
+        ctx.state.put(key(ctx.file), rec.dump())
         entry = {"path": ctx.path, "ranges": [[s, e] for s, e in ranges], "error": why}
         found = ctx.run.state.get(f"corrupt:{ctx.run.root}", {})
         found[ctx.file.relpath] = entry
@@ -165,13 +169,13 @@ class Scrub:
 
     @hookimpl
     def duet_plan(self, run: RunInfo, files) -> list[int]:
-        """Files never verified, changed since, or verified longer ago than the period."""
+        """Files never verified, changed since, found corrupt, or verified longer ago than the period."""
         self._begin(run)
         period, now = run.options["every"], time.time()
         chosen = []
         for f in files:
             rec = Record.load(run.state.get(key(f)))
-            if rec is None or rec.v != version(f) or now - rec.at >= period:
+            if rec is None or rec.bad or rec.v != version(f) or now - rec.at >= period:
                 chosen.append(f.id)
         return chosen
 

@@ -4,11 +4,12 @@ btrfs, the content hashes of the version it verified.
 A record is keyed by the file's identity (device, subvolume, inode), so it holds across scopes and renames::
 
     {"v": [size, mtime_ns, ctime_ns], "at": <round start, epoch s>, "b3": <blake3 hex of the file> | null,
-     "chunks": "<CHUNK_DIGEST hex chars per CHUNK bytes, concatenated>" | null}
+     "chunks": "<CHUNK_DIGEST hex chars per CHUNK bytes, concatenated>" | null, "bad": <found corrupt>}
 
 The per-chunk digests are what turns "this file changed" into "bytes 262144–524288 changed": a 1 GiB file costs
 128 KiB of hex. ``at`` is the start of the round that verified the file, a lower bound on when its bytes were last
-read from the device, which is what a scrub period is measured against.
+read from the device, which is what a scrub period is measured against. A file found corrupt keeps its last good
+hashes (off btrfs) and is marked ``bad``: it is checked again in every round until it reads back as recorded.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ class Record:
     at: float
     b3: str | None = None
     chunks: str | None = None
+    bad: bool = False
 
     @classmethod
     def load(cls, raw: dict | None) -> "Record | None":
-        return cls(raw["v"], raw["at"], raw.get("b3"), raw.get("chunks")) if raw else None
+        return cls(raw["v"], raw["at"], raw.get("b3"), raw.get("chunks"), raw.get("bad", False)) if raw else None
 
     def dump(self) -> dict:
-        return {"v": self.v, "at": self.at, "b3": self.b3, "chunks": self.chunks}
+        return {"v": self.v, "at": self.at, "b3": self.b3, "chunks": self.chunks, "bad": self.bad}
 
 
 class Hasher:
