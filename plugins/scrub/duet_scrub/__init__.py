@@ -86,11 +86,11 @@ def read_verified(ctx: ItemContext, reader: FileReader, want: BitMap, observed: 
             continue
         out.nbytes += end - start
         direct_before = reader.direct_bytes
-        pieces = reader.direct(start, end) if kind == "stale" else reader.buffered(start, end)
+        pieces = reader.direct(start, end) if kind == "stale" else reader.buffered(start, end, keep=bool(sink))
         for piece in pieces:
             out.bad += piece.bad
             if kind in ("cold", "run"):
-                out.from_device += len(piece.data)
+                out.from_device += piece.size
             if sink:
                 sink(piece.data)
         out.from_device += reader.direct_bytes - direct_before

@@ -37,15 +37,22 @@ class Piece:
     offset: int
     data: bytes
     bad: list[tuple[int, int]] = field(default_factory=list)   # [start, end) byte ranges that gave EIO
+    size: int = -1                                             # bytes read (-1: len(data))
+
+    def __post_init__(self):
+        if self.size < 0:
+            self.size = len(self.data)
 
 
 class DirectBuffer:
-    """One page-aligned buffer for O_DIRECT reads, faulted in once (see the module docstring)."""
+    """One page-aligned buffer for O_DIRECT reads, faulted in once (see the module docstring), and a scratch buffer
+    for buffered reads whose bytes are not needed."""
 
     def __init__(self, size: int = READ_SIZE):
         self.map = mmap.mmap(-1, size)
         self.map.write(bytes(size))
         self.size = size
+        self.scratch = bytearray(READ_SIZE)
 
 
 class FileReader:
@@ -107,24 +114,29 @@ class FileReader:
                 return                                  # end of file, mid-sector
             off += len(data)    # a short read stops before a bad sector: the next read starts there and fails
 
-    def buffered(self, start: int, end: int) -> Iterator[Piece]:
-        """``[start, end)`` through the page cache (read-ahead included), in READ_SIZE pieces."""
+    def buffered(self, start: int, end: int, keep: bool = True) -> Iterator[Piece]:
+        """``[start, end)`` through the page cache (read-ahead included), in READ_SIZE pieces. With ``keep=False``
+        the pieces carry no data (it is read into a scratch buffer: no allocation, for a read that only verifies)."""
         off = start
         while off < end:
             length = min(READ_SIZE, end - off)
             try:
-                data = os.pread(self.fd, length, off)
+                if keep:
+                    data = os.pread(self.fd, length, off)
+                    n = len(data)
+                else:
+                    n, data = os.preadv(self.fd, [memoryview(self.buf.scratch)[:length]], off), b""
             except OSError as exc:
                 if exc.errno != errno.EIO:
                     raise
                 yield self.narrow(off, min(end, off + _round_up(length)))
                 off += _round_up(length)
                 continue
-            if not data:
+            if not n:
                 return
-            self.buffered_bytes += len(data)
-            yield Piece(off, data)
-            off += len(data)
+            self.buffered_bytes += n
+            yield Piece(off, data, size=n)
+            off += n
 
     def narrow(self, start: int, end: int) -> Piece:
         """Re-read ``[start, end)`` sector by sector with O_DIRECT; the sectors that fail are the bad ranges."""
