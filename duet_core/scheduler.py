@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 from pyroaring import BitMap
 
 from duet_core import residency
@@ -102,14 +103,15 @@ def read_bytes_io() -> int:
 
 
 def runs_of(pages: BitMap) -> list[tuple[int, int]]:
-    """Page set → sorted (first, count) runs."""
-    out: list[tuple[int, int]] = []
-    for p in pages:
-        if out and out[-1][0] + out[-1][1] == p:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((p, 1))
-    return out
+    """Page set → sorted (first, count) runs. Vectorised: a 1 GiB file is 262,144 pages, and a loop over them in
+    Python took 0.1 s per call (a third of a cold scrub's CPU on large files)."""
+    if not pages:
+        return []
+    a = np.frombuffer(pages.to_array(), dtype=np.uint32).astype(np.int64)
+    breaks = np.flatnonzero(np.diff(a) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    counts = np.diff(np.concatenate((starts, [len(a)])))
+    return list(zip(a[starts].tolist(), counts.tolist()))
 
 
 def pages_of(ranges: list[tuple[int, int]]) -> BitMap:
