@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import re
+import signal
 import struct
 import subprocess
 import threading
@@ -303,3 +304,31 @@ def test_files_written_during_the_scrub_are_not_corrupt(fstype, require_root, du
         assert written[0] > 100
         assert code == 0, err
         assert report["corrupt"] == [] and report["items_damaged"] == 0
+
+
+def test_watch_counts_foreground_reads_and_reads_nothing(btrfs_direct, duet):
+    """``duet watch scrub`` reads nothing itself: a file a program read whole while it watched is verified, and the
+    run that follows reads only the rest from the device."""
+    scope, files = make_dataset(btrfs_direct.mnt, n=4, sizes=(1 * MiB,))
+    watched = sorted(files)[0]
+    before = sectors_read(btrfs_direct.loopdev)
+    proc = subprocess.Popen(duet.argv("watch", "scrub", "--path", scope), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=duet.env)
+    try:
+        line = proc.stderr.readline()        # "duet: 1 task(s) over ...": the engine watches the scope
+        assert "task(s) over" in line, line
+        with open(os.path.join(scope, watched), "rb") as fh:
+            assert len(fh.read()) == MiB
+        time.sleep(1.5)                      # the engine drains every 100 ms; watch looks every 0.5 s
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 5, err
+    assert sectors_read(btrfs_direct.loopdev) - before <= 1.1 * MiB     # the foreground read, nothing more
+    evict_tree(scope)
+    code, report, err = duet.scrub(scope)
+    assert code == 0, err
+    assert report["complete"] and report["bytes_from_device"] == sum(files.values()) - MiB, report

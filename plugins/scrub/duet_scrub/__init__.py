@@ -1,8 +1,9 @@
 """duet's scrub task: find silent data corruption, skipping what the system already verified for free.
 
 On **btrfs** every read from the device is checked against the data checksums, so a page a foreground program read
-into the page cache during the run (ADDED by a read, not written) has been verified: ``duet_observe`` counts it as
-scrubbed, and so are pages the run itself just read for another task (``ctx.fresh``). What is left is read from the
+into the page cache during the run (ADDED by a read, not written) has been verified — if the read succeeded, which
+``duet_observe`` confirms by reading the page back from the cache without I/O (``RWF_NOWAIT``). Pages the run itself
+just read for another task (``ctx.fresh``) are read back from the cache the same way. What is left is read from the
 device (:mod:`duet_scrub.reader`): uncached pages with ordinary reads (read-ahead keeps the device busy; duet evicts
 them afterwards), pages cached before the run with O_DIRECT — they may have been read long ago, so they do not
 answer for the device. An ``EIO`` is narrowed down to the bad 4 KiB sectors.
@@ -30,6 +31,7 @@ from duet_core import Event, ItemResult, TaskOption, TaskSpec, hookimpl
 from duet_core.events import PAGE_SIZE
 from duet_core.identity import open_beneath, parse_mountinfo
 from duet_core.residency import resident_pages
+from duet_core.scheduler import runs_of
 from duet_core.tasks import FileInfo, ItemContext, RunInfo, TaskReport
 from duet_scrub.manifest import Hasher, Record, differing_ranges, key, version
 from duet_scrub.reader import DirectBuffer, FileReader
@@ -47,13 +49,7 @@ def _pages(ranges) -> BitMap:
 
 def _runs(pages: BitMap, kind: str) -> list[tuple[int, int, str]]:
     """Page set -> sorted (first, count, kind) runs."""
-    out: list[list] = []
-    for p in pages:
-        if out and out[-1][0] + out[-1][1] == p:
-            out[-1][1] += 1
-        else:
-            out.append([p, 1, kind])
-    return [tuple(r) for r in out]
+    return [(first, count, kind) for first, count in runs_of(pages)]
 
 
 @dataclass
@@ -198,7 +194,7 @@ class Scrub:
         seen |= confirmed
         if file.pages and len(seen) >= file.pages:
             self._verified(run, file)
-        return [(first, count) for first, count, _ in _runs(confirmed, "")]
+        return runs_of(confirmed)
 
     def _confirm_cached(self, run: RunInfo, file: FileInfo, ranges) -> BitMap:
         """The pages of ``ranges`` that are in the cache and up to date (read without any device I/O)."""
