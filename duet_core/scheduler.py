@@ -157,6 +157,7 @@ class Runner:
         self.opts = opts or RunOptions()
         self.ui = ui or QuietUI()
         self.stop_reason: str | None = None
+        self._item_started_ns = 0       # when the current item started; also read by the first _absorb
         self.options = {t.name: resolve_options(t, self.opts.task_options.get(t.name, {})) for t in self.tasks}
 
     # -- the run ---------------------------------------------------------------------------------------------------
