@@ -107,6 +107,9 @@ def runs_of(pages: BitMap) -> list[tuple[int, int]]:
     Python took 0.1 s per call (a third of a cold scrub's CPU on large files)."""
     if not pages:
         return []
+    first, n = pages.min(), len(pages)
+    if pages.max() - first + 1 == n:      # one run: the common case, and numpy costs more than it saves here
+        return [(first, n)]
     a = np.frombuffer(pages.to_array(), dtype=np.uint32).astype(np.int64)
     breaks = np.flatnonzero(np.diff(a) != 1) + 1
     starts = np.concatenate(([0], breaks))
