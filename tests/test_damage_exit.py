@@ -34,14 +34,14 @@ INSPECTOR = textwrap.dedent('''
 ''')
 
 
-def run_inspector(tmp_path, root: str) -> subprocess.CompletedProcess:
+def run_inspector(tmp_path, root: str, *extra: str) -> subprocess.CompletedProcess:
     env = plugin_dist.install(tmp_path / "plugins",
                               plugin_dist.Dist("duet-test-inspector", "0.1", {"duet_test_inspector": INSPECTOR},
                                                {"inspector": "duet_test_inspector:plugin"}))
     env["DUET_STATE_DIR"] = str(tmp_path / "state")
     (tmp_path / "empty.toml").write_text("")
-    argv = plugin_dist.duet_argv("run", "inspector", "--path", root, "--json", "--source", "poll",
-                                 "--config", str(tmp_path / "empty.toml"))
+    argv = plugin_dist.duet_argv("run", "inspector", "--path", root, "--source", "poll",
+                                 "--config", str(tmp_path / "empty.toml"), *extra)
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
 
 
@@ -49,7 +49,7 @@ def test_damage_found_exits_6_and_is_counted(tmp_path, ext4_fs):
     for name, content in (("good1", b"fine"), ("bad", b"BAD data"), ("good2", b"also fine")):
         with open(f"{ext4_fs.mnt}/{name}", "wb") as fh:
             fh.write(content)
-    proc = run_inspector(tmp_path, ext4_fs.mnt)
+    proc = run_inspector(tmp_path, ext4_fs.mnt, "--json")
     assert proc.returncode == 6, proc.stderr
     report = json.loads(proc.stdout)["tasks"]["inspector"]
     assert (report["items_damaged"], report["items_done"], report["items_failed"]) == (1, 3, 0)
@@ -59,6 +59,14 @@ def test_damage_found_exits_6_and_is_counted(tmp_path, ext4_fs):
 def test_no_damage_exits_0(tmp_path, ext4_fs):
     with open(f"{ext4_fs.mnt}/good", "wb") as fh:
         fh.write(b"fine")
-    proc = run_inspector(tmp_path, ext4_fs.mnt)
+    proc = run_inspector(tmp_path, ext4_fs.mnt, "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["tasks"]["inspector"]["items_damaged"] == 0
+
+
+def test_the_summary_says_damage_was_found(tmp_path, ext4_fs):
+    with open(f"{ext4_fs.mnt}/bad", "wb") as fh:
+        fh.write(b"BAD data")
+    proc = run_inspector(tmp_path, ext4_fs.mnt)
+    assert proc.returncode == 6, proc.stderr
+    assert "inspector: damage found in 1 file(s)" in proc.stdout

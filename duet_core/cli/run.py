@@ -127,6 +127,9 @@ def _print_summary(summary: dict) -> None:
                       units.format_bytes(t["bytes_from_cache"]), units.format_bytes(t["bytes_from_device"]),
                       str(t["items_failed"]))
     console.print(table)
+    for name, t in summary["tasks"].items():
+        if t.get("items_damaged"):
+            console.print(f"{name}: damage found in {t['items_damaged']} file(s) (listed above; exit code 6)")
     console.print(f"data set {units.format_bytes(summary['dataset_bytes'])}, read from the device by this run: "
                   f"{units.format_bytes(summary['device_read_bytes'])}, {summary['wall_s']:.1f} s")
 
