@@ -99,7 +99,7 @@ def flip_bit(fs: fsimage.LoopFs, path: str, file_offset: int) -> None:
     evict(path)
 
 
-# -- running duet ---------------------------------------------------------------------------------------------------------
+# -- running duet ------------------------------------------------------------------------------------------------------
 class Duet:
     def __init__(self, tmp_path):
         self.env = dict(os.environ, DUET_STATE_DIR=str(tmp_path / "state"))
