@@ -93,6 +93,40 @@ def read_verified(ctx: ItemContext, reader: FileReader, want: BitMap, observed: 
     return out
 
 
+CONFIRM_RETRIES = 3        # passes over pages still being read when the event arrived ...
+CONFIRM_WAIT_S = 0.02      # ... this long apart
+
+
+def confirm_cached(fd: int, ranges) -> BitMap:
+    """The pages of ``ranges`` that are in the page cache and up to date, found without any device I/O.
+
+    ``RWF_NOWAIT`` reads return ``EAGAIN`` (or stop short) at a page that is missing, locked for a read still in
+    flight, or left not up to date by a failed read. An ADDED event can arrive while its read is still in flight,
+    so pages not confirmed are tried again a few times, briefly; a failed read never confirms.
+    """
+    confirmed, todo = BitMap(), _pages(ranges)
+    buf = bytearray(1 << 20)
+    for attempt in range(CONFIRM_RETRIES):
+        if attempt:
+            time.sleep(CONFIRM_WAIT_S)
+        for first, count in runs_of(todo):
+            page, stop = first, first + count
+            while page < stop:
+                n = min(stop - page, len(buf) // PAGE_SIZE)
+                try:
+                    got = os.preadv(fd, [memoryview(buf)[: n * PAGE_SIZE]], page * PAGE_SIZE, os.RWF_NOWAIT)
+                except OSError:
+                    got = 0                     # EAGAIN: this page is not ready
+                whole = min(n, -(-got // PAGE_SIZE))
+                if whole:
+                    confirmed.add_range(page, page + whole)
+                page += whole if whole == n else whole + 1   # skip the page that was not ready
+        todo -= confirmed
+        if not todo:
+            break
+    return confirmed
+
+
 class Scrub:
     """The scrub task. One instance serves one run at a time; its in-memory state is reset when a new run starts."""
 
@@ -198,32 +232,14 @@ class Scrub:
 
     def _confirm_cached(self, run: RunInfo, file: FileInfo, ranges) -> BitMap:
         """The pages of ``ranges`` that are in the cache and up to date (read without any device I/O)."""
-        confirmed = BitMap()
         try:
             fd = open_beneath(self._root_fd(run), file.relpath, os.O_RDONLY | os.O_NOATIME)
         except OSError:
-            return confirmed                    # gone or replaced: the scheduler finds out when it opens the file
+            return BitMap()                     # gone or replaced: the scheduler finds out when it opens the file
         try:
-            if os.fstat(fd).st_ino != file.fid.ino:
-                return confirmed
-            buf = bytearray(1 << 20)
-            for first, count in ranges:
-                page, stop = first, first + count
-                while page < stop:
-                    n = min(stop - page, len(buf) // PAGE_SIZE)
-                    try:
-                        got = os.preadv(fd, [memoryview(buf)[: n * PAGE_SIZE]], page * PAGE_SIZE, os.RWF_NOWAIT)
-                    except OSError:
-                        break                   # EAGAIN: not all there, or not up to date
-                    whole = min(n, (got + PAGE_SIZE - 1) // PAGE_SIZE) if got else 0
-                    if whole:
-                        confirmed.add_range(page, page + whole)
-                    if got < n * PAGE_SIZE:
-                        break
-                    page += n
+            return confirm_cached(fd, ranges) if os.fstat(fd).st_ino == file.fid.ino else BitMap()
         finally:
             os.close(fd)
-        return confirmed
 
     def _root_fd(self, run: RunInfo) -> int:
         if self._root is None or self._root[0] != run.root:
@@ -251,7 +267,14 @@ class Scrub:
     # -- btrfs: the kernel verifies checksums on every read ------------------------------------------------------------
     def _scrub_checksummed(self, ctx: ItemContext) -> ItemResult | None:
         if ctx.run.mode == "watch":
-            return ItemResult(done=False)      # watch reads nothing: only foreground reads verify (duet_observe)
+            # Watch reads nothing from the device: the file is done only if everything left was read by others.
+            want = _pages(ctx.ranges)
+            if want - confirm_cached(ctx.fd, runs_of(want & self._fresh.get(ctx.file.id, BitMap()))):
+                return ItemResult(done=False)
+            self._fresh.pop(ctx.file.id, None)
+            ctx.progress.advance(min(ctx.file.size, len(want) * PAGE_SIZE), from_device=0)
+            self._verified(ctx.run, ctx.file)
+            return None
         with self._reader(ctx.fd) as rd:
             res = read_verified(ctx, rd, _pages(ctx.ranges), self._fresh.pop(ctx.file.id, BitMap()))
         ctx.progress.advance(res.nbytes, from_device=res.from_device)
