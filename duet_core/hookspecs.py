@@ -89,10 +89,12 @@ def duet_process(ctx: ItemContext) -> ItemResult | None:
 
     :param ctx: the item: ``ctx.file`` (id, FileId, size, times), ``ctx.path``, ``ctx.fd`` (open read-only, never
         through a symlink, inside the scope), ``ctx.ranges`` to process, ``ctx.cached`` (resident ranges),
-        ``ctx.state`` (the task's own store), ``ctx.shared`` (results per file version) and ``ctx.progress``
+        ``ctx.fresh`` (those of them this run read from the device for this item), ``ctx.state`` (the task's own
+        store), ``ctx.shared`` (results per file version) and ``ctx.progress``
         (``advance(nbytes, from_device=None)``).
     :returns: None when the item is done, or an :class:`~duet_core.tasks.ItemResult` (``done=False`` to retry it in
-        a later round; counters for the report). Stops at the first non-None result.
+        a later round; counters for the report; ``damaged=True`` when the task found damage in the data, e.g. a
+        scrub's corruption, which makes ``duet run`` exit 6). Stops at the first non-None result.
 
     Called once per item. Items with the most cached pages come first; an item that must be read from the device
     is handed to every task that needs it, one after the other, while it is in the cache. An exception fails this
@@ -105,7 +107,9 @@ def duet_finish(run: RunInfo, report: TaskReport) -> dict[str, Any] | None:
     """Finish the run: publish what was built (a snapshot, a report of corrupt files) and add to the report.
 
     :param run: the run.
-    :param report: the task's totals so far; ``report.complete`` says whether every planned item is done.
+    :param report: the task's totals so far; ``report.complete`` says whether every planned item is done. A task
+        that found damage outside ``duet_process`` (say, while planning) raises ``report.items_damaged``: any
+        damaged item makes ``duet run`` exit 6.
     :returns: extra keys for this task's entry in the run summary (``duet run --json``), or None. Stops at the first
         non-None result.
 

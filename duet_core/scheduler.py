@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 from pyroaring import BitMap
 
 from duet_core import residency
@@ -48,6 +49,7 @@ BULK_LOOKUP = 2000     # more touched files than this at once: map them to file 
 EXIT_OK = 0            # every task finished its round
 EXIT_ITEM_ERRORS = 1   # the run finished, but some items failed (see the report)
 EXIT_STOPPED = 5       # stopped early (--for budget, SIGTERM/SIGINT); progress saved, the next run resumes
+EXIT_DAMAGE = 6        # a task found damage in the data (e.g. scrub: corruption); wins over the codes above
 
 
 @dataclass
@@ -103,14 +105,18 @@ def read_bytes_io() -> int:
 
 
 def runs_of(pages: BitMap) -> list[tuple[int, int]]:
-    """Page set → sorted (first, count) runs."""
-    out: list[tuple[int, int]] = []
-    for p in pages:
-        if out and out[-1][0] + out[-1][1] == p:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((p, 1))
-    return out
+    """Page set → sorted (first, count) runs. Vectorised: a 1 GiB file is 262,144 pages, and a loop over them in
+    Python took 0.1 s per call (a third of a cold scrub's CPU on large files)."""
+    if not pages:
+        return []
+    first, n = pages.min(), len(pages)
+    if pages.max() - first + 1 == n:      # one run: the common case, and numpy costs more than it saves here
+        return [(first, n)]
+    a = np.frombuffer(pages.to_array(), dtype=np.uint32).astype(np.int64)
+    breaks = np.flatnonzero(np.diff(a) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    counts = np.diff(np.concatenate((starts, [len(a)])))
+    return list(zip(a[starts].tolist(), counts.tolist()))
 
 
 def pages_of(ranges: list[tuple[int, int]]) -> BitMap:
@@ -156,6 +162,7 @@ class Runner:
         self.opts = opts or RunOptions()
         self.ui = ui or QuietUI()
         self.stop_reason: str | None = None
+        self._item_started_ns = 0       # when the current item started; also read by the first _absorb
         self.options = {t.name: resolve_options(t, self.opts.task_options.get(t.name, {})) for t in self.tasks}
 
     # -- the run ---------------------------------------------------------------------------------------------------
@@ -292,6 +299,8 @@ class Runner:
         return fid
 
     def exit_code(self, summary: dict) -> int:
+        if any(t.get("items_damaged") for t in summary["tasks"].values()):
+            return EXIT_DAMAGE
         if summary["result"] not in ("complete",):
             return EXIT_STOPPED
         if any(t["items_failed"] for t in summary["tasks"].values()):
@@ -608,7 +617,7 @@ class Runner:
             # One task after the other on the same open file: the first reads from the device, the rest find the
             # pages cached. (Running them in threads at once was measured slower here: see docs/benchmarks.md.)
             for r in needs:
-                ctx = self._item(r, f, fd, cached_pass)
+                ctx = self._item(r, f, fd, cached_pass, pre)
                 if ctx is None:
                     continue
                 result, failed = self._call(r, ctx)
@@ -639,8 +648,11 @@ class Runner:
         self._todo.discard(f.id)
         log.info("%s: %s, skipped", f.relpath, why)
 
-    def _item(self, r: _TaskRun, f: FileInfo, fd: int, cached_pass: bool) -> ItemContext | None:
-        """The item a task gets for this file now, or None (nothing to do now; a range task may be done)."""
+    def _item(self, r: _TaskRun, f: FileInfo, fd: int, cached_pass: bool, pre: BitMap) -> ItemContext | None:
+        """The item a task gets for this file now, or None (nothing to do now; a range task may be done).
+
+        ``pre``: the file's resident pages before the run touched it (before its prefetch, or before the first task
+        of this item); what is resident now beyond them the run itself read from the device moments ago."""
         resident = residency.resident_pages(fd, f.size)
         if r.spec.granularity == "file":
             if self.opts.mode == "watch" and len(resident) < f.pages:
@@ -655,7 +667,7 @@ class Runner:
                 self._mark_done(r, f.id)
                 return None
         return ItemContext(r.run, f, os.path.join(self.root, f.relpath), fd, ranges, runs_of(resident),
-                           r.run.state, r.run.shared)
+                           r.run.state, r.run.shared, fresh=runs_of(resident - pre))
 
     def _call(self, r: _TaskRun, ctx: ItemContext) -> tuple[object, bool]:
         """Run ``duet_process``; returns (result, failed)."""
@@ -684,6 +696,8 @@ class Runner:
         if isinstance(result, ItemResult):
             for k, v in result.counters.items():
                 r.report.counters[k] = r.report.counters.get(k, 0) + v
+            if result.damaged:
+                r.report.items_damaged += 1
             if result.message:
                 self.ui.message(f"{r.name}: {f.relpath}: {result.message}")
             if not result.done:   # "try again in a later round": out of this run, not failed, round left open

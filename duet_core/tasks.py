@@ -129,6 +129,10 @@ class ItemContext:
     state: TaskState
     shared: SharedResults
     progress: Progress = field(default_factory=Progress)
+    # Of ``cached``, the ranges this run itself read into the cache for this item (the scheduler's prefetch, or a
+    # task handed the file before this one): read from the device moments ago, so as good as a device read (a
+    # checksumming filesystem verified them) — unlike pages that were cached before, perhaps long ago.
+    fresh: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -143,6 +147,7 @@ class ItemResult:
     """What ``duet_process`` may return instead of ``None`` (None means: done)."""
 
     done: bool = True                    # False: not done, try again in a later round (e.g. changed meanwhile)
+    damaged: bool = False                # the task found damage in the data (a scrub: corruption); `duet run` exits 6
     counters: dict[str, int] = field(default_factory=dict)   # added to the task's report
     message: str | None = None           # one line for the log
 
@@ -155,6 +160,7 @@ class TaskReport:
     items_total: int = 0
     items_done: int = 0
     items_failed: int = 0
+    items_damaged: int = 0               # items whose data the task found damaged (ItemResult.damaged); exit code 6
     bytes_processed: int = 0
     bytes_from_cache: int = 0
     bytes_from_device: int = 0
@@ -165,6 +171,7 @@ class TaskReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"items_total": self.items_total, "items_done": self.items_done, "items_failed": self.items_failed,
+                "items_damaged": self.items_damaged,
                 "bytes_processed": self.bytes_processed, "bytes_from_cache": self.bytes_from_cache,
                 "bytes_from_device": self.bytes_from_device, "complete": self.complete,
                 "counters": dict(self.counters), "errors": self.errors[:20], **self.extra}

@@ -304,3 +304,50 @@ def defrag(
             console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
     if not all(report["targets"].values()):
         raise typer.Exit(1)
+
+
+@app.command("scrub")
+def scrub(
+    size: str = typer.Option("1G", "--size", help="Data set size (mixed file sizes)."),
+    runs: int = typer.Option(3, "--runs", min=1, help="Repetitions (medians are reported)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    layout: str = typer.Option("mixed", "--layout", help="mixed (as bench share: many small files) or large."),
+) -> None:
+    """duet's scrub against `btrfs scrub start -B` on one btrfs image: cold, and with a foreground reader.
+
+    Exits 1 if cold duet takes more than 1.5x btrfs scrub's time, or if with half the data set read by a
+    foreground program the scrub reads more than 55% of it from the device.
+
+    Examples:
+      duet bench scrub
+      duet bench scrub --layout large --runs 1 --json
+    """
+    from duet_core.bench.scrub import run_scrub_bench
+
+    with err_console.status("starting") as status:
+        if layout not in ("mixed", "large"):
+            raise DuetError(f"unknown layout {layout!r}", hint="--layout mixed or --layout large")
+        report = run_scrub_bench(size=parse_size(size), runs=runs, layout=layout, progress=status.update)
+    if json_out:
+        emit_json(report)
+    else:
+        table = Table(title=f"duet bench scrub — btrfs, {units.format_bytes(report['dataset_bytes'])} in "
+                            f"{report['files']} files ({layout}), medians of {runs}", title_justify="left")
+        for col in ("", "wall s", "device read", "x data set"):
+            table.add_column(col, justify="left" if not col else "right")
+        ds = report["dataset_bytes"]
+        table.add_row("btrfs scrub start -B, cold", f"{report['btrfs_scrub_wall_s']:.2f}",
+                      units.format_bytes(report["btrfs_scrub_device_read_bytes"]),
+                      f"{report['btrfs_scrub_device_read_bytes'] / ds:.2f}")
+        table.add_row(f"duet run scrub, cold (run alone {report['duet_cold_run_wall_s']:.2f} s)",
+                      f"{report['duet_cold_wall_s']:.2f}", units.format_bytes(report["duet_cold_device_read_bytes"]),
+                      f"{report['duet_cold_device_read_bytes'] / ds:.2f}")
+        table.add_row("duet run scrub, half read by a foreground reader", f"{report['foreground_wall_s']:.2f}",
+                      f"scrub: {report['foreground_scrub_device_share']:.0%}",
+                      f"{report['foreground_total_device_ratio']:.2f} (all)")
+        console.print(table)
+        console.print(f"cold: duet/btrfs scrub {report['cold_ratio']:.2f} (run alone {report['cold_run_ratio']:.2f})")
+        for name, ok in report["targets"].items():
+            console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
+    if not all(report["targets"].values()):
+        raise typer.Exit(1)

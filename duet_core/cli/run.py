@@ -181,6 +181,9 @@ def _print_summary(summary: dict) -> None:
                       units.format_bytes(t["bytes_from_cache"]), units.format_bytes(t["bytes_from_device"]),
                       str(t["items_failed"]))
     console.print(table)
+    for name, t in summary["tasks"].items():
+        if t.get("items_damaged"):
+            console.print(f"{name}: damage found in {t['items_damaged']} file(s) (listed above; exit code 6)")
     console.print(f"data set {units.format_bytes(summary['dataset_bytes'])}, read from the device by this run: "
                   f"{units.format_bytes(summary['device_read_bytes'])}, {summary['wall_s']:.1f} s")
 
@@ -350,7 +353,8 @@ def run(
     """Run maintenance tasks over a scope: cached files first, one device read shared by all tasks.
 
     Task options may also be given as --KEY VALUE (e.g. --target /mnt/backup). Exit codes: 0 done, 1 some items
-    failed, 2 bad input, 4 another run holds the scope, 5 stopped early (--for, SIGTERM) with progress saved.
+    failed, 2 bad input, 4 another run holds the scope, 5 stopped early (--for, SIGTERM) with progress saved, 6 a task
+    found damage in the data (scrub: corruption).
 
     Examples:
       duet run backup scrub --path /home --target /mnt/backup

@@ -1,0 +1,319 @@
+"""duet's scrub task: find silent data corruption, skipping what the system already verified for free.
+
+On **btrfs** every read from the device is checked against the data checksums, so a page a foreground program read
+into the page cache during the run (ADDED by a read, not written) has been verified — if the read succeeded, which
+``duet_observe`` confirms by reading the page back from the cache without I/O (``RWF_NOWAIT``). Pages the run itself
+just read for another task (``ctx.fresh``) are read back from the cache the same way. What is left is read from the
+device (:mod:`duet_scrub.reader`): uncached pages with ordinary reads (read-ahead keeps the device busy; duet evicts
+them afterwards), pages cached before the run with O_DIRECT — they may have been read long ago, so they do not
+answer for the device. An ``EIO`` is narrowed down to the bad 4 KiB sectors.
+
+On **ext4, xfs and others** nothing verifies reads, so the scrub keeps a manifest: per file version (size, mtime,
+ctime, inode) the blake3 of the whole file and of each 256 KiB chunk (:mod:`duet_scrub.manifest`). A file whose
+content no longer matches while its metadata is unchanged is silent corruption, reported with the chunks that
+differ. Pages foreground programs (or the run, for another task) read during the run are hashed from the cache
+(fresh from the device, no extra I/O); the rest is read from the device as above. The whole-file hash is published
+for the other tasks (``"blake3"``).
+
+A file verified within the scrub period (option ``every``, default 30 days) is not read again. Corrupt files make
+``duet run`` exit 6 and are listed under ``"corrupt"`` in the task's summary (``duet run --json``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from pyroaring import BitMap
+
+from duet_core import Event, ItemResult, TaskOption, TaskSpec, hookimpl
+from duet_core.events import PAGE_SIZE
+from duet_core.identity import open_beneath, parse_mountinfo
+from duet_core.residency import resident_pages
+from duet_core.scheduler import runs_of
+from duet_core.tasks import FileInfo, ItemContext, RunInfo, TaskReport
+from duet_scrub.manifest import Hasher, Record, differing_ranges, key, version
+from duet_scrub.reader import DirectBuffer, FileReader
+
+DAY = 86400.0
+DEFAULT_PERIOD = 30 * DAY
+
+
+def _pages(ranges) -> BitMap:
+    bm = BitMap()
+    for first, count in ranges:
+        bm.add_range(first, first + count)
+    return bm
+
+
+def _runs(pages: BitMap, kind: str) -> list[tuple[int, int, str]]:
+    """Page set -> sorted (first, count, kind) runs."""
+    return [(first, count, kind) for first, count in runs_of(pages)]
+
+
+@dataclass
+class ReadResult:
+    bad: list[tuple[int, int]] = field(default_factory=list)
+    nbytes: int = 0              # bytes covered
+    from_device: int = 0         # of them, read from the device now
+
+
+def read_verified(ctx: ItemContext, reader: FileReader, want: BitMap, observed: BitMap, sink=None) -> ReadResult:
+    """Make sure the pages ``want`` of the file were read from the device during this run, in file order.
+
+    Pages fresh in the cache — ``observed`` (others read them during the run) and ``ctx.fresh`` (the run read them
+    for this item: its prefetch, or a task before this one) — are read from the cache: a page is resident as soon as
+    its read *starts*, and stays resident, not up to date, when the read fails, so only reading it proves that it
+    came in whole (a failed one is read again and fails again). Of the others, pages cached before the run are read
+    with O_DIRECT and uncached ones with ordinary reads. ``sink`` gets every byte of ``want`` in order (b"" for a
+    piece with a bad sector). The run's own reads count as from the device, others' as from the cache.
+    """
+    size = ctx.file.size
+    by_run = _pages(ctx.fresh)
+    trusted = observed | by_run
+    resident = resident_pages(ctx.fd, size) if ctx.cached else BitMap()
+    segments = sorted(_runs(want & observed - by_run, "observed") + _runs(want & by_run, "run")
+                      + _runs((want & resident) - trusted, "stale") + _runs(want - resident - trusted, "cold"))
+    out = ReadResult()
+    for first, count, kind in segments:
+        start, end = first * PAGE_SIZE, min(size, (first + count) * PAGE_SIZE)
+        if start >= end:
+            continue
+        out.nbytes += end - start
+        direct_before = reader.direct_bytes
+        pieces = reader.direct(start, end) if kind == "stale" else reader.buffered(start, end, keep=bool(sink))
+        for piece in pieces:
+            out.bad += piece.bad
+            if kind in ("cold", "run"):
+                out.from_device += piece.size
+            if sink:
+                sink(piece.data)
+        out.from_device += reader.direct_bytes - direct_before
+    return out
+
+
+CONFIRM_RETRIES = 3        # passes over pages still being read when the event arrived ...
+CONFIRM_WAIT_S = 0.02      # ... this long apart
+
+
+def confirm_cached(fd: int, ranges) -> BitMap:
+    """The pages of ``ranges`` that are in the page cache and up to date, found without any device I/O.
+
+    ``RWF_NOWAIT`` reads return ``EAGAIN`` (or stop short) at a page that is missing, locked for a read still in
+    flight, or left not up to date by a failed read. An ADDED event can arrive while its read is still in flight,
+    so pages not confirmed are tried again a few times, briefly; a failed read never confirms.
+    """
+    confirmed, todo = BitMap(), _pages(ranges)
+    buf = bytearray(1 << 20)
+    for attempt in range(CONFIRM_RETRIES):
+        if attempt:
+            time.sleep(CONFIRM_WAIT_S)
+        for first, count in runs_of(todo):
+            page, stop = first, first + count
+            while page < stop:
+                n = min(stop - page, len(buf) // PAGE_SIZE)
+                try:
+                    got = os.preadv(fd, [memoryview(buf)[: n * PAGE_SIZE]], page * PAGE_SIZE, os.RWF_NOWAIT)
+                except OSError:
+                    got = 0                     # EAGAIN: this page is not ready
+                whole = min(n, -(-got // PAGE_SIZE))
+                if whole:
+                    confirmed.add_range(page, page + whole)
+                page += whole if whole == n else whole + 1   # skip the page that was not ready
+        todo -= confirmed
+        if not todo:
+            break
+    return confirmed
+
+
+class Scrub:
+    """The scrub task. One instance serves one run at a time; its in-memory state is reset when a new run starts."""
+
+    def __init__(self):
+        self._run_id: int | None = None
+        self._fstypes: dict[int, str] = {}
+        self._observed: dict[int, BitMap] = {}   # btrfs: file id -> pages verified by foreground reads this run
+        self._fresh: dict[int, BitMap] = {}      # file id -> pages others read into the cache this run
+        self._round_started = 0.0
+        self._buffer: DirectBuffer | None = None
+        self._root: tuple[str, int] | None = None    # the scope's root directory, to open files beneath it
+
+    def _reader(self, fd: int) -> FileReader:
+        if self._buffer is None:
+            self._buffer = DirectBuffer()
+        return FileReader(fd, self._buffer)
+
+    # -- per run, per scope ------------------------------------------------------------------------------------------
+    def _begin(self, run: RunInfo) -> None:
+        """Start of a run (any hook may come first): reset memory; at a new round, note its start, forget its
+        corrupt list. The task's store is shared by all scopes, so round keys name the scope."""
+        if run.run_id == self._run_id:
+            return
+        self._run_id = run.run_id
+        self._observed.clear()
+        self._fresh.clear()
+        if self._root is not None:
+            os.close(self._root[1])
+            self._root = None
+        current = run.state.get(f"round:{run.root}")
+        if current is None or current["n"] != run.round:
+            current = {"n": run.round, "started": time.time()}
+            run.state.put(f"round:{run.root}", current)
+            run.state.put(f"corrupt:{run.root}", {})
+        self._round_started = current["started"]
+
+    def _fstype(self, f: FileInfo) -> str:
+        """The filesystem type of the file's superblock (FileId.dev is the superblock device, as in mountinfo)."""
+        dev = f.fid.dev
+        if dev not in self._fstypes:
+            with open("/proc/self/mountinfo", "rb") as fh:
+                for m in parse_mountinfo(fh.read()).values():
+                    self._fstypes[m.dev] = m.fstype
+        return self._fstypes.get(dev, "unknown")
+
+    def _verified(self, run: RunInfo, f: FileInfo, b3: str | None = None, chunks: str | None = None) -> None:
+        run.state.put(key(f), Record(version(f), self._round_started, b3, chunks).dump())
+
+    def _corrupt(self, ctx: ItemContext, ranges: list[tuple[int, int]], why: str) -> ItemResult:
+        """Remember and report a corrupt file: its absolute path and the byte ranges ``[start, end)``. Its record
+        keeps the last good hashes, marked bad, so every round checks it again."""
+        rec = Record.load(ctx.state.get(key(ctx.file))) or Record(version(ctx.file), 0.0)
+        rec.bad = True
+        ctx.state.put(key(ctx.file), rec.dump())
+        entry = {"path": ctx.path, "ranges": [[s, e] for s, e in ranges], "error": why}
+        found = ctx.run.state.get(f"corrupt:{ctx.run.root}", {})
+        found[ctx.file.relpath] = entry
+        ctx.run.state.put(f"corrupt:{ctx.run.root}", found)
+        where = ", ".join(f"{s}-{e}" for s, e in ranges)
+        return ItemResult(damaged=True, counters={"corrupt_files": 1}, message=f"CORRUPT ({why}): bytes {where}")
+
+    # -- hooks -------------------------------------------------------------------------------------------------------
+    @hookimpl
+    def duet_task(self) -> TaskSpec:
+        return TaskSpec(
+            "scrub", "find silent data corruption (btrfs checksums; blake3 manifest elsewhere), cached data first",
+            events=Event.EXISTS | Event.ADDED, granularity="range",
+            options=(TaskOption("every", "duration", default=DEFAULT_PERIOD,
+                                help="scrub period: a file verified this recently is not read again (e.g. 30d)"),))
+
+    @hookimpl
+    def duet_plan(self, run: RunInfo, files) -> list[int]:
+        """Files never verified, changed since, found corrupt, or verified longer ago than the period."""
+        self._begin(run)
+        period, now = run.options["every"], time.time()
+        chosen = []
+        for f in files:
+            rec = Record.load(run.state.get(key(f)))
+            if rec is None or rec.bad or rec.v != version(f) or now - rec.at >= period:
+                chosen.append(f.id)
+        return chosen
+
+    @hookimpl
+    def duet_observe(self, run: RunInfo, file: FileInfo, added):
+        """Pages someone else read into the cache during the run.
+
+        btrfs: a page read from the device was checked against its checksum — if the read succeeded. A page is
+        ADDED when its read starts, and a page whose read failed stays in the cache, not up to date; so the pages
+        are read back from the cache here with RWF_NOWAIT, which never goes to the device and refuses a page that
+        is not up to date. Those that come back whole are done; the rest are read when the file is processed.
+        Elsewhere the pages are remembered, to be hashed from the cache instead of read again."""
+        self._begin(run)
+        pages = _pages(added)
+        self._fresh.setdefault(file.id, BitMap()).update(pages)
+        if self._fstype(file) != "btrfs":
+            return None
+        confirmed = self._confirm_cached(run, file, added)
+        seen = self._observed.setdefault(file.id, BitMap())
+        seen |= confirmed
+        if file.pages and len(seen) >= file.pages:
+            self._verified(run, file)
+        return runs_of(confirmed)
+
+    def _confirm_cached(self, run: RunInfo, file: FileInfo, ranges) -> BitMap:
+        """The pages of ``ranges`` that are in the cache and up to date (read without any device I/O)."""
+        try:
+            fd = open_beneath(self._root_fd(run), file.relpath, os.O_RDONLY | os.O_NOATIME)
+        except OSError:
+            return BitMap()                     # gone or replaced: the scheduler finds out when it opens the file
+        try:
+            return confirm_cached(fd, ranges) if os.fstat(fd).st_ino == file.fid.ino else BitMap()
+        finally:
+            os.close(fd)
+
+    def _root_fd(self, run: RunInfo) -> int:
+        if self._root is None or self._root[0] != run.root:
+            if self._root is not None:
+                os.close(self._root[1])
+            self._root = (run.root, os.open(run.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        return self._root[1]
+
+    @hookimpl
+    def duet_process(self, ctx: ItemContext) -> ItemResult | None:
+        self._begin(ctx.run)
+        if self._fstype(ctx.file) == "btrfs":
+            return self._scrub_checksummed(ctx)
+        return self._scrub_hashed(ctx)
+
+    @hookimpl
+    def duet_finish(self, run: RunInfo, report: TaskReport) -> dict:
+        """The corrupt files of this round (also those found by earlier runs of it, which keep the exit code 6)."""
+        self._begin(run)
+        corrupt = list(run.state.get(f"corrupt:{run.root}", {}).values())
+        report.items_damaged = max(report.items_damaged, len(corrupt))
+        return {"corrupt": corrupt, "verified_from_cache_bytes": report.bytes_from_cache,
+                "verified_from_device_bytes": report.bytes_from_device}
+
+    # -- btrfs: the kernel verifies checksums on every read ------------------------------------------------------------
+    def _scrub_checksummed(self, ctx: ItemContext) -> ItemResult | None:
+        if ctx.run.mode == "watch":
+            # Watch reads nothing from the device: the file is done only if everything left was read by others.
+            want = _pages(ctx.ranges)
+            if want - confirm_cached(ctx.fd, runs_of(want & self._fresh.get(ctx.file.id, BitMap()))):
+                return ItemResult(done=False)
+            self._fresh.pop(ctx.file.id, None)
+            ctx.progress.advance(min(ctx.file.size, len(want) * PAGE_SIZE), from_device=0)
+            self._verified(ctx.run, ctx.file)
+            return None
+        with self._reader(ctx.fd) as rd:
+            res = read_verified(ctx, rd, _pages(ctx.ranges), self._fresh.pop(ctx.file.id, BitMap()))
+        ctx.progress.advance(res.nbytes, from_device=res.from_device)
+        if res.bad:
+            return self._corrupt(ctx, res.bad, "checksum error (EIO)")
+        self._verified(ctx.run, ctx.file)
+        return None
+
+    # -- elsewhere: content hashes per file version --------------------------------------------------------------------
+    def _scrub_hashed(self, ctx: ItemContext) -> ItemResult | None:
+        f, fd = ctx.file, ctx.fd
+        fresh = self._fresh.pop(f.id, BitMap())
+        if fresh:
+            fresh &= resident_pages(fd, f.size)
+        if ctx.run.mode == "watch" and len(fresh) < f.pages:
+            return ItemResult(done=False)      # watch hashes only files read whole by someone else
+        before = os.fstat(fd)
+        hasher = Hasher()
+        with self._reader(fd) as rd:
+            res = read_verified(ctx, rd, BitMap(range(f.pages)) if f.pages else BitMap(), fresh,
+                                sink=hasher.update)
+        ctx.progress.advance(res.nbytes, from_device=res.from_device)
+        after = os.fstat(fd)
+        if not _same_version(f, before) or not _same_version(f, after):
+            return ItemResult(counters={"changed_while_scrubbed": 1})   # a new version: checked next round
+        if res.bad:
+            return self._corrupt(ctx, res.bad, "read error (EIO)")
+        whole, chunks = hasher.finish()
+        ctx.shared.put(f, "blake3", whole)
+        rec = Record.load(ctx.state.get(key(f)))
+        if rec and rec.v == version(f) and rec.b3 and rec.b3 != whole:
+            ranges = list(differing_ranges(rec.chunks or "", chunks, f.size)) or [(0, f.size)]
+            return self._corrupt(ctx, ranges, "content changed, metadata did not")
+        self._verified(ctx.run, f, whole, chunks)
+        return None
+
+
+def _same_version(f: FileInfo, st: os.stat_result) -> bool:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == (f.size, f.mtime_ns, f.ctime_ns, f.fid.ino)
+
+
+plugin = Scrub()
