@@ -41,7 +41,9 @@ log = logging.getLogger("duet.run")
 PLAN_BATCH = 4096
 COMMIT_EVERY_S = 1.0   # commit progress at least this often ...
 SLOW_ITEM_S = 0.1      # ... and after every item that took this long: a crash then redoes at most one of them
-PREFETCH_MAX = 64 << 20
+PREFETCH_MAX = 64 << 20       # no file larger than this is read ahead
+PREFETCH_BYTES = 32 << 20     # read ahead at most this much ...
+PREFETCH_FILES = 64           # ... in at most this many files
 ID_CACHE = 1 << 16     # FileId <-> file id pairs kept in memory (the store has them all)
 BULK_LOOKUP = 2000     # more touched files than this at once: map them to file ids in one pass over the store
 
@@ -421,11 +423,15 @@ class Runner:
             finally:
                 os.close(fd)
         self._prefetched.clear()
+        self._prefetch_size.clear()
 
     def _loop_inner(self, started: float) -> None:
         self._last_commit = time.monotonic()
         self._device_bytes = 0
         self._prefetched: dict[int, BitMap] = {}   # file id -> its resident pages before we prefetched it
+        self._prefetch_size: dict[int, int] = {}   # file id -> bytes, for prefetched files not processed yet
+        self._prefetch_cursor = -1                 # the last file id prefetched
+        self._prefetch_window = min(PREFETCH_BYTES, self.store.dataset_bytes(self.scope_id) // 16)
         self._last_read_device = False             # prefetch only once tasks are seen reading what is not cached
         self._item_started_ns = 0
         while self.stop_reason is None:
@@ -442,7 +448,7 @@ class Runner:
                 self._idle_wait()
                 continue
             if not cached_pass and self._last_read_device:
-                self._prefetch_after(pick)
+                self._prefetch_ahead(pick)
             t0 = time.monotonic()
             self._process_file(pick, cached_pass)
             slow = time.monotonic() - t0 >= SLOW_ITEM_S
@@ -549,31 +555,48 @@ class Runner:
     def _pick_uncached(self) -> int | None:
         return self._todo.min() if self._todo else None
 
-    def _prefetch_after(self, file_id: int) -> None:
-        """Start the device read of the next uncached file while the tasks work on this one (I/O overlaps CPU).
+    def _prefetch_ahead(self, file_id: int) -> None:
+        """Keep the device busy with the next uncached files while the tasks work on this one (I/O overlaps CPU).
 
-        Only one file ahead, and only one no larger than PREFETCH_MAX, so the page cache the run uses stays small.
-        Its pages count as brought in by the run: evicted after use, and read from the device in the report.
+        Up to PREFETCH_FILES files and PREFETCH_BYTES ahead in scan order, and never more than a sixteenth of the
+        data set (one file is always allowed; none above PREFETCH_MAX), so the page cache the run uses stays small
+        and most files are still open to foreground reads, while many reads are queued at once — what small files
+        need to come near the device's speed. Their pages count as brought in by the run: evicted after use, and
+        read from the device in the report.
         """
-        if not self._todo or self._todo.max() <= file_id:
-            return
-        nxt = self._todo.next_set_bit(file_id + 1)
-        if nxt in self._prefetched:
-            return
-        f = self.store.file(self.scope_id, nxt)
-        if f is None or not f.size or f.size > PREFETCH_MAX:
-            return
-        try:
-            fd = self.scope.open(f.relpath)
-        except OSError:
-            return
-        try:
-            self._prefetched[nxt] = residency.resident_pages(fd, f.size)
-            os.posix_fadvise(fd, 0, f.size, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        in_flight = 0
+        for fid_ in list(self._prefetch_size):
+            if fid_ in self._todo:
+                in_flight += self._prefetch_size[fid_]
+            else:   # left the round without being processed (vanished, failed): no longer in flight
+                del self._prefetch_size[fid_]
+        window = self._prefetch_window
+        nxt = max(file_id, self._prefetch_cursor)
+        while len(self._prefetch_size) < PREFETCH_FILES and in_flight < window:
+            if not self._todo or self._todo.max() <= nxt:
+                return
+            nxt = self._todo.next_set_bit(nxt + 1)
+            if nxt in self._prefetched:
+                continue
+            f = self.store.file(self.scope_id, nxt)
+            if f is None or not f.size:
+                continue
+            if f.size > PREFETCH_MAX or (in_flight and in_flight + f.size > window):
+                return
+            self._prefetch_cursor = nxt
+            try:
+                fd = self.scope.open(f.relpath)
+            except OSError:
+                continue
+            try:
+                self._prefetched[nxt] = residency.resident_pages(fd, f.size)
+                os.posix_fadvise(fd, 0, f.size, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            self._prefetch_size[nxt] = f.size
+            in_flight += f.size
 
     def _idle_wait(self) -> None:
         """Watch mode (or nothing cached): wait for the page cache to bring work."""
@@ -610,6 +633,7 @@ class Runner:
             if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (f.size, f.mtime_ns, f.ctime_ns):
                 f = FileInfo(f.id, f.fid, f.relpath, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             pre = self._prefetched.pop(f.id, None)
+            self._prefetch_size.pop(f.id, None)
             if pre is None:
                 pre = residency.resident_pages(fd, f.size)
             self._attributed = len(pre)     # resident pages the run's tasks did not read
