@@ -39,6 +39,28 @@ RACY_NS = 2_000_000_000
 BTRFS_SUBVOL_ROOT_INO = 256
 
 
+def open_regular(root_fd: int, relpath: str) -> int:
+    """Open ``relpath`` beneath ``root_fd`` for reading, only if it is a regular file (OSError otherwise).
+
+    A name the scan saw as a regular file may be a fifo, a socket or a device by the time it is opened (renamed
+    over it meanwhile). Opening a fifo for reading blocks until a writer comes, and opening a device can act on
+    it (a tape rewinds), so the name is first opened with ``O_PATH`` — which opens nothing — and only a regular file
+    is then reopened for reading through ``/proc/self/fd``, the same inode, whatever the name points to meanwhile.
+    """
+    pfd = open_beneath(root_fd, relpath, os.O_PATH)
+    try:
+        mode = os.fstat(pfd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"not a regular file (mode {stat.filemode(mode)})", relpath)
+        proc = f"/proc/self/fd/{pfd}"
+        try:
+            return os.open(proc, os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
+        except PermissionError:   # O_NOATIME needs the file's owner or CAP_FOWNER
+            return os.open(proc, os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(pfd)
+
+
 class ScannedFile(NamedTuple):
     """A regular file in the scope, with its size and times (ns) when it was found."""
 
@@ -230,7 +252,8 @@ class Scope:
         return mount.root == "/" and mount.mount_point == path
 
     def open(self, relpath: str) -> int:
-        """Open a file of the scope read-only without following any symlink or leaving the scope."""
+        """Open a regular file of the scope read-only without following any symlink or leaving the scope
+        (:func:`open_regular`)."""
         with self.opener() as open_file:
             return open_file(relpath)
 
@@ -240,10 +263,7 @@ class Scope:
         root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
         def open_file(relpath: str) -> int:
-            try:
-                return open_beneath(root_fd, relpath, os.O_RDONLY | os.O_NOATIME)
-            except PermissionError:
-                return open_beneath(root_fd, relpath, os.O_RDONLY)
+            return open_regular(root_fd, relpath)
 
         try:
             yield open_file
