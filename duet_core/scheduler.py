@@ -26,7 +26,7 @@ from pyroaring import BitMap
 
 from duet_core import residency
 from duet_core.engine import Engine
-from duet_core.errors import DuetError
+from duet_core.errors import DuetError, printable
 from duet_core.events import PAGE_SIZE, Event, FileId
 from duet_core.identity import inode_generation
 from duet_core.lock import ScopeLock
@@ -623,7 +623,7 @@ class Runner:
             r.progress.complete = not r.progress.pending
             r.report.counters["vanished"] = r.report.counters.get("vanished", 0) + 1
         self._todo.discard(f.id)
-        log.info("%s: %s, skipped", f.relpath, why)
+        log.info("%s: %s, skipped", printable(f.relpath), why)
 
     def _item(self, r: _TaskRun, f: FileInfo, fd: int, cached_pass: bool) -> ItemContext | None:
         """The item a task gets for this file now, or None (nothing to do now; a range task may be done)."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import sys
 
 import typer
 
 from duet_core import __version__
-from duet_core.cli import bench, demo, doctor, events, plugins, run, status
-from duet_core.errors import DuetError
+from duet_core.cli import bench, demo, doctor, events, plugins, run, state, status
+from duet_core.errors import DuetError, printable
 
 app = typer.Typer(
     name="duet",
@@ -26,6 +27,7 @@ app.command("run", context_settings=run.EXTRA)(run.run)
 app.command("watch", context_settings=run.EXTRA)(run.watch)
 app.command("status")(status.status)
 app.command("plugins")(plugins.plugins)
+app.add_typer(state.app, name="state")
 
 
 def _version(value: bool) -> None:
@@ -44,12 +46,22 @@ def _root(
 
 
 def main() -> None:
-    """Entry point: typer reports usage errors itself (exit 2); a DuetError becomes one line and its exit code."""
+    """Entry point: typer reports usage errors itself (exit 2); a DuetError becomes one line and its exit code.
+
+    A state database that turns out damaged in the middle of its use (SQLite checks pages as it reads them) is an
+    expected failure too: one line, exit 2, and the way out.
+    """
     try:
         app()
     except DuetError as exc:
-        print(f"duet: error: {exc}", file=sys.stderr)
+        print(f"duet: error: {printable(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except sqlite3.DatabaseError as exc:
+        what = "busy" if "locked" in str(exc) else "damaged"
+        hint = ("another program holds it" if what == "busy" else
+                "duet state reset --all moves it aside and starts afresh; the old file is kept")
+        print(f"duet: error: the state database is {what}: {printable(str(exc))} ({hint})", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
 

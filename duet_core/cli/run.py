@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from duet_core import units
 from duet_core.cli.output import console, emit_json, is_tty, note
 from duet_core.config import Config, load_config
-from duet_core.errors import DuetError
+from duet_core.errors import DuetError, printable
 from duet_core.plugins import TaskRegistry, load_plugins
 from duet_core.scheduler import Runner, RunOptions
 from duet_core.state import DEFAULT_STATE_DIR, StateStore
@@ -100,6 +100,7 @@ class LiveUI:
                 print(f"duet: {name}: {rep.items_done}/{rep.items_total} files, {_detail(rep)}", file=sys.stderr)
 
     def message(self, line: str) -> None:
+        line = printable(line)   # it may hold a file name: one line, no terminal escapes
         if self.bars:
             self.bars.console.print(line, markup=False)
         else:
