@@ -182,6 +182,9 @@ class Runner:
         scope = Scope(self.root, one_file_system=self.opts.one_file_system)
         store.sync_files(self.scope_id, scope.scan())
         phases = {"scan_s": time.monotonic() - started}
+        if scope.skipped:   # unreadable, too deep for PATH_MAX, or gone while the walk ran: said, not hidden
+            self.ui.message(f"{scope.skipped} director(ies) or entries of the scope could not be read and were "
+                            "skipped (run with -v for each)")
         self.scope = scope
         self._ids: dict[FileId, int] = {}       # file id <-> FileId, for files the engine reports: filled on demand
         self._fids: dict[int, FileId] = {}
@@ -219,7 +222,7 @@ class Runner:
         summary = {
             "scope": self.root, "result": result, "source": source,
             "tasks": {r.name: r.report.as_dict() for r in self.runs},
-            "dataset_bytes": dataset_bytes,
+            "dataset_bytes": dataset_bytes, "scan_skipped": self.scope.skipped,
             "device_read_bytes": read_bytes_io() - io_start,
             "wall_s": round(time.monotonic() - started, 3),
             "phases": {k: round(v, 3) for k, v in phases.items()},   # scan+sync, planning, engine snapshot
@@ -576,6 +579,10 @@ class Runner:
             return
         try:
             fd = self.scope.open(f.relpath)
+        except PermissionError as exc:   # there but unreadable: a failure the user must hear of, not a vanishing
+            for r in needs:
+                self._item_failed(r, f, f"cannot open: {exc.strerror}")
+            return
         except OSError as exc:
             self._vanished(f, needs, f"cannot open: {exc.strerror}")
             return
@@ -648,13 +655,17 @@ class Runner:
         try:
             return r.task.hook.duet_process(ctx=ctx), False
         except Exception as exc:  # noqa: BLE001 - a task's failure on one item is that item's
-            r.report.items_failed += 1
-            r.report.errors.append(f"{ctx.file.relpath}: {type(exc).__name__}: {exc}")
-            self.ui.message(f"{r.name}: {ctx.file.relpath}: {type(exc).__name__}: {exc}")
-            r.failed.add(ctx.file.id)
-            if not self._needs(ctx.file.id):
-                self._todo.discard(ctx.file.id)
+            self._item_failed(r, ctx.file, f"{type(exc).__name__}: {exc}")
             return None, True
+
+    def _item_failed(self, r: _TaskRun, f: FileInfo, why: str) -> None:
+        """Count a failed item in the task's report and leave it for the next run."""
+        r.report.items_failed += 1
+        r.report.errors.append(f"{f.relpath}: {why}")
+        self.ui.message(f"{r.name}: {f.relpath}: {why}")
+        r.failed.add(f.id)
+        if not self._needs(f.id):
+            self._todo.discard(f.id)
 
     def _account(self, r: _TaskRun, ctx: ItemContext, result: object, device_share: int) -> int:
         """Count one processed item in the task's report and progress; returns the device bytes charged to it."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import stat
 import time
@@ -30,9 +31,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from duet_core.errors import DuetError
+from duet_core.errors import DuetError, printable
 from duet_core.events import FileId
 from duet_core.identity import DevMap, mounts, open_beneath, statx
+
+log = logging.getLogger(__name__)
 
 # A directory modified this recently may change again within the same mtime tick; it is re-listed next time.
 RACY_NS = 2_000_000_000
@@ -348,8 +351,8 @@ class Scope:
         old = self._dirs.get(rel)
         try:
             fd = open_beneath(root_fd, rel or ".", os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            self.skipped += 1
+        except OSError as exc:
+            self._skip(rel, exc)
             yield from self._drop(rel)
             return
         try:
@@ -363,8 +366,8 @@ class Scope:
                 stack.extend(_join(rel, name) for name in old.subdirs)
                 return
             yield from self._list(fd, st, (info.dev, info.subvol), root_fd, rel, old, stack)
-        except OSError:
-            self.skipped += 1
+        except OSError as exc:
+            self._skip(rel, exc)
             yield from self._drop(rel)
         finally:
             os.close(fd)
@@ -400,8 +403,8 @@ class Scope:
                         relpath = _join(rel, entry.name)
                         fid, fst = self._new_file(entry, st.st_dev, fid, root_fd, relpath)
                         yield ScannedFile(fid, relpath, fst.st_size, fst.st_mtime_ns, fst.st_ctime_ns, fst.st_nlink)
-                except OSError:
-                    self.skipped += 1  # vanished while we looked
+                except OSError as exc:
+                    self._skip(_join(rel, entry.name), exc)  # vanished while we looked
                     continue
                 if (fid.dev, fid.subvol) != key:
                     continue  # a file bind-mounted over this entry: another filesystem's file, left out
@@ -434,6 +437,11 @@ class Scope:
         if (st.st_dev, st.st_ino) != (dir_dev, fid.ino):
             fid = self._devmap.file_id(st.st_dev, st.st_ino, relpath, root_fd)
         return fid, st
+
+    def _skip(self, rel: str, exc: OSError) -> None:
+        """Count an entry the walk could not read (unreadable, deeper than PATH_MAX, gone meanwhile); log it."""
+        self.skipped += 1
+        log.info("%s: skipped: %s", printable(rel or "."), exc.strerror or exc)
 
     def _drop(self, rel: str) -> Iterator[_Lost]:
         """Forget a directory and everything below it, yielding its files as lost."""
