@@ -182,24 +182,28 @@ class StateStore:
         old_umask = os.umask(0o077)
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            tables = self._tables()   # before anything writes: a foreign database is left exactly as it is
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
-            self._init_schema()
+            if not tables:
+                self._create_schema()
         except sqlite3.DatabaseError as exc:
             raise StateUnusable(f"state database {self.path} is unusable: {exc}", self.dir) from None
         finally:
             os.umask(old_umask)
 
-    def _init_schema(self) -> None:
-        """Create the schema in a new (empty) database; refuse one of another schema version or another program.
+    def _tables(self) -> set[str]:
+        """The tables of the database, checked to be duet's of this schema version (none: a new database).
 
-        Readers (duet status) must not queue behind a running duet for a write lock: look before writing.
+        Only reads: readers (duet status) must not queue behind a running duet for a write lock.
         """
         tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if tables:
             row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() if "meta" in tables else None
             self._check_schema(row, tables)
-            return
+        return tables
+
+    def _create_schema(self) -> None:
         with self.tx():
             for stmt in filter(str.strip, SCHEMA.split(";")):
                 self.db.execute(stmt)
@@ -207,7 +211,7 @@ class StateStore:
             if row is None:   # not created meanwhile by another duet starting at the same moment
                 self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             else:
-                self._check_schema(row, tables)
+                self._check_schema(row, {"meta"})
 
     def _check_schema(self, row: tuple | None, tables: set[str]) -> None:
         if row is None:
