@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import sys
 
@@ -45,12 +46,24 @@ def _root(
     logging.basicConfig(level=level, format="duet: %(message)s", stream=sys.stderr)
 
 
+def _working_directory_off_path() -> None:
+    """Plugins come from installed distributions only. ``python -m`` puts the working directory first on sys.path,
+    and duet runs as root in directories others write (a scope): a ``duet_*.py`` or a ``*.dist-info`` planted
+    there must not be imported or found as an entry point."""
+    try:
+        cwd = os.getcwd()
+    except OSError:   # deleted meanwhile
+        cwd = None
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", cwd)]
+
+
 def main() -> None:
     """Entry point: typer reports usage errors itself (exit 2); a DuetError becomes one line and its exit code.
 
     A state database that turns out damaged in the middle of its use (SQLite checks pages as it reads them) is an
     expected failure too: one line, exit 2, and the way out.
     """
+    _working_directory_off_path()
     try:
         app()
     except DuetError as exc:
