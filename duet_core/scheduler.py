@@ -16,7 +16,9 @@ from __future__ import annotations
 import ctypes
 import heapq
 import logging
+import math
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -780,12 +782,24 @@ def resolve_options(task: LoadedTask, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def _convert(kind: str, raw: Any, units) -> Any:
+    if isinstance(raw, (list, dict)):   # from the config's [task.NAME] table: every option type is a scalar
+        raise ValueError(f"expected a single value, got {type(raw).__name__} {raw!r}")
     if kind == "str":
         return str(raw)
-    if kind == "int":
-        return int(raw)
+    if kind == "int":   # not bool, not 1.5 (int() would drop the fraction), not a list from the config
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and re.fullmatch(r"\s*[-+]?\d+\s*", raw):
+            return int(raw)
+        raise ValueError(f"{raw!r} is not a whole number")
     if kind == "float":
-        return float(raw)
+        try:
+            value = float(raw) if isinstance(raw, (int, float, str)) and not isinstance(raw, bool) else None
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value):
+            raise ValueError(f"{raw!r} is not a finite number")
+        return value
     if kind == "bool":
         if isinstance(raw, bool):
             return raw
@@ -795,10 +809,10 @@ def _convert(kind: str, raw: Any, units) -> Any:
         if text in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{raw!r} is not a boolean (true/false)")
-    if kind == "size":
-        return raw if isinstance(raw, int) else units.parse_size(str(raw))
+    if kind == "size":   # the parsers check numbers from the config too (not negative, not bool, in range)
+        return units.parse_size(raw if isinstance(raw, (int, float)) else str(raw))
     if kind == "duration":
-        return float(raw) if isinstance(raw, (int, float)) else units.parse_duration(str(raw))
+        return units.parse_duration(raw if isinstance(raw, (int, float)) else str(raw))
     if kind == "path":
         if not os.path.isabs(str(raw)):
             raise ValueError(f"{raw!r} is not an absolute path")
