@@ -21,11 +21,14 @@ from hypothesis import strategies as st
 from duet_core import units
 from duet_core.config import ConfigError, parse_config
 from duet_core.engine import MAX_PAGE, mask_pages
-from duet_core.errors import printable
+from duet_core.errors import DuetError, printable
 from duet_core.events import Event
 from duet_core.identity import open_beneath
+from duet_core.plugins import LoadedTask
+from duet_core.scheduler import resolve_options
 from duet_core.scope import open_regular
 from duet_core.state import db_path, py_path
+from duet_core.tasks import TaskOption, TaskSpec
 
 EXAMPLES = int(os.environ.get("DUET_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None,
@@ -161,6 +164,32 @@ def _check_config(text: str) -> None:
         assert os.path.isabs(scope.path) and os.path.normpath(scope.path) == scope.path and "\0" not in scope.path
         assert scope.tasks and all(isinstance(t, str) and t.strip() for t in scope.tasks)
         assert scope.budget is None or scope.budget >= 0
+
+
+OPTION_VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=2), st.dictionaries(KEYS, SCALARS, max_size=2),
+                          st.sampled_from(["50MB", "1h", "yes", "off", " 7 ", "-0", "1e3", "inf"]))
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["s", "i", "f", "b", "z", "d", "p"]), OPTION_VALUES, max_size=7))
+def test_task_option_values_are_typed_or_one_duet_error(given_values):
+    """What a config's [task.NAME] table or -o gives a task is converted to the option's type, or refused."""
+    spec = TaskSpec("typed", "all option types", options=tuple(
+        TaskOption(n, t) for n, t in zip("sifbzdp", ("str", "int", "float", "bool", "size", "duration", "path"))))
+    task = LoadedTask(spec, None, "fuzz", "0", "fuzz")
+    try:
+        out = resolve_options(task, given_values)
+    except DuetError:
+        return
+    kinds = {"s": str, "i": int, "f": float, "b": bool, "z": int, "d": float, "p": str}
+    for name, value in given_values.items():
+        assert type(out[name]) is kinds[name], (name, value, out[name])
+        if name in "fd":
+            assert math.isfinite(out[name])
+        if name in "zd":
+            assert out[name] >= 0
+        if name == "p":
+            assert os.path.isabs(out[name])
 
 
 # -- events ------------------------------------------------------------------------------------------------------------
