@@ -21,6 +21,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import plugin_dist
@@ -126,11 +127,12 @@ def _fill(text: str, tmp: str, scope: str) -> str:
     return text.replace("{tmp}", tmp).replace("{scope}", scope)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_a_documented_code_and_changes_nothing(duet, tmp_path, case):
+def _prepare(case: Case, tmp_path) -> list[str]:
+    """The scratch tree of one case (a scope, a fifo, a symlink loop, a state directory and a symlink to it, the
+    config); returns the command line."""
     tmp = str(tmp_path)
     scope = tmp_path / "scope"
-    scope.mkdir()
+    scope.mkdir(parents=True)
     (scope / "a").write_bytes(b"data of a\n")
     os.mkfifo(tmp_path / "fifo")
     os.symlink("loop2", tmp_path / "loop1")
@@ -145,13 +147,41 @@ def test_bad_input_is_one_line_a_documented_code_and_changes_nothing(duet, tmp_p
         else:
             config.write_text(_fill(case.config, tmp, str(scope)))
         args += ["--config", str(config)]
-    before = tree_snapshot(tmp_path)
-    proc = duet(*args, timeout=60)
-    line = one_error(proc, case.code, _fill(case.needle, tmp, str(scope)))
+    return args
+
+
+@pytest.fixture(scope="module")
+def bad_input_outcomes(tmp_path_factory):
+    """Every case run at once (four processes at a time: each is mostly interpreter start-up), each in its own
+    scratch tree with its own state directory and task log: {case id: (process, tree before, tree after)}."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    base = tmp_path_factory.mktemp("bad-input")
+    duet = RDuet(base)
+
+    def one(case: Case):
+        where = base / case.id
+        args = _prepare(case, where)
+        env = dict(duet.env, DUET_STATE_DIR=str(where / "state"), DUET_TEST_LOG=str(where / "log"))
+        before = tree_snapshot(where)
+        proc = duet(*args, timeout=120, env=env)
+        return proc, before, tree_snapshot(where)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = dict(zip((c.id for c in CASES), pool.map(one, CASES)))
+    return base, results
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_a_documented_code_and_changes_nothing(bad_input_outcomes, case):
+    base, results = bad_input_outcomes
+    proc, before, after = results[case.id]
+    where = base / case.id
+    line = one_error(proc, case.code, _fill(case.needle, str(where), str(where / "scope")))
     assert "\x1b" not in proc.stderr and line.isprintable()
     assert proc.stdout == ""
-    assert not duet.log.exists(), "a task ran"
-    assert tree_snapshot(tmp_path) == before, "something changed"
+    assert not (where / "log").exists(), "a task ran"
+    assert after == before, "something changed"
 
 
 def test_every_case_is_in_the_table_of_docs_reliability():

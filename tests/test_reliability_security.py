@@ -19,8 +19,8 @@ import time
 
 import fsimage
 import pytest
-from reliability import RDuet, sha256, tree_snapshot
 from plugin_dist import evict_tree
+from reliability import RDuet, sha256, tree_snapshot
 from test_run_cli import summary_of, wait_for
 
 from duet_core.engine import Engine

@@ -186,3 +186,15 @@ def test_reset_one_scope_keeps_a_copy_and_leaves_the_others(duet, tmp_path):
     assert (status[a]["round"], status[a]["items_done"]) == (1, len(files_a))
     assert (status[b]["round"], status[b]["items_done"], status[b]["complete"]) == (1, len(files_b), True)
     assert sorted(p for _, p, _ in duet.hex_log()) == sorted([*files_a, *files_a, *files_b])
+
+
+def test_reset_refuses_while_a_run_holds_a_scope(duet, tmp_path):
+    make_scope(tmp_path / "scope", 2)
+    scope = str(tmp_path / "scope")
+    assert duet("run", "hexer", "--path", scope).returncode == 0
+    db = str(duet.state / "state.db")
+    before = fingerprint(db)
+    with ScopeLock(str(duet.state), scope):
+        one_error(duet("state", "reset", "--all", "--yes"), 4, f"(pid {os.getpid()}) is working on {scope}")
+        one_error(duet("state", "reset", "--path", scope, "--yes"), 4, "another duet run")
+    assert fingerprint(db) == before and not glob.glob(db + ".*")
