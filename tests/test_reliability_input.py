@@ -21,6 +21,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -420,3 +421,25 @@ def test_tmpfs_scope_is_processed_as_all_cached(duet, tmp_path, require_root):
         assert all((mnt / n).read_bytes() == d for n, d in files.items())
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_duet_events_prints_hostile_names_escaped(duet, ext4_fs):
+    """``duet events`` (plain lines when not on a terminal) shows the files read meanwhile, names escaped."""
+    scope = os.path.join(ext4_fs.mnt, "scope")
+    os.mkdir(scope)
+    names = {b"ev\nnl": "ev\\nnl", b"ev\x1b[31mred": "ev\\x1b[31mred", b"ev\xff": "ev\\xff"}
+    for name in names:
+        path = os.path.join(os.fsencode(scope), name)
+        with open(path, "wb") as fh:
+            fh.write(os.urandom(64 << 10))
+        plugin_dist.evict(path)
+    proc = duet.start("events", "--path", scope, "--duration", "4", "--mask", "added")
+    time.sleep(1.5)      # the BPF programs are attached by then
+    for name in names:
+        with open(os.path.join(os.fsencode(scope), name), "rb") as fh:
+            fh.read()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "\x1b" not in out
+    shown = {line.split(": added")[0] for line in out.splitlines()}
+    assert set(names.values()) <= shown, out
