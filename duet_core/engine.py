@@ -119,7 +119,7 @@ class Engine:
                 if kind == "bpf":
                     raise
                 self.source_warning = f"BPF unavailable ({exc}); polling page-cache residency instead"
-                log.warning("%s", self.source_warning)
+                log.info("%s", self.source_warning)   # callers show source_warning once
         return PollSource(self._all_files)
 
     @property

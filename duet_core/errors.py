@@ -25,3 +25,19 @@ class BpfUnavailable(DuetError):
     """The BPF event source cannot be used here (not root, no BTF, object missing, load refused)."""
 
     exit_code = 3
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on one line: control characters (a newline in a file name, terminal escapes) become
+    backslash escapes, and bytes that are not UTF-8 (surrogate-escaped by Python) become ``\\xNN``."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)

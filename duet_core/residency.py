@@ -81,8 +81,10 @@ def open_noatime(path: str | bytes | os.PathLike, dir_fd: int | None = None) -> 
 def cachestat(fd: int, off: int = 0, length: int = 0) -> CacheStat | None:
     """``cachestat(2)`` of bytes ``[off, off + length)`` of ``fd`` (``length`` 0: to the end of the file).
 
-    Returns None when the kernel lacks the syscall (ENOSYS, before Linux 6.5) so callers can fall back to
-    :func:`mincore_pages`; raises OSError otherwise.
+    Returns None when the kernel lacks the syscall (ENOSYS, before Linux 6.5) or will not tell (EPERM: like
+    ``mincore`` since Linux 5.2, it shows the page cache of a file only to its owner or to whoever may write it),
+    so callers fall back to :func:`mincore_pages` — which then reports only this process's own mappings, i.e.
+    nothing cached, and cache hygiene evicts nothing; raises OSError otherwise.
     """
     rng = _CachestatRange(off, length)
     out = _Cachestat()
@@ -91,7 +93,7 @@ def cachestat(fd: int, off: int = 0, length: int = 0) -> CacheStat | None:
     )
     if rc < 0:
         err = ctypes.get_errno()
-        if err == errno.ENOSYS:
+        if err in (errno.ENOSYS, errno.EPERM):
             return None
         raise OSError(err, f"cachestat: {os.strerror(err)}")
     return CacheStat(out.nr_cache, out.nr_dirty, out.nr_writeback, out.nr_evicted, out.nr_recently_evicted)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import ctypes
 import heapq
 import logging
+import math
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from pyroaring import BitMap
 
 from duet_core import residency
 from duet_core.engine import Engine
-from duet_core.errors import DuetError
+from duet_core.errors import DuetError, printable
 from duet_core.events import PAGE_SIZE, Event, FileId
 from duet_core.identity import inode_generation
 from duet_core.lock import ScopeLock
@@ -191,6 +193,9 @@ class Runner:
         scope = Scope(self.root, one_file_system=self.opts.one_file_system)
         store.sync_files(self.scope_id, scope.scan())
         phases = {"scan_s": time.monotonic() - started}
+        if scope.skipped:   # unreadable, too deep for PATH_MAX, or gone while the walk ran: said, not hidden
+            self.ui.message(f"{scope.skipped} director(ies) or entries of the scope could not be read and were "
+                            "skipped (run with -v for each)")
         self.scope = scope
         self._ids: dict[FileId, int] = {}       # file id <-> FileId, for files the engine reports: filled on demand
         self._fids: dict[int, FileId] = {}
@@ -228,7 +233,7 @@ class Runner:
         summary = {
             "scope": self.root, "result": result, "source": source,
             "tasks": {r.name: r.report.as_dict() for r in self.runs},
-            "dataset_bytes": dataset_bytes,
+            "dataset_bytes": dataset_bytes, "scan_skipped": self.scope.skipped,
             "device_read_bytes": read_bytes_io() - io_start,
             "wall_s": round(time.monotonic() - started, 3),
             "phases": {k: round(v, 3) for k, v in phases.items()},   # scan+sync, planning, engine snapshot
@@ -622,6 +627,10 @@ class Runner:
             return
         try:
             fd = self.scope.open(f.relpath)
+        except PermissionError as exc:   # there but unreadable: a failure the user must hear of, not a vanishing
+            for r in needs:
+                self._item_failed(r, f, f"cannot open: {exc.strerror}")
+            return
         except OSError as exc:
             self._vanished(f, needs, f"cannot open: {exc.strerror}")
             return
@@ -670,7 +679,7 @@ class Runner:
             r.progress.complete = not r.progress.pending
             r.report.counters["vanished"] = r.report.counters.get("vanished", 0) + 1
         self._todo.discard(f.id)
-        log.info("%s: %s, skipped", f.relpath, why)
+        log.info("%s: %s, skipped", printable(f.relpath), why)
 
     def _item(self, r: _TaskRun, f: FileInfo, fd: int, cached_pass: bool, pre: BitMap) -> ItemContext | None:
         """The item a task gets for this file now, or None (nothing to do now; a range task may be done).
@@ -698,13 +707,17 @@ class Runner:
         try:
             return r.task.hook.duet_process(ctx=ctx), False
         except Exception as exc:  # noqa: BLE001 - a task's failure on one item is that item's
-            r.report.items_failed += 1
-            r.report.errors.append(f"{ctx.file.relpath}: {type(exc).__name__}: {exc}")
-            self.ui.message(f"{r.name}: {ctx.file.relpath}: {type(exc).__name__}: {exc}")
-            r.failed.add(ctx.file.id)
-            if not self._needs(ctx.file.id):
-                self._todo.discard(ctx.file.id)
+            self._item_failed(r, ctx.file, f"{type(exc).__name__}: {exc}")
             return None, True
+
+    def _item_failed(self, r: _TaskRun, f: FileInfo, why: str) -> None:
+        """Count a failed item in the task's report and leave it for the next run."""
+        r.report.items_failed += 1
+        r.report.errors.append(f"{f.relpath}: {why}")
+        self.ui.message(f"{r.name}: {f.relpath}: {why}")
+        r.failed.add(f.id)
+        if not self._needs(f.id):
+            self._todo.discard(f.id)
 
     def _account(self, r: _TaskRun, ctx: ItemContext, result: object, device_share: int) -> int:
         """Count one processed item in the task's report and progress; returns the device bytes charged to it."""
@@ -825,12 +838,24 @@ def resolve_options(task: LoadedTask, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def _convert(kind: str, raw: Any, units) -> Any:
+    if isinstance(raw, (list, dict)):   # from the config's [task.NAME] table: every option type is a scalar
+        raise ValueError(f"expected a single value, got {type(raw).__name__} {raw!r}")
     if kind == "str":
         return str(raw)
-    if kind == "int":
-        return int(raw)
+    if kind == "int":   # not bool, not 1.5 (int() would drop the fraction), not a list from the config
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and re.fullmatch(r"\s*[-+]?\d+\s*", raw):
+            return int(raw)
+        raise ValueError(f"{raw!r} is not a whole number")
     if kind == "float":
-        return float(raw)
+        try:
+            value = float(raw) if isinstance(raw, (int, float, str)) and not isinstance(raw, bool) else None
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value):
+            raise ValueError(f"{raw!r} is not a finite number")
+        return value
     if kind == "bool":
         if isinstance(raw, bool):
             return raw
@@ -840,10 +865,10 @@ def _convert(kind: str, raw: Any, units) -> Any:
         if text in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{raw!r} is not a boolean (true/false)")
-    if kind == "size":
-        return raw if isinstance(raw, int) else units.parse_size(str(raw))
+    if kind == "size":   # the parsers check numbers from the config too (not negative, not bool, in range)
+        return units.parse_size(raw if isinstance(raw, (int, float)) else str(raw))
     if kind == "duration":
-        return float(raw) if isinstance(raw, (int, float)) else units.parse_duration(str(raw))
+        return units.parse_duration(raw if isinstance(raw, (int, float)) else str(raw))
     if kind == "path":
         if not os.path.isabs(str(raw)):
             raise ValueError(f"{raw!r} is not an absolute path")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import stat
 import time
@@ -30,13 +31,37 @@ from typing import NamedTuple
 
 import numpy as np
 
-from duet_core.errors import DuetError
+from duet_core.errors import DuetError, printable
 from duet_core.events import FileId
 from duet_core.identity import DevMap, mounts, open_beneath, statx
+
+log = logging.getLogger(__name__)
 
 # A directory modified this recently may change again within the same mtime tick; it is re-listed next time.
 RACY_NS = 2_000_000_000
 BTRFS_SUBVOL_ROOT_INO = 256
+
+
+def open_regular(root_fd: int, relpath: str) -> int:
+    """Open ``relpath`` beneath ``root_fd`` for reading, only if it is a regular file (OSError otherwise).
+
+    A name the scan saw as a regular file may be a fifo, a socket or a device by the time it is opened (renamed
+    over it meanwhile). Opening a fifo for reading blocks until a writer comes, and opening a device can act on
+    it (a tape rewinds), so the name is first opened with ``O_PATH`` — which opens nothing — and only a regular file
+    is then reopened for reading through ``/proc/self/fd``, the same inode, whatever the name points to meanwhile.
+    """
+    pfd = open_beneath(root_fd, relpath, os.O_PATH)
+    try:
+        mode = os.fstat(pfd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"not a regular file (mode {stat.filemode(mode)})", relpath)
+        proc = f"/proc/self/fd/{pfd}"
+        try:
+            return os.open(proc, os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
+        except PermissionError:   # O_NOATIME needs the file's owner or CAP_FOWNER
+            return os.open(proc, os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(pfd)
 
 
 class ScannedFile(NamedTuple):
@@ -230,7 +255,8 @@ class Scope:
         return mount.root == "/" and mount.mount_point == path
 
     def open(self, relpath: str) -> int:
-        """Open a file of the scope read-only without following any symlink or leaving the scope."""
+        """Open a regular file of the scope read-only without following any symlink or leaving the scope
+        (:func:`open_regular`)."""
         with self.opener() as open_file:
             return open_file(relpath)
 
@@ -240,10 +266,7 @@ class Scope:
         root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
         def open_file(relpath: str) -> int:
-            try:
-                return open_beneath(root_fd, relpath, os.O_RDONLY | os.O_NOATIME)
-            except PermissionError:
-                return open_beneath(root_fd, relpath, os.O_RDONLY)
+            return open_regular(root_fd, relpath)
 
         try:
             yield open_file
@@ -328,8 +351,8 @@ class Scope:
         old = self._dirs.get(rel)
         try:
             fd = open_beneath(root_fd, rel or ".", os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            self.skipped += 1
+        except OSError as exc:
+            self._skip(rel, exc)
             yield from self._drop(rel)
             return
         try:
@@ -343,8 +366,8 @@ class Scope:
                 stack.extend(_join(rel, name) for name in old.subdirs)
                 return
             yield from self._list(fd, st, (info.dev, info.subvol), root_fd, rel, old, stack)
-        except OSError:
-            self.skipped += 1
+        except OSError as exc:
+            self._skip(rel, exc)
             yield from self._drop(rel)
         finally:
             os.close(fd)
@@ -380,8 +403,8 @@ class Scope:
                         relpath = _join(rel, entry.name)
                         fid, fst = self._new_file(entry, st.st_dev, fid, root_fd, relpath)
                         yield ScannedFile(fid, relpath, fst.st_size, fst.st_mtime_ns, fst.st_ctime_ns, fst.st_nlink)
-                except OSError:
-                    self.skipped += 1  # vanished while we looked
+                except OSError as exc:
+                    self._skip(_join(rel, entry.name), exc)  # vanished while we looked
                     continue
                 if (fid.dev, fid.subvol) != key:
                     continue  # a file bind-mounted over this entry: another filesystem's file, left out
@@ -414,6 +437,11 @@ class Scope:
         if (st.st_dev, st.st_ino) != (dir_dev, fid.ino):
             fid = self._devmap.file_id(st.st_dev, st.st_ino, relpath, root_fd)
         return fid, st
+
+    def _skip(self, rel: str, exc: OSError) -> None:
+        """Count an entry the walk could not read (unreadable, deeper than PATH_MAX, gone meanwhile); log it."""
+        self.skipped += 1
+        log.info("%s: skipped: %s", printable(rel or "."), exc.strerror or exc)
 
     def _drop(self, rel: str) -> Iterator[_Lost]:
         """Forget a directory and everything below it, yielding its files as lost."""

@@ -81,6 +81,85 @@ def _secure_dir(path: str) -> None:
         os.chmod(path, 0o700)
 
 
+class StateUnusable(DuetError):
+    """The state database cannot be used as it is: damaged, foreign, or not a file. Never reset silently: the
+    hint names ``duet state reset``, which moves the old file aside (kept, with a timestamp) and starts afresh."""
+
+    def __init__(self, message: str, state_dir: str):
+        super().__init__(message, hint=f"duet state reset --all --state-dir {state_dir} moves it aside and starts "
+                                       "afresh (progress is lost; the old file is kept)")
+
+
+DB_NAME = "state.db"
+DB_COMPANIONS = ("-wal", "-shm")   # SQLite's write-ahead log and its index, named after the database
+
+
+def _check_db_file(path: str, state_dir: str) -> None:
+    """Refuse a state database that is not a regular file; make one that others may read 0600 again."""
+    for name in (path, *(path + c for c in DB_COMPANIONS)):
+        try:
+            st = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StateUnusable(f"cannot examine state database {name}: {exc.strerror}", state_dir) from None
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else \
+                "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            raise StateUnusable(f"state database {name} is {kind}", state_dir)
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.chmod(name, 0o600)
+
+
+def db_path(relpath: str) -> str | bytes:
+    """A scope-relative path as SQLite stores it: TEXT when it is UTF-8, else its raw bytes as a BLOB (Linux file
+    names are bytes; Python hands undecodable ones over with surrogate escapes, which SQLite's TEXT cannot hold)."""
+    if relpath.isascii():
+        return relpath
+    try:
+        relpath.encode("utf-8")
+        return relpath
+    except UnicodeEncodeError:
+        return os.fsencode(relpath)
+
+
+def py_path(value: str | bytes) -> str:
+    """The inverse of :func:`db_path`."""
+    return value if isinstance(value, str) else os.fsdecode(value)
+
+
+def aside_name(state_dir: str) -> str:
+    """A free name for the database moved aside now: ``state.db.<UTC time as YYYY-MM-DDTHHMMSSZ>[.N]``."""
+    stamp = time.strftime("%Y-%m-%dT%H%M%SZ", time.gmtime())
+    base = os.path.join(state_dir, f"{DB_NAME}.{stamp}")
+    name, n = base, 0
+    while any(os.path.lexists(name + c) for c in ("", *DB_COMPANIONS)):
+        n += 1
+        name = f"{base}.{n}"
+    return name
+
+
+def move_aside(state_dir: str) -> str:
+    """Rename the state database (with its WAL) to :func:`aside_name`, so the next run starts afresh; returns
+    the new name. Nothing is deleted. The log goes first: a stale ``state.db-wal`` left beside a new database
+    would be replayed into it. Works on a damaged database (it is never opened)."""
+    src = os.path.join(state_dir, DB_NAME)
+    dest = aside_name(state_dir)
+    for c in (*DB_COMPANIONS, ""):
+        if os.path.lexists(src + c):
+            os.rename(src + c, dest + c)
+    _fsync_file(state_dir)
+    return dest
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _blob(bm: BitMap) -> bytes:
     return bm.serialize()
 
@@ -95,40 +174,52 @@ class StateStore:
     def __init__(self, state_dir: str = DEFAULT_STATE_DIR):
         self.dir = os.path.abspath(state_dir)
         _secure_dir(self.dir)
-        self.path = os.path.join(self.dir, "state.db")
+        self.path = os.path.join(self.dir, DB_NAME)
+        _check_db_file(self.path, self.dir)
         self._batching = False
         self._kv_pending: dict[tuple[str, str], Any] = {}
         self._shared_pending: dict[tuple, tuple] = {}
         old_umask = os.umask(0o077)
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            tables = self._tables()   # before anything writes: a foreign database is left exactly as it is
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
-            self._init_schema()
+            if not tables:
+                self._create_schema()
         except sqlite3.DatabaseError as exc:
-            raise DuetError(f"state database {self.path} is unreadable: {exc}",
-                            hint="move it away to start afresh (progress will be lost)") from None
+            raise StateUnusable(f"state database {self.path} is unusable: {exc}", self.dir) from None
         finally:
             os.umask(old_umask)
 
-    def _init_schema(self) -> None:
-        # Readers (duet status) must not queue behind a running duet for a write lock: look before writing.
-        try:
-            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        except sqlite3.OperationalError:
-            row = None   # a new database: no tables yet
-        if row is not None:
-            if row[0] != str(SCHEMA_VERSION):
-                raise DuetError(f"state database {self.path} has schema {row[0]}, this duet uses {SCHEMA_VERSION}")
-            return
+    def _tables(self) -> set[str]:
+        """The tables of the database, checked to be duet's of this schema version (none: a new database).
+
+        Only reads: readers (duet status) must not queue behind a running duet for a write lock.
+        """
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables:
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() if "meta" in tables else None
+            self._check_schema(row, tables)
+        return tables
+
+    def _create_schema(self) -> None:
         with self.tx():
             for stmt in filter(str.strip, SCHEMA.split(";")):
                 self.db.execute(stmt)
             row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
+            if row is None:   # not created meanwhile by another duet starting at the same moment
                 self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif row[0] != str(SCHEMA_VERSION):
-                raise DuetError(f"state database {self.path} has schema {row[0]}, this duet uses {SCHEMA_VERSION}")
+            else:
+                self._check_schema(row, {"meta"})
+
+    def _check_schema(self, row: tuple | None, tables: set[str]) -> None:
+        if row is None:
+            raise StateUnusable(f"{self.path} is an SQLite database but not duet's (it has tables "
+                                f"{', '.join(sorted(tables)[:5])})", self.dir)
+        if row[0] != str(SCHEMA_VERSION):
+            raise StateUnusable(f"state database {self.path} has schema {row[0]}, this duet uses {SCHEMA_VERSION}",
+                                self.dir)
 
     def tx(self):
         """A transaction: ``with store.tx(): ...`` commits on success, rolls back on error (nested: joins)."""
@@ -159,6 +250,33 @@ class StateStore:
     def close(self) -> None:
         self.db.close()
 
+    def copy_to(self, dest: str) -> None:
+        """A consistent copy of the whole database at ``dest`` (0600, fsynced), through SQLite's backup API."""
+        old_umask = os.umask(0o077)
+        try:
+            tmp = dest + ".tmp"
+            target = sqlite3.connect(tmp)
+            try:
+                self.db.backup(target)
+            finally:
+                target.close()
+            _fsync_file(tmp)
+            os.rename(tmp, dest)
+            _fsync_file(os.path.dirname(dest))
+        finally:
+            os.umask(old_umask)
+
+    def forget_scope(self, root: str) -> bool:
+        """Delete everything recorded about one scope (its files, progress and runs); False if it has none."""
+        row = self.db.execute("SELECT id FROM scopes WHERE root=?", (root,)).fetchone()
+        if row is None:
+            return False
+        with self.tx():
+            for table in ("files", "progress", "range_done", "runs"):
+                self.db.execute(f"DELETE FROM {table} WHERE scope_id=?", row)   # noqa: S608 - fixed table names
+            self.db.execute("DELETE FROM scopes WHERE id=?", row)
+        return True
+
     # -- scopes and files ------------------------------------------------------------------------------------------
     def scope_id(self, root: str) -> int:
         row = self.db.execute("SELECT id FROM scopes WHERE root=?", (root,)).fetchone()
@@ -182,7 +300,7 @@ class StateStore:
         with self.tx():
             db.execute("DELETE FROM temp.scan")
             db.executemany("INSERT INTO temp.scan VALUES (?,?,?,?,?,?,?)",
-                           ((f.fid.dev, f.fid.subvol, f.fid.ino, f.relpath, f.size, f.mtime_ns, f.ctime_ns)
+                           ((f.fid.dev, f.fid.subvol, f.fid.ino, db_path(f.relpath), f.size, f.mtime_ns, f.ctime_ns)
                             for f in scanned))
             db.execute("CREATE UNIQUE INDEX temp.scan_by_fid ON scan (dev, subvol, ino)")
             db.execute("DELETE FROM files WHERE scope_id=? AND NOT EXISTS (SELECT 1 FROM temp.scan s "
@@ -217,7 +335,8 @@ class StateStore:
                 file_id = self.db.execute("SELECT next_file_id FROM scopes WHERE id=?", (scope_id,)).fetchone()[0]
                 self.db.execute("UPDATE scopes SET next_file_id=? WHERE id=?", (file_id + 1, scope_id))
             self.db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?)",
-                            (scope_id, file_id, *f.fid, f.relpath, f.size, f.mtime_ns, f.ctime_ns, time.time_ns()))
+                            (scope_id, file_id, *f.fid, db_path(f.relpath), f.size, f.mtime_ns, f.ctime_ns,
+                             time.time_ns()))
         return FileInfo(file_id, FileId(*f.fid), f.relpath, f.size, f.mtime_ns, f.ctime_ns)
 
     def files(self, scope_id: int, ids: Iterable[int] | None = None) -> Iterator[FileInfo]:
@@ -225,13 +344,13 @@ class StateStore:
             cur = self.db.execute("SELECT id, dev, subvol, ino, relpath, size, mtime_ns, ctime_ns FROM files "
                                   "WHERE scope_id=? ORDER BY id", (scope_id,))
             for r in cur:
-                yield FileInfo(r[0], FileId(r[1], r[2], r[3]), r[4], r[5], r[6], r[7])
+                yield FileInfo(r[0], FileId(r[1], r[2], r[3]), py_path(r[4]), r[5], r[6], r[7])
             return
         for file_id in ids:
             r = self.db.execute("SELECT id, dev, subvol, ino, relpath, size, mtime_ns, ctime_ns FROM files "
                                 "WHERE scope_id=? AND id=?", (scope_id, file_id)).fetchone()
             if r:
-                yield FileInfo(r[0], FileId(r[1], r[2], r[3]), r[4], r[5], r[6], r[7])
+                yield FileInfo(r[0], FileId(r[1], r[2], r[3]), py_path(r[4]), r[5], r[6], r[7])
 
     def file(self, scope_id: int, file_id: int) -> FileInfo | None:
         return next(self.files(scope_id, [file_id]), None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from decimal import Decimal
+from decimal import Decimal, localcontext
 
 _SIZE_UNITS: dict[str, int] = {"": 1, "b": 1}
 for _i, _p in enumerate("kmgtp", start=1):
@@ -27,6 +27,7 @@ _DURATION_UNITS: dict[str, float] = {
     "w": 604800, "week": 604800, "weeks": 604800,
 }
 
+MAX_SIZE = (1 << 63) - 1   # 8 EiB: sizes become C off_t / int64 values (offsets, rates, fadvise ranges)
 UNLIMITED = ("0", "unlimited", "none")  # rate spellings meaning "no limit"
 
 SIZE_FORMS = "a number of bytes, optionally with a unit B, K/KB/KiB, M/MB/MiB, G/GB/GiB, T/TB/TiB, P/PB/PiB (e.g. 50MB)"
@@ -64,7 +65,11 @@ def parse_size(text: str | int) -> int:
             why = "must not be negative; " if text.lstrip().startswith("-") else ""
             raise ValueError(f"bad size {text!r}: {why}expected {SIZE_FORMS}")
         value, unit = Decimal(m[1]), m[2].lower()
-    total = value * _SIZE_UNITS[unit or "b"]
+    with localcontext() as exact:   # Decimal's default 28 digits would round big products silently
+        exact.prec = 400
+        total = value * _SIZE_UNITS[unit or "b"]
+    if total > MAX_SIZE:
+        raise ValueError(f"bad size {text!r}: larger than 8 EiB; expected {SIZE_FORMS}")
     if _SIZE_UNITS[unit or "b"] == 1 and total != total.to_integral_value():
         raise ValueError(f"bad size {text!r}: not a whole number of bytes; expected {SIZE_FORMS}")
     return int(total)
@@ -112,7 +117,10 @@ def parse_duration(text: str | int | float) -> float:
         pos = m.end()
     if not parts or (len(parts) > 1 and any(unit == "" for _, unit, _ in parts)):
         raise bad
-    return float(sum(number * factor for number, _, factor in parts))
+    seconds = float(sum(number * factor for number, _, factor in parts))
+    if not math.isfinite(seconds):   # hundreds of digits overflow a float
+        raise ValueError(f"bad duration {text!r}: too long; expected {DURATION_FORMS}")
+    return seconds
 
 
 def format_bytes(n: int | float, binary: bool = True) -> str:

@@ -16,7 +16,7 @@ from rich.text import Text
 from duet_core import residency
 from duet_core.cli.output import console, emit_json, is_tty, note
 from duet_core.engine import Engine
-from duet_core.errors import DuetError
+from duet_core.errors import DuetError, printable
 from duet_core.events import EVENTS, Batch, Event, FileId
 
 COLUMNS = (("added", Event.ADDED), ("removed", Event.REMOVED), ("dirtied", Event.DIRTIED), ("flushed", Event.FLUSHED))
@@ -64,7 +64,8 @@ def _table(rows: dict[FileId, FileRow], engine: Engine, root: str, elapsed: floa
     table.add_column("resident", justify="right")
     ranked = sorted(rows.values(), key=lambda r: (-r.last_seen, r.path))[:limit]
     for r in ranked:
-        table.add_row(os.path.relpath(r.path, root), *(str(r.total[n]) for n, _ in COLUMNS), f"{r.resident_pct:.0f}%")
+        table.add_row(Text(printable(os.path.relpath(r.path, root))),   # Text: a name is never rich markup
+                      *(str(r.total[n]) for n, _ in COLUMNS), f"{r.resident_pct:.0f}%")
     return Group(header, table)
 
 
@@ -156,7 +157,7 @@ def _report(engine: Engine, reg, rows: dict[FileId, FileRow], json_out: bool, li
             emit_json({"time": round(time.time(), 3), "path": p, **counts,
                        "resident_pct": round(row.resident_pct, 1), "file": str(fid)})
         elif live is None:
-            print(f"{os.path.relpath(p, root)}: " + " ".join(f"{k} {v}" for k, v in counts.items())
+            print(f"{printable(os.path.relpath(p, root))}: " + " ".join(f"{k} {v}" for k, v in counts.items())
                   + f" resident {row.resident_pct:.0f}%", flush=True)
     if live is not None:
         live.update(_table(rows, engine, root, now - start, max(5, console.size.height - 8)), refresh=True)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import sys
 
 import typer
 
 from duet_core import __version__
-from duet_core.cli import bench, demo, doctor, events, install_units, logs, plugins, run, status
-from duet_core.errors import DuetError
+from duet_core.cli import bench, demo, doctor, events, install_units, logs, plugins, run, state, status
+from duet_core.errors import DuetError, printable
 
 app = typer.Typer(
     name="duet",
@@ -25,6 +27,7 @@ app.command("watch", context_settings=run.EXTRA)(run.watch)
 app.command("status")(status.status)
 app.add_typer(plugins.app, name="plugins")
 app.command("install-units")(install_units.install_units)
+app.add_typer(state.app, name="state")
 
 
 def _version(value: bool) -> None:
@@ -53,13 +56,35 @@ def _root(
     logs.setup(verbose, log_format)
 
 
+def _working_directory_off_path() -> None:
+    """Plugins come from installed distributions only. ``python -m`` puts the working directory first on sys.path,
+    and duet runs as root in directories others write (a scope): a ``duet_*.py`` or a ``*.dist-info`` planted
+    there must not be imported or found as an entry point."""
+    try:
+        cwd = os.getcwd()
+    except OSError:   # deleted meanwhile
+        cwd = None
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", cwd)]
+
+
 def main() -> None:
-    """Entry point: typer reports usage errors itself (exit 2); a DuetError becomes one line and its exit code."""
+    """Entry point: typer reports usage errors itself (exit 2); a DuetError becomes one line and its exit code.
+
+    A state database that turns out damaged in the middle of its use (SQLite checks pages as it reads them) is an
+    expected failure too: one line, exit 2, and the way out.
+    """
+    _working_directory_off_path()
     try:
         app()
     except DuetError as exc:
-        print(f"duet: error: {exc}", file=sys.stderr)
+        print(f"duet: error: {printable(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except sqlite3.DatabaseError as exc:
+        what = "busy" if "locked" in str(exc) else "damaged"
+        hint = ("another program holds it" if what == "busy" else
+                "duet state reset --all moves it aside and starts afresh; the old file is kept")
+        print(f"duet: error: the state database is {what}: {printable(str(exc))} ({hint})", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -7,6 +7,8 @@ import sys
 
 from rich.console import Console
 
+from duet_core.errors import printable
+
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
@@ -22,5 +24,6 @@ def emit_json(obj) -> None:
 
 
 def note(msg: str) -> None:
-    """A one-line notice on stderr (source in use, warnings), never mixed into JSON on stdout."""
-    err_console.print(f"duet: {msg}", markup=False, soft_wrap=True)
+    """A one-line notice on stderr (source in use, warnings), never mixed into JSON on stdout; file names in it
+    are escaped (:func:`~duet_core.errors.printable`), so a newline or a terminal escape in one cannot forge lines."""
+    err_console.print(f"duet: {printable(msg)}", markup=False, soft_wrap=True)

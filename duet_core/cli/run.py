@@ -14,9 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from duet_core import metrics, units
 from duet_core.cli.output import console, emit_json, is_tty, note
 from duet_core.config import Config, load_config
-from duet_core.errors import DuetError
+from duet_core.errors import DuetError, printable
 from duet_core.plugins import TaskRegistry, load_plugins
-from duet_core.scheduler import Runner, RunOptions
+from duet_core.scheduler import Runner, RunOptions, resolve_options
 from duet_core.state import DEFAULT_STATE_DIR, StateStore
 from duet_core.tasks import TaskReport
 
@@ -114,6 +114,7 @@ class LiveUI:
 
     def message(self, line: str) -> None:
         """A notable event (an item failed, a fallback): above the bars, else a log line (JSON, journal priority)."""
+        line = printable(line)   # it may hold a file name: one line, no terminal escapes
         if self.bars:
             self.bars.console.print(line, markup=False)
         else:
@@ -210,7 +211,9 @@ def _logfmt(value: object) -> str:
 
 def _runs(tasks: list[str], path: str | None, config: Config) -> list[tuple[str, list[str], object]]:
     """(root, tasks, scope config or None) for each run this invocation makes."""
-    if path:
+    if path is not None:
+        if not path:
+            raise DuetError("--path is empty")
         if not tasks:
             sc = config.scope_for(path)
             if sc is None:
@@ -281,7 +284,6 @@ def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget
     registry = load_plugins()
     for b in registry.broken:
         note(f"plugin {b.name} ({b.package}) is broken and was skipped: {b.error}")
-    store = StateStore(state_dir(state_dir_opt, config))
     runs = _runs(tasks, path, config)
     if mode == "watch" and len(runs) > 1:
         raise DuetError(f"duet watch watches one scope, and {len(runs)} were given by the config",
@@ -289,8 +291,20 @@ def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget
     everyone = sorted({n for _, names, _ in runs for n in names})
     for n in everyone:
         registry.get(n)
-    for _root, names, _sc in runs:   # every option checked before anything runs
-        parse_task_args(extra, opts, names, registry, config, everyone)
+    for root, names, _sc in runs:   # every input checked before anything is written, the state database included
+        task_args = parse_task_args(extra, opts, names, registry, config, everyone)
+        if len(set(names)) != len(names):
+            raise DuetError("a task is named twice")
+        for n in names:
+            resolve_options(registry.get(n), task_args.get(n, {}))
+        if not os.path.isdir(root):
+            raise DuetError(f"not a directory: {root}")
+    for text, parse in ((budget, units.parse_duration), (rate_limit, units.parse_rate)):
+        if text:
+            parse(text)
+    if source not in ("auto", "bpf", "poll"):
+        raise DuetError(f"unknown event source {source!r} (use auto, bpf or poll)")
+    store = StateStore(state_dir(state_dir_opt, config))
     worst = 0
     for root, names, sc in runs:
         d = config.defaults
