@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from importlib.metadata import entry_points
 
 import typer
 
@@ -43,8 +44,42 @@ def _root(
     logging.basicConfig(level=level, format="duet: %(message)s", stream=sys.stderr)
 
 
+COMMANDS_GROUP = "duet.commands"
+
+
+def add_plugin_commands(target: typer.Typer, group: str = COMMANDS_GROUP) -> list[str]:
+    """Add the sub-commands installed packages publish under the entry-point group ``duet.commands``.
+
+    An entry point's name is the command's name; it loads a ``typer.Typer`` (added as a command group) or a function
+    (added as one command). This is how a plugin brings its own commands (``duet restore`` from the backup
+    package) without the core importing it. One that fails to load, is neither, or would shadow an existing command
+    is reported in one line on stderr and skipped. Returns the names added.
+    """
+    taken = {c.name for c in target.registered_commands} | {g.name for g in target.registered_groups}
+    added = []
+    for ep in sorted(entry_points(group=group), key=lambda e: e.name):
+        try:
+            if ep.name in taken:
+                raise ValueError(f"a command named {ep.name!r} already exists")
+            obj = ep.load()
+            if isinstance(obj, typer.Typer):
+                target.add_typer(obj, name=ep.name)
+            elif callable(obj):
+                target.command(ep.name)(obj)
+            else:
+                raise TypeError(f"{ep.value} is {type(obj).__name__}, not a typer.Typer or a function")
+        except Exception as exc:  # noqa: BLE001 - a broken plugin command is that plugin's, reported and skipped
+            print(f"duet: command {ep.name} ({ep.value}) is broken and was skipped: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            continue
+        taken.add(ep.name)
+        added.append(ep.name)
+    return added
+
+
 def main() -> None:
     """Entry point: typer reports usage errors itself (exit 2); a DuetError becomes one line and its exit code."""
+    add_plugin_commands(app)
     try:
         app()
     except DuetError as exc:
