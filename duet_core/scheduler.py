@@ -184,7 +184,11 @@ class Runner:
         self.fid_of = {v: k for k, v in self.file_ids.items()}
         dataset_bytes = store.dataset_bytes(self.scope_id)
 
-        self.runs = [self._start_task(t) for t in self.tasks]
+        try:
+            self.runs = [self._start_task(t) for t in self.tasks]
+        except DuetError as exc:   # a task refused the run (its options, its target): nothing is done
+            store.end_run(self.run_id, "refused", {"error": str(exc)})
+            raise
         self._todo = BitMap()     # files some task still needs: the union of pending, kept up to date
         for r in self.runs:
             self._todo |= r.progress.pending
@@ -273,6 +277,8 @@ class Runner:
         try:
             prog.relevant |= self._plan(task, run, new)
             prog.planned |= new
+        except DuetError:
+            raise
         except Exception as exc:  # noqa: BLE001 - a task that cannot plan sits this run out; the others go on
             self._task_failed(tr, "plan", exc)   # its round stays open: the next run plans again
             return tr
@@ -293,7 +299,10 @@ class Runner:
         relevant = BitMap()
         batch: list[FileInfo] = []
 
+        calls = []
+
         def flush():
+            calls.append(len(batch))
             chosen = task.hook.duet_plan(run=run, files=batch)
             relevant.update(f.id for f in batch) if chosen is None else relevant.update(chosen)
             batch.clear()
@@ -303,8 +312,8 @@ class Runner:
                 batch.append(f)
                 if len(batch) >= PLAN_BATCH:
                     flush()
-        if batch:
-            flush()
+        if batch or not calls:
+            flush()   # every run calls duet_plan at least once (empty batch): a task checks its options there
         return relevant & ids
 
     # -- the loop --------------------------------------------------------------------------------------------------
