@@ -85,6 +85,19 @@ def _blob(bm: BitMap) -> bytes:
     return bm.serialize()
 
 
+def _path_in(relpath: str) -> str | bytes:
+    """A path as SQLite can store it: names that are not UTF-8 (surrogate-escaped by os.fsdecode) as raw bytes."""
+    try:
+        relpath.encode()
+    except UnicodeEncodeError:
+        return os.fsencode(relpath)
+    return relpath
+
+
+def _path_out(value: str | bytes) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
 def _bitmap(blob: bytes) -> BitMap:
     return BitMap.deserialize(blob)
 
@@ -181,7 +194,7 @@ class StateStore:
                 if file_id is None:
                     file_id = next_id
                     next_id += 1
-                rows.append((scope_id, file_id, *key, f.relpath, f.size, f.mtime_ns, f.ctime_ns, stamp))
+                rows.append((scope_id, file_id, *key, _path_in(f.relpath), f.size, f.mtime_ns, f.ctime_ns, stamp))
             self.db.executemany("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
             self.db.execute("DELETE FROM files WHERE scope_id=? AND seen<>?", (scope_id, stamp))
             self.db.execute("UPDATE scopes SET next_file_id=? WHERE id=?", (next_id, scope_id))
@@ -197,7 +210,7 @@ class StateStore:
                 file_id = self.db.execute("SELECT next_file_id FROM scopes WHERE id=?", (scope_id,)).fetchone()[0]
                 self.db.execute("UPDATE scopes SET next_file_id=? WHERE id=?", (file_id + 1, scope_id))
             self.db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?)",
-                            (scope_id, file_id, *f.fid, f.relpath, f.size, f.mtime_ns, f.ctime_ns, time.time_ns()))
+                            (scope_id, file_id, *f.fid, _path_in(f.relpath), f.size, f.mtime_ns, f.ctime_ns, time.time_ns()))
         return FileInfo(file_id, FileId(*f.fid), f.relpath, f.size, f.mtime_ns, f.ctime_ns)
 
     def files(self, scope_id: int, ids: Iterable[int] | None = None) -> Iterator[FileInfo]:
@@ -205,13 +218,13 @@ class StateStore:
             cur = self.db.execute("SELECT id, dev, subvol, ino, relpath, size, mtime_ns, ctime_ns FROM files "
                                   "WHERE scope_id=? ORDER BY id", (scope_id,))
             for r in cur:
-                yield FileInfo(r[0], FileId(r[1], r[2], r[3]), r[4], r[5], r[6], r[7])
+                yield FileInfo(r[0], FileId(r[1], r[2], r[3]), _path_out(r[4]), r[5], r[6], r[7])
             return
         for file_id in ids:
             r = self.db.execute("SELECT id, dev, subvol, ino, relpath, size, mtime_ns, ctime_ns FROM files "
                                 "WHERE scope_id=? AND id=?", (scope_id, file_id)).fetchone()
             if r:
-                yield FileInfo(r[0], FileId(r[1], r[2], r[3]), r[4], r[5], r[6], r[7])
+                yield FileInfo(r[0], FileId(r[1], r[2], r[3]), _path_out(r[4]), r[5], r[6], r[7])
 
     def file(self, scope_id: int, file_id: int) -> FileInfo | None:
         return next(self.files(scope_id, [file_id]), None)

@@ -1,4 +1,4 @@
-"""A task refuses a run from ``duet_plan`` with a DuetError: nothing is processed, every run asks (in-process)."""
+"""Scheduler contract details, in-process: duet_plan may refuse a run; file names that are not UTF-8 work."""
 
 from __future__ import annotations
 
@@ -56,3 +56,29 @@ def test_duet_plan_is_called_every_run_and_a_duet_error_refuses_it(tmp_path, req
         run(False)
     assert task.plans[-1] == 0
     assert run(True)["result"] == "complete" and task.processed == ["f"]
+
+
+def test_file_names_that_are_not_utf8_run_like_any_other(tmp_path, require_root, bpf_required):
+    """A name with bytes that are not UTF-8 (and one with a newline) is stored, handed over and found again."""
+    scope = tmp_path / "scope"
+    scope.mkdir()
+    names = [b"latin1-\xe9t\xe9", b"new\nline", b"plain"]
+    for n in names:
+        with open(os.path.join(os.fsencode(scope), n), "wb") as fh:
+            fh.write(b"y" * 100)
+    seen = []
+
+    class Lister:
+        @hookimpl
+        def duet_task(self):
+            return TaskSpec("lister", "lists relpaths")
+
+        @hookimpl
+        def duet_process(self, ctx):
+            seen.append(os.fsencode(ctx.file.relpath))
+            assert os.fstat(ctx.fd).st_size == 100
+
+    reg = TaskRegistry()
+    reg.add(Lister())
+    summary = Runner(StateStore(str(tmp_path / "state")), reg, ["lister"], str(scope)).run()
+    assert summary["result"] == "complete" and sorted(seen) == sorted(names)
