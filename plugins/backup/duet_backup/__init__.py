@@ -1,0 +1,159 @@
+"""duet's backup task: a complete, browsable snapshot of the scope at the target on every run.
+
+``duet run backup --path /home --target /mnt/backup``:
+
+* ``duet_plan`` validates the target (not inside the scope, not containing it), takes its lock and returns the
+  files whose version ``(inode, size, mtime, ctime)`` differs from the last snapshot's manifest (and from the
+  journal of copies already made for the next one): unchanged files are never read.
+* ``duet_process`` copies each changed file into the tree being built — the btrfs mirror subvolume, or the staging
+  tree on other filesystems — as the scheduler hands it over, cached files first and sharing its device read with
+  the other tasks of the run. Each copy is exact (holes, owner, mode, xattrs and ACLs, ns times), hashed with
+  blake3 on the way (published as the shared result ``blake3`` for scrub and gc), fsynced and renamed into place,
+  and noted in the journal; a file that changes while it is copied is copied again, and flagged if it keeps changing.
+* ``duet_finish`` runs the sync pass over the whole scope (:mod:`duet_backup.tree`: directories, symlinks, hard
+  links, deletions, anything not handed over), writes the manifest and publishes the snapshot atomically — unless
+  the run stopped early, in which case the next run resumes where this one stopped.
+
+Layout of the target: :mod:`duet_backup.target`. ``duet snapshots`` and ``duet restore``: :mod:`duet_backup.commands`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+
+from duet_backup.fsops import copy_file, open_dir
+from duet_backup.target import Snapshot, Target
+from duet_backup.tree import TreeSync
+from duet_core import ItemResult, TaskOption, TaskSpec, hookimpl
+from duet_core.tasks import FileInfo
+
+__version__ = "0.1.0"
+MANIFEST_FORMAT = 1
+
+
+@dataclass
+class _Open:
+    """One run's hold on its target: the lock, the tree being built, what the last snapshot and journal hold."""
+
+    target: Target
+    tree_fd: int
+    latest: Snapshot | None
+    published: dict[str, list]
+    staged: dict[str, list]
+
+    def current(self, f: FileInfo) -> bool:
+        """The tree or the last snapshot already holds this version of the file."""
+        want = [f.fid.ino, f.size, f.mtime_ns, f.ctime_ns]
+        return any((rec := recs.get(f.relpath)) is not None and rec[:4] == want
+                   for recs in (self.staged, self.published))
+
+    def close(self) -> None:
+        os.close(self.tree_fd)
+        self.target.close()
+
+
+class Backup:
+    """The backup task (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, _Open] = {}
+
+    @hookimpl
+    def duet_task(self) -> TaskSpec:
+        return TaskSpec("backup", "complete snapshots of the scope at --target (btrfs snapshots or hard-link trees)",
+                        options=(TaskOption("target", "path", required=True,
+                                            help="where snapshots go: TARGET/snapshots/<UTC time>/"),))
+
+    def _hold(self, run) -> _Open:
+        """Open, check and lock the target once per run."""
+        held = self._open.get(run.run_id)
+        if held is None:
+            target = Target(run.options["target"], scope=run.root)
+            try:
+                target.lock()
+                latest = target.latest()
+                held = _Open(target, target.open_tree(), latest, latest.manifest.get("files", {}) if latest else {},
+                             target.journal())
+            except BaseException:
+                target.close()
+                raise
+            self._open[run.run_id] = held
+        return held
+
+    @hookimpl
+    def duet_plan(self, run, files):
+        held = self._hold(run)
+        return [f.id for f in files if not held.current(f)]
+
+    @hookimpl
+    def duet_process(self, ctx):
+        held = self._hold(ctx.run)
+        f = ctx.file
+        reldir, _, name = f.relpath.rpartition("/")
+        tree_dir = open_dir(held.tree_fd, reldir, create=True)
+        try:
+            copied = copy_file(ctx.fd, tree_dir, name)
+        finally:
+            os.close(tree_dir)
+        record = [*copied.sig, copied.blake3]
+        held.target.journal_add(f.relpath, record)
+        held.staged[f.relpath] = record
+        ctx.progress.advance(copied.nbytes)   # holes are not read
+        counters = {"copied": 1, "copied_bytes": copied.nbytes}
+        if copied.changed:
+            counters["changed_during_backup"] = 1
+            return ItemResult(counters=counters, message="changed while being copied: the copy may mix versions")
+        ino, size, mtime_ns, ctime_ns = copied.sig
+        if ino == f.fid.ino:
+            ctx.shared.put(FileInfo(f.id, f.fid, f.relpath, size, mtime_ns, ctime_ns), "blake3", copied.blake3)
+        return ItemResult(counters=counters)
+
+    @hookimpl
+    def duet_finish(self, run, report):
+        held = self._open.pop(run.run_id, None) or self._hold(run)
+        self._open.pop(run.run_id, None)
+        target = held.target
+        try:
+            if report.items_done + report.items_failed < report.items_total:
+                return {"snapshot": None, "target": target.path,
+                        "note": "stopped early: no snapshot published; the next run resumes"}
+            return self._publish(run, report, held)
+        finally:
+            held.close()
+
+    def _publish(self, run, report, held: _Open) -> dict:
+        target = held.target
+        prev_fd = None
+        if not target.btrfs and held.latest is not None:
+            prev_fd = target.open_snapshot(held.latest.name)
+        src_fd = os.open(run.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            result = TreeSync(src_fd, held.tree_fd, held.staged, held.published, prev_fd,
+                              on_copy=target.journal_add).run()
+        finally:
+            os.close(src_fd)
+            if prev_fd is not None:
+                os.close(prev_fd)
+        name = target.new_name()
+        kind = "btrfs" if target.btrfs else "hardlink"
+        manifest = {
+            "format": MANIFEST_FORMAT, "snapshot": name, "scope": run.root, "kind": kind,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "base": held.latest.name if held.latest else None,
+            "files": result.files,
+            "bytes": sum(rec[1] for rec in result.files.values()),
+            "changed_during_backup": result.changed, "special_skipped": result.special, "errors": result.errors,
+        }
+        target.publish(name, manifest)
+        if result.errors:   # the snapshot is published without these entries: the run reports them and exits 1
+            report.items_failed += len(result.errors)
+            report.errors.extend(result.errors)
+        return {"snapshot": name, "path": os.path.join(target.path, "snapshots", name), "kind": kind,
+                "files": len(result.files), "bytes": manifest["bytes"], "copied_at_finish": result.copied,
+                "linked": result.linked, "vanished": result.vanished,
+                "changed_during_backup": result.changed, "special_skipped": result.special}
+
+
+plugin = Backup()
