@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import stat
 from dataclasses import dataclass
 
 from duet_backup.fsops import copy_file, open_dir
@@ -48,6 +49,17 @@ class _Open:
         want = [f.fid.ino, f.size, f.mtime_ns, f.ctime_ns]
         return any((rec := recs.get(f.relpath)) is not None and rec[:4] == want
                    for recs in (self.staged, self.published))
+
+    def staged_in_tree(self, f: FileInfo, tree_dir: int, name: str) -> bool:
+        """The journal says this version was copied into the tree, and the tree's file agrees (size, mtime)."""
+        rec = self.staged.get(f.relpath)
+        if rec is None or rec[:4] != [f.fid.ino, f.size, f.mtime_ns, f.ctime_ns]:
+            return False
+        try:
+            st = os.stat(name, dir_fd=tree_dir, follow_symlinks=False)
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (f.size, f.mtime_ns)
 
     def close(self) -> None:
         os.close(self.tree_fd)
@@ -94,6 +106,9 @@ class Backup:
         reldir, _, name = f.relpath.rpartition("/")
         tree_dir = open_dir(held.tree_fd, reldir, create=True)
         try:
+            if held.staged_in_tree(f, tree_dir, name):
+                # Copied by an earlier run of this round that was killed before its progress was committed.
+                return ItemResult(counters={"already_copied": 1})
             copied = copy_file(ctx.fd, tree_dir, name)
         finally:
             os.close(tree_dir)
