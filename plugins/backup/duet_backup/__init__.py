@@ -22,9 +22,11 @@ from __future__ import annotations
 import datetime as dt
 import os
 import stat
-from dataclasses import dataclass
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
-from duet_backup.fsops import copy_file, open_dir
+from duet_backup.fsops import copy_file, open_dir, replace, syncfs
 from duet_backup.target import Snapshot, Target
 from duet_backup.tree import TreeSync
 from duet_core import ItemResult, TaskOption, TaskSpec, hookimpl
@@ -34,15 +36,77 @@ __version__ = "0.1.0"
 MANIFEST_FORMAT = 1
 
 
+# Copies are made durable in batches: one syncfs, then each is renamed into place and journaled.
+BATCH_FILES = 1000
+BATCH_BYTES = 64 << 20
+BATCH_SECONDS = 1.0
+
+
+@dataclass
+class _Pending:
+    reldir: str
+    tmp: str
+    name: str
+    relpath: str
+    record: list
+    nbytes: int
+
+
 @dataclass
 class _Open:
-    """One run's hold on its target: the lock, the tree being built, what the last snapshot and journal hold."""
+    """One run's hold on its target: the lock, the tree being built, what the last snapshot and journal hold, and
+    the copies not yet durable (under temporary names)."""
 
     target: Target
     tree_fd: int
     latest: Snapshot | None
     published: dict[str, list]
     staged: dict[str, list]
+    pending: list[_Pending] = field(default_factory=list)
+    pending_bytes: int = 0
+    flushed_at: float = field(default_factory=time.monotonic)
+    _committer: ThreadPoolExecutor | None = None
+    _commits: list[Future] = field(default_factory=list)
+
+    def add(self, p: _Pending) -> None:
+        self.pending.append(p)
+        self.pending_bytes += p.nbytes
+        if (len(self.pending) >= BATCH_FILES or self.pending_bytes >= BATCH_BYTES
+                or time.monotonic() - self.flushed_at >= BATCH_SECONDS):
+            self.flush(wait=False)
+
+    def flush(self, wait: bool = True) -> None:
+        """Make the pending copies durable (one syncfs of the target), then rename each into place and journal it.
+
+        The batch is committed by a background thread while the next files are copied (syncfs and the renames
+        overlap with the copying); ``wait`` waits for every batch handed over so far. A run killed before a batch
+        is committed leaves only temporary names (removed by the next sync pass), and those files are copied again:
+        a name in the tree always points at data that is on disk."""
+        self.flushed_at = time.monotonic()
+        if self.pending:
+            if self._committer is None:
+                self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backup-commit")
+            self._commits.append(self._committer.submit(self._commit, list(self.pending)))
+            self.pending.clear()
+            self.pending_bytes = 0
+        if wait:
+            commits, self._commits = self._commits, []
+            for c in commits:
+                c.result()
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        syncfs(self.tree_fd)
+        dirs: dict[str, int] = {}
+        try:
+            for p in batch:
+                if p.reldir not in dirs:
+                    dirs[p.reldir] = open_dir(self.tree_fd, p.reldir, create=True)
+                replace(dirs[p.reldir], p.tmp, p.name)
+                self.staged[p.relpath] = p.record
+            self.target.journal_add_many([(p.relpath, p.record) for p in batch])
+        finally:
+            for fd in dirs.values():
+                os.close(fd)
 
     def current(self, f: FileInfo) -> bool:
         """The tree or the last snapshot already holds this version of the file."""
@@ -62,6 +126,8 @@ class _Open:
         return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (f.size, f.mtime_ns)
 
     def close(self) -> None:
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
         os.close(self.tree_fd)
         self.target.close()
 
@@ -109,12 +175,11 @@ class Backup:
             if held.staged_in_tree(f, tree_dir, name):
                 # Copied by an earlier run of this round that was killed before its progress was committed.
                 return ItemResult(counters={"already_copied": 1})
-            copied = copy_file(ctx.fd, tree_dir, name)
+            copied = copy_file(ctx.fd, tree_dir, name, durable=False)
         finally:
             os.close(tree_dir)
         record = [*copied.sig, copied.blake3]
-        held.target.journal_add(f.relpath, record)
-        held.staged[f.relpath] = record
+        held.add(_Pending(reldir, copied.tmp, name, f.relpath, record, copied.nbytes))
         ctx.progress.advance(copied.nbytes)   # holes are not read
         counters = {"copied": 1, "copied_bytes": copied.nbytes}
         if copied.changed:
@@ -131,6 +196,7 @@ class Backup:
         self._open.pop(run.run_id, None)
         target = held.target
         try:
+            held.flush()
             if report.items_done + report.items_failed < report.items_total:
                 return {"snapshot": None, "target": target.path,
                         "note": "stopped early: no snapshot published; the next run resumes"}

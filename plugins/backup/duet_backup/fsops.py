@@ -8,6 +8,7 @@ is complete (data, holes, owner, mode, xattrs and POSIX ACLs, ns times) and fsyn
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import os
@@ -22,11 +23,19 @@ CHUNK = 1 << 20
 TMP_PREFIX = ".duet-tmp."
 _ZEROS = bytes(CHUNK)
 _tmp_counter = itertools.count()
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def tmp_name() -> str:
     """A short name for a file being built (unique in this process); the sync pass removes strays of killed runs."""
     return f"{TMP_PREFIX}{os.getpid()}.{next(_tmp_counter)}"
+
+
+def syncfs(fd: int) -> None:
+    """Write back everything of the filesystem holding ``fd`` (syncfs(2))."""
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def sig(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -42,6 +51,7 @@ class Copied:
     sig: tuple[int, int, int, int]
     changed: bool          # the source changed during every attempt: the copy may mix versions
     nbytes: int            # data bytes read (holes are not read)
+    tmp: str | None = None  # durable=False: the temporary name the copy still has
 
 
 # --------------------------------------------------------------------------------------------------- directories
@@ -64,7 +74,10 @@ def open_dir(root_fd: int, reldir: str, create: bool = False) -> int:
                     raise
                 if exc.errno != errno.ENOENT:
                     remove(fd, name)
-                os.mkdir(name, 0o700, dir_fd=fd)
+                try:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                except FileExistsError:   # made meanwhile by the thread committing copies
+                    pass
                 nxt = open_beneath(fd, name, os.O_RDONLY | os.O_DIRECTORY)
             os.close(fd)
             fd = nxt
@@ -131,7 +144,7 @@ def same_metadata(a: os.stat_result, b: os.stat_result) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------- copying
-def copy_file(src_fd: int, dst_dir: int, name: str, attempts: int = 3) -> Copied:
+def copy_file(src_fd: int, dst_dir: int, name: str, attempts: int = 3, durable: bool = True) -> Copied:
     """Copy the open regular file ``src_fd`` to ``name`` in ``dst_dir``: exactly and atomically.
 
     Data is read with ``pread`` (``src_fd`` may be shared with other tasks: its offset is never used); holes are
@@ -139,19 +152,25 @@ def copy_file(src_fd: int, dst_dir: int, name: str, attempts: int = 3) -> Copied
     (blake3 of the whole contents, holes as zeros) while it is written, gets the source's owner, mode, xattrs and
     ns times, is fsynced and renamed over ``name``. If the source changes while it is copied (size, mtime or ctime
     differ before and after), the copy is made again, up to ``attempts`` times; the last one is kept and flagged.
+
+    With ``durable=False`` the copy is neither fsynced nor renamed: it is left under ``Copied.tmp`` for the caller,
+    who makes a whole batch durable at once (one ``syncfs``) before renaming each into place — the same guarantee
+    (no name ever points at data that is not on disk) at a fraction of the cost of one fsync per file.
     """
     for attempt in range(attempts):
         before = os.fstat(src_fd)
-        tmp, digest, nbytes = _build_copy(src_fd, dst_dir, before)
+        tmp, digest, nbytes = _build_copy(src_fd, dst_dir, before, durable)
         changed = sig(os.fstat(src_fd))[1:] != sig(before)[1:]
         if not changed or attempt == attempts - 1:
             break   # still changing after the last attempt: keep it rather than nothing; it is flagged
         os.unlink(tmp, dir_fd=dst_dir)
+    if not durable:
+        return Copied(digest, sig(before), changed, nbytes, tmp)
     replace(dst_dir, tmp, name)
     return Copied(digest, sig(before), changed, nbytes)
 
 
-def _build_copy(src_fd: int, dst_dir: int, st: os.stat_result) -> tuple[str, str, int]:
+def _build_copy(src_fd: int, dst_dir: int, st: os.stat_result, durable: bool) -> tuple[str, str, int]:
     """Write a complete copy under a temporary name; returns (name, blake3 hex, data bytes read)."""
     tmp = tmp_name()
     out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst_dir)
@@ -161,7 +180,8 @@ def _build_copy(src_fd: int, dst_dir: int, st: os.stat_result) -> tuple[str, str
         os.fchmod(out, stat.S_IMODE(st.st_mode))
         copy_xattrs(src_fd, out)
         os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
-        os.fsync(out)
+        if durable:
+            os.fsync(out)
     except BaseException:
         os.close(out)
         os.unlink(tmp, dir_fd=dst_dir)

@@ -26,6 +26,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from duet_backup.fsops import syncfs
 from duet_core.errors import DuetError
 from duet_core.identity import open_beneath
 
@@ -219,7 +220,7 @@ class Target:
             btrfsutil.create_snapshot(f"/proc/self/fd/{self.internal}/{self.tree_name}",
                                       f"/proc/self/fd/{self.snapshots}/{name}", read_only=True)
         else:
-            _syncfs(self.fd)   # every copy and link of the tree is durable before its name appears
+            syncfs(self.fd)   # every copy and link of the tree is durable before its name appears
             os.rename(self.tree_name, name, src_dir_fd=self.internal, dst_dir_fd=self.snapshots)
         os.fsync(self.snapshots)
         self.clear_journal()
@@ -227,10 +228,15 @@ class Target:
     # -- journal -----------------------------------------------------------------------------------------------
     def journal_add(self, relpath: str, record: Record) -> None:
         """Note that the tree now holds this version of ``relpath`` (appended; read back by the next run)."""
-        line = json.dumps([relpath, *record], separators=(",", ":")) + "\n"
+        self.journal_add_many([(relpath, record)])
+
+    def journal_add_many(self, entries: list[tuple[str, Record]]) -> None:
+        data = "".join(json.dumps([rel, *rec], separators=(",", ":")) + "\n" for rel, rec in entries).encode()
         fd = open_beneath(self.internal, "journal", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, line.encode())
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
         finally:
             os.close(fd)
 
@@ -264,11 +270,3 @@ def _exists(dir_fd: int, name: str) -> bool:
         return True
     except FileNotFoundError:
         return False
-
-
-def _syncfs(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
