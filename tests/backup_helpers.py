@@ -16,7 +16,9 @@ import stat
 import subprocess
 
 import blake3
-import plugin_dist
+from duet_backup.fsops import syncfs
+
+from duet_core import residency
 
 FIFO = "specials/fifo"
 SPARSE = "sparse.img"
@@ -77,12 +79,22 @@ def make_tree(root: str) -> str:
 
 
 def evict_regular(scope: str) -> None:
-    """fsync and evict every regular file under ``scope`` (symlinks and fifos are left alone, never opened)."""
+    """Write back the scope's filesystem (one syncfs), then evict every regular file under ``scope`` from the page
+    cache (symlinks and fifos are left alone, never opened)."""
+    fd = os.open(scope, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        syncfs(fd)
+    finally:
+        os.close(fd)
     for dirpath, _dirs, names in os.walk(os.fsencode(scope)):
         for name in names:
             path = os.path.join(dirpath, name)
             if stat.S_ISREG(os.lstat(path).st_mode):
-                plugin_dist.evict(path)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    residency.evict(fd)
+                finally:
+                    os.close(fd)
 
 
 def rsync_diff(src: str, dst: str) -> list[str]:
