@@ -310,3 +310,26 @@ def kill_and_rerun(duet, source, target, kill_after: int) -> None:
     bh.assert_same_tree(scope, snap(target, rep["snapshot"]))
     copied_again = rep["counters"].get("copied", 0) + rep["copied_at_finish"]
     assert copied_again <= max(0, 30 - journaled) + 1, (journaled, rep)   # only what was not yet durable
+
+
+def test_stopped_early_publishes_nothing_and_a_busy_target_is_refused(duet, source):
+    with fsimage.loop_fs("ext4") as tgt:
+        scope = os.path.join(source.mnt, "data")
+        for i in range(20):
+            bh.write(os.path.join(scope, f"f{i:02d}"), os.urandom(256 << 10))
+        bh.evict_regular(scope)
+        proc = duet("run", "backup", "--path", scope, "--target", tgt.mnt, "--json", "--for", "1s",
+                    "--rate-limit", "1MB/s")
+        assert proc.returncode == 5, proc.stderr
+        rep = json.loads(proc.stdout)["tasks"]["backup"]
+        assert rep["snapshot"] is None and 0 < rep["items_done"] < 20, rep
+        assert bh.snapshot_names(tgt.mnt) == []
+        # Another backup holds the target: exit 4, one line, nothing done.
+        import fcntl
+
+        with open(os.path.join(tgt.mnt, ".duet", "lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            one_error(duet("run", "backup", "--path", scope, "--target", tgt.mnt), 4, "another backup is writing")
+        rest = duet.backup(scope, tgt.mnt)
+        assert rest["counters"]["copied"] + rest["counters"].get("already_copied", 0) == 20 - rep["items_done"]
+        bh.assert_same_tree(scope, snap(tgt, rest["snapshot"]))
