@@ -132,7 +132,7 @@ class TreeSync:
                         if st.st_nlink > 1:
                             self._groups.setdefault((st.st_dev, st.st_ino), []).append(_Member(reldir, name, st))
                         else:
-                            self._sync_file(src_dir, tree_dir, prev_dir, reldir, name, st)
+                            self._sync_file(src_dir, tree_dir, prev_dir, reldir, name, st, name in have)
                     elif len(self.result.special) < MAX_LISTED:
                         self.result.special.append(rel)
                 except FileNotFoundError:
@@ -153,30 +153,31 @@ class TreeSync:
             return -1
 
     # -- regular files -----------------------------------------------------------------------------------------
-    def _trusted(self, tree_dir: int, prev_dir: int, name: str, rel: str, st: os.stat_result) -> Record | None:
+    def _trusted(self, tree_dir: int, prev_dir: int, name: str, rel: str, st: os.stat_result,
+                 in_tree: bool = True) -> Record | None:
         """The record of a copy of this very version already in the tree (linked there from the previous
-        snapshot if need be), or None."""
+        snapshot if need be), or None. ``in_tree`` False: the tree's listing has no such name (saves a stat)."""
         want = list(sig(st))
         rec = self.staged.get(rel)
-        if rec and rec[:4] == want and _holds(tree_dir, name, st):
+        if in_tree and rec and rec[:4] == want and _holds(tree_dir, name, st):
             return rec
         rec = self.published.get(rel)
         if not rec or rec[:4] != want:
             return None
         if prev_dir < 0:   # btrfs mirror: the tree still holds what the last snapshot holds
-            return rec if _holds(tree_dir, name, st) else None
+            return rec if in_tree and _holds(tree_dir, name, st) else None
         if not _holds(prev_dir, name, st):
             return None
-        if _same_inode(prev_dir, tree_dir, name):
+        if in_tree and _same_inode(prev_dir, tree_dir, name):
             return rec
         link_into(prev_dir, name, tree_dir, name)
         self.result.linked += 1
         return rec
 
     def _sync_file(self, src_dir: int, tree_dir: int, prev_dir: int, reldir: str, name: str,
-                   st: os.stat_result) -> Record | None:
+                   st: os.stat_result, in_tree: bool = True) -> Record | None:
         rel = join(reldir, name)
-        rec = self._trusted(tree_dir, prev_dir, name, rel, st)
+        rec = self._trusted(tree_dir, prev_dir, name, rel, st, in_tree)
         if rec is None:
             fd = open_source(src_dir, name)
             try:
