@@ -207,6 +207,8 @@ def backup(
         table.add_row("no-change rerun", f"{report['rsync_rerun_s']:.2f}", "", f"{report['duet_rerun_s']:.2f}",
                       f"{report['rerun_ratio']:.2f}")
         console.print(table)
+        console.print(f"duet --no-idle-io --no-cache-hygiene: initial {report['duet_unthrottled_initial_s']:.2f} s, "
+                      f"no-change rerun {report['duet_unthrottled_rerun_s']:.2f} s")
         console.print(f"duet no-change rerun read {units.format_bytes(report['duet_rerun_device_read_bytes'])} "
                       f"from the device")
         for name, ok in report["targets"].items():
