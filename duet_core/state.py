@@ -210,7 +210,8 @@ class StateStore:
                 file_id = self.db.execute("SELECT next_file_id FROM scopes WHERE id=?", (scope_id,)).fetchone()[0]
                 self.db.execute("UPDATE scopes SET next_file_id=? WHERE id=?", (file_id + 1, scope_id))
             self.db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?)",
-                            (scope_id, file_id, *f.fid, _path_in(f.relpath), f.size, f.mtime_ns, f.ctime_ns, time.time_ns()))
+                            (scope_id, file_id, *f.fid, _path_in(f.relpath), f.size, f.mtime_ns, f.ctime_ns,
+                             time.time_ns()))
         return FileInfo(file_id, FileId(*f.fid), f.relpath, f.size, f.mtime_ns, f.ctime_ns)
 
     def files(self, scope_id: int, ids: Iterable[int] | None = None) -> Iterator[FileInfo]:

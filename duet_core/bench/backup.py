@@ -13,6 +13,7 @@ core never imports it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -85,9 +86,9 @@ def run_backup_bench(size: int = 1 << 30, target_fs: str = "ext4", runs: int = 1
                         loop_fs(target_fs, size_mb=image_mb, prefix="duet-bench-") as ut:
                     state, ustate = os.path.join(tmp, f"state{i}"), os.path.join(tmp, f"ustate{i}")
                     sample = {}
-                    tools = (("rsync", lambda: _rsync(src, rt.mnt)),
-                             ("duet", lambda: _duet(src, dt.mnt, state, config)),
-                             ("duet_unthrottled", lambda: _duet(src, ut.mnt, ustate, config, *UNTHROTTLED)))
+                    tools = (("rsync", functools.partial(_rsync, src, rt.mnt)),
+                             ("duet", functools.partial(_duet, src, dt.mnt, state, config)),
+                             ("duet_unthrottled", functools.partial(_duet, src, ut.mnt, ustate, config, *UNTHROTTLED)))
                     for label, fn in tools:
                         say(f"run {i + 1}/{runs}: {label}, initial backup")
                         evict_tree(src)

@@ -116,7 +116,9 @@ def restore(
                     copy_file(src, dest, out_name)
             finally:
                 os.close(src)
-            print(f"restored {path} from {name} to {os.path.join(dest_real, os.path.basename(rel))}")
+            line = f"restored {path} from {name} to {os.path.join(dest_real, os.path.basename(rel))}"
+            # Names need not be UTF-8: print undecodable bytes escaped.
+            print(line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
     finally:
         os.close(dest)
         os.close(snap)

@@ -149,7 +149,8 @@ class Target:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise TargetBusy(f"another backup is writing to {self.path}", hint="try again when it has finished")
+            raise TargetBusy(f"another backup is writing to {self.path}",
+                             hint="try again when it has finished") from None
         self._lock_fd = fd
 
     # -- the tree being built ----------------------------------------------------------------------------------
