@@ -21,6 +21,8 @@ import fsimage
 import pytest
 from plugin_dist import duet_argv
 
+from duet_core.state import StateStore
+
 pytestmark = pytest.mark.bpf
 
 
@@ -108,6 +110,11 @@ def test_snapshots_are_exact_incremental_and_a_no_change_run_reads_nothing(duet,
     with open(os.path.join(scope, "big", "blob.bin"), "rb") as fh:
         assert m["files"]["big/blob.bin"][4] == blake3.blake3(fh.read()).hexdigest()
     assert m["scope"] == scope and len(m["files"]) == first["files"]
+    # ... and the same hash is a shared result for that file version, for scrub and gc to reuse.
+    store = StateStore(duet.env["DUET_STATE_DIR"])
+    shared = {f.relpath: store.shared_get(f, "blake3") for f in store.files(store.scope_id(scope))}
+    store.close()
+    assert shared == {rel: rec[4] for rel, rec in m["files"].items() if rel in shared} and len(shared) >= 19
     if target.fstype == "btrfs":
         import btrfsutil
 
@@ -237,7 +244,9 @@ def test_files_changed_or_deleted_during_the_run(duet, source, target):
         # Slow enough (device reads capped) that the deletion lands before the last files' turn.
         proc = duet.start("run", "backup", "--path", scope, "--target", target.mnt, "--json",
                           "--rate-limit", "8MB/s")
-        time.sleep(0.5)
+        end = time.monotonic() + 30   # the first batch of copies is durable: the scan is long done
+        while not journal_lines(target.mnt) and proc.poll() is None and time.monotonic() < end:
+            time.sleep(0.01)
         os.unlink(os.path.join(scope, "steady", "f29"))
         out, err = proc.communicate(timeout=120)
     finally:
@@ -246,6 +255,7 @@ def test_files_changed_or_deleted_during_the_run(duet, source, target):
     assert proc.returncode == 0, err
     rep = json.loads(out)["tasks"]["backup"]
     assert rep["changed_during_backup"] == ["busy.log"] or rep["counters"].get("changed_during_backup"), rep
+    assert rep["counters"].get("vanished") == 1 and rep["items_failed"] == 0, rep   # gone before its turn
     snapshot = snap(target, rep["snapshot"])
     assert not os.path.exists(os.path.join(snapshot, "steady", "f29"))
     assert sorted(os.listdir(os.path.join(snapshot, "steady"))) == [f"f{i:02d}" for i in range(29)]
