@@ -40,6 +40,7 @@ MANIFEST_FORMAT = 1
 BATCH_FILES = 1000
 BATCH_BYTES = 64 << 20
 BATCH_SECONDS = 1.0
+DIR_CACHE = 64     # tree directories kept open by duet_process
 
 
 @dataclass
@@ -65,6 +66,7 @@ class _Open:
     pending: list[_Pending] = field(default_factory=list)
     pending_bytes: int = 0
     flushed_at: float = field(default_factory=time.monotonic)
+    _dirs: dict[str, int] = field(default_factory=dict)
     _committer: ThreadPoolExecutor | None = None
     _commits: list[Future] = field(default_factory=list)
 
@@ -108,6 +110,18 @@ class _Open:
             for fd in dirs.values():
                 os.close(fd)
 
+    def tree_dir(self, reldir: str) -> int:
+        """The tree's directory ``reldir`` (created if missing), kept open while files of it keep coming (the
+        scheduler hands files over in scan order, a directory at a time, except for cached ones)."""
+        fd = self._dirs.get(reldir)
+        if fd is None:
+            if len(self._dirs) >= DIR_CACHE:
+                for old in self._dirs.values():
+                    os.close(old)
+                self._dirs.clear()
+            fd = self._dirs[reldir] = open_dir(self.tree_fd, reldir, create=True)
+        return fd
+
     def current(self, f: FileInfo) -> bool:
         """The tree or the last snapshot already holds this version of the file."""
         want = [f.fid.ino, f.size, f.mtime_ns, f.ctime_ns]
@@ -128,6 +142,9 @@ class _Open:
     def close(self) -> None:
         if self._committer is not None:
             self._committer.shutdown(wait=True)
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
         os.close(self.tree_fd)
         self.target.close()
 
@@ -170,14 +187,11 @@ class Backup:
         held = self._hold(ctx.run)
         f = ctx.file
         reldir, _, name = f.relpath.rpartition("/")
-        tree_dir = open_dir(held.tree_fd, reldir, create=True)
-        try:
-            if held.staged_in_tree(f, tree_dir, name):
-                # Copied by an earlier run of this round that was killed before its progress was committed.
-                return ItemResult(counters={"already_copied": 1})
-            copied = copy_file(ctx.fd, tree_dir, name, durable=False)
-        finally:
-            os.close(tree_dir)
+        tree_dir = held.tree_dir(reldir)
+        if held.staged_in_tree(f, tree_dir, name):
+            # Copied by an earlier run of this round that was killed before its progress was committed.
+            return ItemResult(counters={"already_copied": 1})
+        copied = copy_file(ctx.fd, tree_dir, name, durable=False)
         record = [*copied.sig, copied.blake3]
         held.add(_Pending(reldir, copied.tmp, name, f.relpath, record, copied.nbytes))
         ctx.progress.advance(copied.nbytes)   # holes are not read

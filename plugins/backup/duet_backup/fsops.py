@@ -108,15 +108,17 @@ def remove(dir_fd: int, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ metadata
-def copy_xattrs(src: int | str, dst: int | str, src_dir: int | None = None, dst_dir: int | None = None) -> None:
+def copy_xattrs(src: int | str, dst: int | str, src_dir: int | None = None, dst_dir: int | None = None,
+                fresh: bool = False) -> None:
     """Make ``dst``'s extended attributes (POSIX ACLs included: ``system.posix_acl_*``) exactly ``src``'s.
 
-    ``src``/``dst`` are fds, or names relative to ``src_dir``/``dst_dir`` (then symlinks are not followed)."""
+    ``src``/``dst`` are fds, or names relative to ``src_dir``/``dst_dir`` (then symlinks are not followed).
+    ``fresh``: ``dst`` was just created by us and has none yet."""
     s = src if isinstance(src, int) else f"/proc/self/fd/{src_dir}/{src}"
     d = dst if isinstance(dst, int) else f"/proc/self/fd/{dst_dir}/{dst}"
     follow = isinstance(src, int)
     want = {n: os.getxattr(s, n, follow_symlinks=follow) for n in _listxattr(s, follow)}
-    have = set(_listxattr(d, follow))
+    have = set() if fresh else set(_listxattr(d, follow))
     for name in have - set(want):
         os.removexattr(d, name, follow_symlinks=follow)
     for name, value in want.items():
@@ -175,10 +177,10 @@ def _build_copy(src_fd: int, dst_dir: int, st: os.stat_result, durable: bool) ->
     tmp = tmp_name()
     out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst_dir)
     try:
-        digest, nbytes = _copy_data(src_fd, out, st.st_size)
+        digest, nbytes = _copy_data(src_fd, out, st)
         os.fchown(out, st.st_uid, st.st_gid)
         os.fchmod(out, stat.S_IMODE(st.st_mode))
-        copy_xattrs(src_fd, out)
+        copy_xattrs(src_fd, out, fresh=True)
         os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
         if durable:
             os.fsync(out)
@@ -204,12 +206,15 @@ def replace(dir_fd: int, tmp: str, name: str) -> None:
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
-def _copy_data(src_fd: int, out: int, size: int) -> tuple[str, int]:
-    """Copy ``size`` bytes, data segments only; returns (blake3 hex of the contents, data bytes read)."""
+def _copy_data(src_fd: int, out: int, st: os.stat_result) -> tuple[str, int]:
+    """Copy the file's bytes, data segments only; returns (blake3 hex of the contents, data bytes read)."""
     hasher = blake3.blake3(max_threads=1)
+    size = st.st_size
     nbytes = 0
     pos = 0
-    for start, end in data_segments(src_fd, size):
+    # A file with as many blocks as bytes has no hole: skip the SEEK_DATA/SEEK_HOLE walk (most files).
+    segments = [(0, size)] if size and st.st_blocks * 512 >= size else data_segments(src_fd, size)
+    for start, end in segments:
         _hash_zeros(hasher, start - pos)
         off = start
         while off < end:
@@ -222,7 +227,8 @@ def _copy_data(src_fd: int, out: int, size: int) -> tuple[str, int]:
         nbytes += off - start
         pos = off
     _hash_zeros(hasher, size - pos)
-    os.ftruncate(out, size)
+    if pos != size:   # a hole at the end (or a file that shrank while read): give the copy its full size
+        os.ftruncate(out, size)
     return hasher.hexdigest(), nbytes
 
 
