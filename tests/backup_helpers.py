@@ -2,7 +2,7 @@
 
 :func:`make_tree` writes a tree with what backups get wrong: holes, empty files, owners, set-id modes, ns mtimes,
 xattrs and POSIX ACLs (access and default), symlinks (relative, absolute, dangling), hard links across directories,
-names that are not UTF-8 or hold a newline, empty and restricted directories, and a fifo (which backup leaves out).
+names that are not UTF-8 or hold a newline, empty and restricted directories, a fifo, a socket and a device node.
 :func:`rsync_diff` asks rsync itself (``-aHAX -c --delete -n --itemize-changes``) what differs; :func:`tree_facts`
 reads every entry's metadata so two trees can be compared field by field, ns times and inode grouping included.
 """
@@ -20,7 +20,7 @@ from duet_backup.fsops import syncfs
 
 from duet_core import residency
 
-FIFO = "specials/fifo"
+SPECIALS = ("specials/fifo", "specials/null", "specials/socket")
 SPARSE = "sparse.img"
 
 
@@ -72,7 +72,11 @@ def make_tree(root: str) -> str:
     os.chmod(j("private"), 0o700)
     os.chown(j("private"), 1234, 5678)
     os.makedirs(j("specials"))
-    os.mkfifo(j(FIFO))
+    os.mkfifo(j("specials", "fifo"), 0o640)
+    os.mknod(j("specials", "null"), stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    os.mknod(j("specials", "socket"), stat.S_IFSOCK | 0o755)
+    os.chown(j("specials", "null"), 1234, 5678)
+    os.utime(j("specials", "fifo"), ns=(1_500_000_000_000_000_007, 1_500_000_000_000_000_007))
     os.utime(j("docs"), ns=(1_600_000_000_000_000_001, 1_600_000_000_000_000_001))
     evict_regular(scope)
     return scope
@@ -98,13 +102,11 @@ def evict_regular(scope: str) -> None:
 
 
 def rsync_diff(src: str, dst: str) -> list[str]:
-    """What ``rsync -aHAX -c --delete`` would change to make ``dst`` equal ``src`` (specials excluded: backup
-    leaves fifos, sockets and devices out)."""
-    proc = subprocess.run(["rsync", "-aHAX", "--no-D", "-n", "-c", "--delete", "--itemize-changes",
+    """What ``rsync -aHAX -c --delete`` would change to make ``dst`` equal ``src`` (nothing, for an exact copy)."""
+    proc = subprocess.run(["rsync", "-aHAX", "-n", "-c", "--delete", "--itemize-changes",
                            src.rstrip("/") + "/", dst.rstrip("/") + "/"], capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    return [line for line in proc.stdout.decode(errors="backslashreplace").splitlines()
-            if line.strip() and not line.startswith("skipping non-regular file")]
+    return [line for line in proc.stdout.decode(errors="backslashreplace").splitlines() if line.strip()]
 
 
 def _xattrs(path: bytes) -> dict:
@@ -115,8 +117,8 @@ def _xattrs(path: bytes) -> dict:
     return {n: os.getxattr(path, n, follow_symlinks=False) for n in sorted(names)}
 
 
-def tree_facts(root: str, skip_special: bool = True) -> dict:
-    """relpath -> (type, mode, uid, gid, size, mtime_ns, content hash or link target, xattrs, link group).
+def tree_facts(root: str) -> dict:
+    """relpath -> (type, mode, uid, gid, size, mtime_ns, content / link target / device, xattrs, link group).
 
     The link group numbers the files that share an inode *within* the tree (a hard-link snapshot's files also share
     inodes with the previous snapshot: that is not a hard link of the scope), in walk order."""
@@ -128,8 +130,6 @@ def tree_facts(root: str, skip_special: bool = True) -> dict:
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
             rel = os.path.relpath(path, broot)
-            if skip_special and not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-                continue
             body = None
             if stat.S_ISREG(st.st_mode):
                 with open(path, "rb") as fh:
@@ -137,6 +137,8 @@ def tree_facts(root: str, skip_special: bool = True) -> dict:
                 inodes[rel] = (st.st_dev, st.st_ino)
             elif stat.S_ISLNK(st.st_mode):
                 body = os.readlink(path)
+            elif not stat.S_ISDIR(st.st_mode):
+                body = st.st_rdev
             mtime = None if stat.S_ISLNK(st.st_mode) else st.st_mtime_ns
             out[rel] = [stat.S_IFMT(st.st_mode), st.st_mode, st.st_uid, st.st_gid,
                         st.st_size if not stat.S_ISDIR(st.st_mode) else None, mtime, body, _xattrs(path), None]

@@ -239,7 +239,7 @@ class Backup:
             "base": held.latest.name if held.latest else None,
             "files": result.files,
             "bytes": sum(rec[1] for rec in result.files.values()),
-            "changed_during_backup": result.changed, "special_skipped": result.special, "errors": result.errors,
+            "changed_during_backup": result.changed, "special_files": result.special, "errors": result.errors,
         }
         target.publish(name, manifest)
         if result.errors:   # the snapshot is published without these entries: the run reports them and exits 1
@@ -248,7 +248,7 @@ class Backup:
         return {"snapshot": name, "path": os.path.join(target.path, "snapshots", name), "kind": kind,
                 "files": len(result.files), "bytes": manifest["bytes"], "copied_at_finish": result.copied,
                 "linked": result.linked, "vanished": result.vanished,
-                "changed_during_backup": result.changed, "special_skipped": result.special}
+                "changed_during_backup": result.changed, "special_files": result.special}
 
 
 plugin = Backup()

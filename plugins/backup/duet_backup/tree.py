@@ -3,7 +3,7 @@
 ``duet_process`` copies changed files into the tree cache-first as the scheduler hands them over; this pass, run by
 ``duet_finish``, walks the whole source once and does the rest: directories (their owner, mode, xattrs/ACLs and
 mtimes set last, deepest first), symlinks (as links), hard links inside the scope (one inode in the tree, linked
-under every name), deletions, special files (fifos, sockets, devices: never opened, reported and left out), stray
+under every name), deletions, special files (fifos, sockets, devices: recreated with mknod, never opened), stray
 temporary files of killed runs, and any regular file whose copy in the tree is not the current version (created
 after the scan, or a copy that failed) — so the tree is complete whatever the scheduler did or did not hand over.
 
@@ -52,7 +52,7 @@ class SyncResult:
     symlinks: int = 0
     vanished: int = 0
     changed: list[str] = field(default_factory=list)    # changed while copied (copy kept, flagged)
-    special: list[str] = field(default_factory=list)    # fifos, sockets, devices: left out
+    special: list[str] = field(default_factory=list)    # fifos, sockets, devices (recreated, never opened)
     errors: list[str] = field(default_factory=list)
 
 
@@ -133,8 +133,10 @@ class TreeSync:
                             self._groups.setdefault((st.st_dev, st.st_ino), []).append(_Member(reldir, name, st))
                         else:
                             self._sync_file(src_dir, tree_dir, prev_dir, reldir, name, st, name in have)
-                    elif len(self.result.special) < MAX_LISTED:
-                        self.result.special.append(rel)
+                    else:
+                        self._sync_special(tree_dir, name, st)
+                        if len(self.result.special) < MAX_LISTED:
+                            self.result.special.append(rel)
                 except FileNotFoundError:
                     self.result.vanished += 1   # deleted since we listed it: not an error
                 except OSError as exc:
@@ -256,6 +258,25 @@ class TreeSync:
             os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=tree_dir, follow_symlinks=False)
         self.result.symlinks += 1
 
+    def _sync_special(self, tree_dir: int, name: str, st: os.stat_result) -> None:
+        """A fifo, socket or device node: made again with mknod (same type and device number), owner, mode and
+        times set by name. Neither the source nor the copy is ever opened."""
+        try:
+            have = os.stat(name, dir_fd=tree_dir, follow_symlinks=False)
+        except FileNotFoundError:
+            have = None
+        if have is None or stat.S_IFMT(have.st_mode) != stat.S_IFMT(st.st_mode) or have.st_rdev != st.st_rdev:
+            tmp = tmp_name()
+            os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=tree_dir)
+            replace(tree_dir, tmp, name)
+            have = os.stat(name, dir_fd=tree_dir, follow_symlinks=False)
+        if (have.st_uid, have.st_gid) != (st.st_uid, st.st_gid):
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=tree_dir, follow_symlinks=False)
+        if stat.S_IMODE(have.st_mode) != stat.S_IMODE(st.st_mode) or have.st_uid != st.st_uid:
+            os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=tree_dir)   # fchmodat: no open
+        if have.st_mtime_ns != st.st_mtime_ns:
+            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=tree_dir, follow_symlinks=False)
+
     def _dir_metadata(self, reldir: str, st: os.stat_result) -> None:
         """Owner, mode, xattrs/ACLs and times of a directory, after everything inside it is done."""
         try:
@@ -307,7 +328,7 @@ def _same_kind(entry: os.DirEntry, kind: int) -> bool:
         return entry.is_symlink()
     if kind == stat.S_IFREG:
         return entry.is_file(follow_symlinks=False)
-    return False   # special files are never put in the tree
+    return stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode) == kind   # fifo, socket, device
 
 
 def _holds(dir_fd: int, name: str, st: os.stat_result) -> bool:
