@@ -206,8 +206,8 @@ class Backup:
 
     @hookimpl
     def duet_finish(self, run, report):
-        held = self._open.pop(run.run_id, None) or self._hold(run)
-        self._open.pop(run.run_id, None)
+        held = self._hold(run)
+        del self._open[run.run_id]
         target = held.target
         try:
             held.flush()

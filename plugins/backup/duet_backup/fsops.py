@@ -108,41 +108,15 @@ def remove(dir_fd: int, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ metadata
-def copy_xattrs(src: int | str, dst: int | str, src_dir: int | None = None, dst_dir: int | None = None,
-                fresh: bool = False) -> None:
-    """Make ``dst``'s extended attributes (POSIX ACLs included: ``system.posix_acl_*``) exactly ``src``'s.
-
-    ``src``/``dst`` are fds, or names relative to ``src_dir``/``dst_dir`` (then symlinks are not followed).
-    ``fresh``: ``dst`` was just created by us and has none yet."""
-    s = src if isinstance(src, int) else f"/proc/self/fd/{src_dir}/{src}"
-    d = dst if isinstance(dst, int) else f"/proc/self/fd/{dst_dir}/{dst}"
-    follow = isinstance(src, int)
-    want = {n: os.getxattr(s, n, follow_symlinks=follow) for n in _listxattr(s, follow)}
-    have = set() if fresh else set(_listxattr(d, follow))
+def copy_xattrs(src: int, dst: int, fresh: bool = False) -> None:
+    """Make the open file ``dst``'s extended attributes (POSIX ACLs included: ``system.posix_acl_*``) exactly those
+    of ``src``. ``fresh``: ``dst`` was just created by us and has none yet."""
+    want = {n: os.getxattr(src, n) for n in os.listxattr(src)}
+    have = set() if fresh else set(os.listxattr(dst))
     for name in have - set(want):
-        os.removexattr(d, name, follow_symlinks=follow)
+        os.removexattr(dst, name)
     for name, value in want.items():
-        os.setxattr(d, name, value, follow_symlinks=follow)
-
-
-def _listxattr(target: int | str, follow: bool) -> list[str]:
-    try:
-        return os.listxattr(target, follow_symlinks=follow)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EPERM):   # symlinks on some filesystems: no xattrs at all
-            return []
-        raise
-
-
-def apply_metadata(fd: int, st: os.stat_result) -> None:
-    """Owner, mode (set after the owner: chown clears set-id bits) and ns times of an open file or directory."""
-    os.fchown(fd, st.st_uid, st.st_gid)
-    os.fchmod(fd, stat.S_IMODE(st.st_mode))
-    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
-def same_metadata(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_mode, a.st_uid, a.st_gid, a.st_mtime_ns) == (b.st_mode, b.st_uid, b.st_gid, b.st_mtime_ns)
+        os.setxattr(dst, name, value)
 
 
 # ------------------------------------------------------------------------------------------------------- copying
