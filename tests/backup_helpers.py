@@ -71,6 +71,9 @@ def make_tree(root: str) -> str:
     write(j("private", "secret"), b"s3cret")
     os.chmod(j("private"), 0o700)
     os.chown(j("private"), 1234, 5678)
+    if _is_btrfs(root):   # a nested subvolume is part of the tree
+        subprocess.run(["btrfs", "-q", "subvolume", "create", j("home")], check=True)
+        write(j("home", "alice", "thesis.tex"), os.urandom(30000))
     os.makedirs(j("specials"))
     os.mkfifo(j("specials", "fifo"), 0o640)
     os.mknod(j("specials", "null"), stat.S_IFCHR | 0o600, os.makedev(1, 3))
@@ -80,6 +83,10 @@ def make_tree(root: str) -> str:
     os.utime(j("docs"), ns=(1_600_000_000_000_000_001, 1_600_000_000_000_000_001))
     evict_regular(scope)
     return scope
+
+
+def _is_btrfs(path: str) -> bool:
+    return subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True).stdout.strip() == "btrfs"
 
 
 def evict_regular(scope: str) -> None:
