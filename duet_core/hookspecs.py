@@ -63,7 +63,9 @@ def duet_plan(run: RunInfo, files: Sequence[FileInfo]) -> Iterable[int] | None:
 
     Called at the start of a round — the first run, or a run after the previous round completed — over every file,
     and on a resumed round only for files new to the scope. A backup returns the files changed since its last
-    snapshot; a scrub those not verified within its period.
+    snapshot; a scrub those not verified within its period. Every run calls it at least once, with an empty batch
+    if no file is new: raising :class:`~duet_core.errors.DuetError` there refuses the whole run (bad options, an
+    unusable target) with one line and the error's exit code, before any file is processed.
     """
 
 

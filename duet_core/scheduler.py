@@ -202,7 +202,11 @@ class Runner:
         dataset_bytes = store.dataset_bytes(self.scope_id)
 
         t0 = time.monotonic()
-        self.runs = self._start_tasks()
+        try:
+            self.runs = self._start_tasks()
+        except DuetError as exc:   # a task refused the run (its options, its target): nothing is done
+            store.end_run(self.run_id, "refused", {"error": str(exc)})
+            raise
         phases["plan_s"] = time.monotonic() - t0
         self._todo = BitMap()     # files some task still needs: the union of pending, kept up to date
         for r in self.runs:
@@ -367,23 +371,25 @@ class Runner:
         self.ui.message(f"{r.name}: duet_{hook} failed: {type(exc).__name__}: {exc}")
 
     def _plan(self, runs: list[_TaskRun], news: list[BitMap]) -> dict[str, BitMap]:
-        """``duet_plan`` of every task over the files new to it; a task whose plan raises sits this run out (its
-        round stays open, so the next run plans again) and is missing from the result."""
+        """``duet_plan`` of every task over the files new to it — at least once per run, with an empty batch if none
+        is new, so a task can check its options. A task whose plan raises sits this run out (its round stays open,
+        so the next run plans again) and is missing from the result; a DuetError refuses the whole run."""
         chosen = {tr.name: BitMap() for tr in runs}
         union = BitMap.union(*news) if news else BitMap()
-        if not union:
-            return chosen
         batch: list[FileInfo] = []
+        calls = []
 
         def flush():
             for tr, new in zip(runs, news):
                 if tr.name not in chosen:
                     continue
                 mine = batch if len(new) == len(union) else [f for f in batch if f.id in new]
-                if not mine:
+                if not mine and calls:
                     continue
                 try:
                     picked = tr.task.hook.duet_plan(run=tr.run, files=mine)
+                except DuetError:
+                    raise   # the task refuses the run (a bad option, a target it cannot use)
                 except Exception as exc:  # noqa: BLE001 - one task's failure to plan is that task's
                     self._task_failed(tr, "plan", exc)
                     del chosen[tr.name]
@@ -392,15 +398,16 @@ class Runner:
                     chosen[tr.name].update(f.id for f in mine)
                 else:
                     chosen[tr.name].update(BitMap(picked) & new)
+            calls.append(len(batch))
             batch.clear()
 
-        for f in self.store.files(self.scope_id, union if len(union) < 1000 else None):
+        for f in self.store.files(self.scope_id, union if len(union) < 1000 else None) if union else ():
             if f.id in union:
                 batch.append(f)
                 if len(batch) >= PLAN_BATCH:
                     flush()
-        if batch:
-            flush()
+        if batch or not calls:
+            flush()   # every run calls duet_plan at least once (an empty batch): a task checks its options there
         return chosen
 
     # -- the loop --------------------------------------------------------------------------------------------------

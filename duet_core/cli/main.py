@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
+from importlib.metadata import entry_points
 
 import typer
 
@@ -67,6 +68,39 @@ def _working_directory_off_path() -> None:
     sys.path[:] = [p for p in sys.path if p not in ("", ".", cwd)]
 
 
+COMMANDS_GROUP = "duet.commands"
+
+
+def add_plugin_commands(target: typer.Typer, group: str = COMMANDS_GROUP) -> list[str]:
+    """Add the sub-commands installed packages publish under the entry-point group ``duet.commands``.
+
+    An entry point's name is the command's name; it loads a ``typer.Typer`` (added as a command group) or a function
+    (added as one command). This is how a plugin brings its own commands (``duet restore`` from the backup
+    package) without the core importing it. One that fails to load, is neither, or would shadow an existing command
+    is reported in one line on stderr and skipped. Returns the names added.
+    """
+    taken = {c.name for c in target.registered_commands} | {g.name for g in target.registered_groups}
+    added = []
+    for ep in sorted(entry_points(group=group), key=lambda e: e.name):
+        try:
+            if ep.name in taken:
+                raise ValueError(f"a command named {ep.name!r} already exists")
+            obj = ep.load()
+            if isinstance(obj, typer.Typer):
+                target.add_typer(obj, name=ep.name)
+            elif callable(obj):
+                target.command(ep.name)(obj)
+            else:
+                raise TypeError(f"{ep.value} is {type(obj).__name__}, not a typer.Typer or a function")
+        except Exception as exc:  # noqa: BLE001 - a broken plugin command is that plugin's, reported and skipped
+            print(f"duet: command {ep.name} ({ep.value}) is broken and was skipped: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            continue
+        taken.add(ep.name)
+        added.append(ep.name)
+    return added
+
+
 def main() -> None:
     """Entry point: typer reports usage errors itself (exit 2); a DuetError becomes one line and its exit code.
 
@@ -74,6 +108,7 @@ def main() -> None:
     expected failure too: one line, exit 2, and the way out.
     """
     _working_directory_off_path()
+    add_plugin_commands(app)   # after the working directory is off the path: installed packages only
     try:
         app()
     except DuetError as exc:

@@ -1,0 +1,121 @@
+"""``duet bench backup``: ``duet run backup`` against ``rsync -a`` — an initial backup and a no-change rerun.
+
+Both copy the same mixed data set (share.make_dataset: small, medium and large files) from a btrfs loop
+filesystem in direct-I/O mode to a fresh target filesystem of their own (same type for both), in the same bench
+run, so only ratios are compared. Before every timed run the source files are evicted from the page cache one by
+one (fadvise; never the global drop_caches, other work on this machine relies on its cache). rsync's time is
+reported alone and with the ``sync -f`` that makes its copies durable (duet fsyncs every file before it counts as
+backed up); the target is duet (defaults) at most as slow as plain ``rsync -a``, on both runs. duet is also timed
+"unthrottled" (``--no-idle-io --no-cache-hygiene``: normal I/O priority and a page cache left full, as rsync
+runs), to show what its politeness costs. The backup plugin is run as a subprocess through its entry point: the
+core never imports it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from duet_core.bench.share import make_dataset
+from duet_core.bench.stabilize import evict
+from duet_core.errors import DuetError
+from duet_core.loopfs import loop_fs
+
+# duet as rsync runs: normal I/O priority, and what it read left in the page cache.
+UNTHROTTLED = ("--no-idle-io", "--no-cache-hygiene")
+
+
+def evict_tree(root: str) -> None:
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            evict(os.path.join(dirpath, name))
+
+
+def _timed(argv: list[str], env: dict | None = None) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise DuetError(f"{argv[0]} failed in the bench: {proc.stderr.strip()[-600:]}")
+    return wall, proc
+
+
+def _rsync(src: str, dst: str) -> dict:
+    wall, _ = _timed(["rsync", "-a", src + "/", dst + "/"])
+    t0 = time.monotonic()
+    subprocess.run(["sync", "-f", dst], check=True)
+    return {"wall_s": wall, "wall_with_sync_s": wall + time.monotonic() - t0}
+
+
+def _duet(src: str, dst: str, state: str, config: str, *extra: str) -> dict:
+    env = dict(os.environ, DUET_STATE_DIR=state)
+    wall, proc = _timed([sys.executable, "-m", "duet_core.cli.main", "run", "backup", "--path", src, "--target", dst,
+                         "--json", "--config", config, *extra], env)
+    summary = json.loads(proc.stdout)
+    rep = summary["tasks"].get("backup", {})
+    return {"wall_s": wall, "device_read_bytes": summary["device_read_bytes"], "files": rep.get("files"),
+            "copied": rep.get("counters", {}).get("copied", 0), "snapshot": rep.get("snapshot")}
+
+
+def run_backup_bench(size: int = 1 << 30, target_fs: str = "ext4", runs: int = 1, progress=None) -> dict:
+    if os.geteuid() != 0:
+        raise DuetError("duet bench backup needs root (loop devices, BPF)")
+    if shutil.which("rsync") is None:
+        raise DuetError("duet bench backup compares with rsync, which is not installed", hint="apt-get install rsync")
+    say = progress or (lambda msg: None)
+    image_mb = max(256, (size >> 20) * 3 // 2 + 128)
+    samples: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="duet-bench-backup-") as tmp:
+        config = os.path.join(tmp, "empty.toml")
+        open(config, "w").close()
+        with loop_fs("btrfs", size_mb=image_mb, direct_io=True, prefix="duet-bench-") as srcfs:
+            src = os.path.join(srcfs.mnt, "data")
+            say(f"writing a {size >> 20} MiB mixed data set")
+            dataset = make_dataset(src, size)
+            nfiles = sum(len(f) for _, _, f in os.walk(src))
+            for i in range(runs):
+                with loop_fs(target_fs, size_mb=image_mb, prefix="duet-bench-") as rt, \
+                        loop_fs(target_fs, size_mb=image_mb, prefix="duet-bench-") as dt, \
+                        loop_fs(target_fs, size_mb=image_mb, prefix="duet-bench-") as ut:
+                    state, ustate = os.path.join(tmp, f"state{i}"), os.path.join(tmp, f"ustate{i}")
+                    sample = {}
+                    tools = (("rsync", functools.partial(_rsync, src, rt.mnt)),
+                             ("duet", functools.partial(_duet, src, dt.mnt, state, config)),
+                             ("duet_unthrottled", functools.partial(_duet, src, ut.mnt, ustate, config, *UNTHROTTLED)))
+                    for label, fn in tools:
+                        say(f"run {i + 1}/{runs}: {label}, initial backup")
+                        evict_tree(src)
+                        sample[f"{label}_initial"] = fn()
+                    for label, fn in tools:
+                        say(f"run {i + 1}/{runs}: {label}, no-change rerun")
+                        evict_tree(src)
+                        sample[f"{label}_rerun"] = fn()
+                    samples.append(sample)
+
+    def med(key: str, field: str = "wall_s") -> float:
+        return round(statistics.median(s[key][field] for s in samples), 3)
+
+    report = {
+        "dataset_bytes": dataset, "files": nfiles, "target_fs": target_fs, "runs": runs,
+        "rsync_initial_s": med("rsync_initial"), "rsync_initial_with_sync_s": med("rsync_initial", "wall_with_sync_s"),
+        "duet_initial_s": med("duet_initial"),
+        "rsync_rerun_s": med("rsync_rerun"), "duet_rerun_s": med("duet_rerun"),
+        "duet_unthrottled_initial_s": med("duet_unthrottled_initial"),
+        "duet_unthrottled_rerun_s": med("duet_unthrottled_rerun"),
+        "duet_rerun_device_read_bytes": int(med("duet_rerun", "device_read_bytes")),
+        "machine": {"nproc": os.cpu_count(), "kernel": os.uname().release},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "samples": samples,
+    }
+    report["initial_ratio"] = round(report["duet_initial_s"] / report["rsync_initial_s"], 3)
+    report["rerun_ratio"] = round(report["duet_rerun_s"] / report["rsync_rerun_s"], 3)
+    report["targets"] = {"initial_at_most_rsync": report["initial_ratio"] <= 1.0,
+                         "rerun_at_most_rsync": report["rerun_ratio"] <= 1.0}
+    return report

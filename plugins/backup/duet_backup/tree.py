@@ -1,0 +1,361 @@
+"""The sync pass: make a tree an exact mirror of the source tree, reusing every file copy it can trust.
+
+``duet_process`` copies changed files into the tree cache-first as the scheduler hands them over; this pass, run by
+``duet_finish``, walks the whole source once and does the rest: directories (their owner, mode, xattrs/ACLs and
+mtimes set last, deepest first), symlinks (as links), hard links inside the scope (one inode in the tree, linked
+under every name), deletions, special files (fifos, sockets, devices: recreated with mknod, never opened), stray
+temporary files of killed runs, and any regular file whose copy in the tree is not the current version (created
+after the scan, or a copy that failed) — so the tree is complete whatever the scheduler did or did not hand over.
+
+A regular file's copy is trusted when a record says which source version ``(inode, size, mtime, ctime)`` it was
+made from and the tree's file still has that size and mtime: ``staged`` (the journal of copies made since the last
+snapshot) or ``published`` (the last snapshot's manifest). With ``prev_fd`` (hard-link snapshots on filesystems
+other than btrfs) an unchanged file is linked from the previous snapshot instead of being copied.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from duet_backup.fsops import copy_file, copy_xattrs, open_dir, remove, replace, sig, tmp_name
+from duet_core.identity import open_beneath
+
+Record = list   # [inode, size, mtime ns, ctime ns, blake3 hex]
+MAX_LISTED = 100
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def open_source(dir_fd: int, name: str) -> int:
+    """Open a source file read-only without touching its atime where allowed, never through a symlink."""
+    try:
+        return open_beneath(dir_fd, name, os.O_RDONLY | os.O_NOATIME)
+    except PermissionError:
+        return open_beneath(dir_fd, name, os.O_RDONLY)
+
+
+@dataclass
+class SyncResult:
+    """What the pass found and did; ``files`` is the manifest of regular files: relpath -> Record."""
+
+    files: dict[str, Record] = field(default_factory=dict)
+    copied: int = 0
+    copied_bytes: int = 0
+    linked: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    vanished: int = 0
+    changed: list[str] = field(default_factory=list)    # changed while copied (copy kept, flagged)
+    special: list[str] = field(default_factory=list)    # fifos, sockets, devices (recreated, never opened)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Member:
+    reldir: str
+    name: str
+    st: os.stat_result
+
+    @property
+    def rel(self) -> str:
+        return join(self.reldir, self.name)
+
+
+class TreeSync:
+    """Mirror the tree below ``src_fd`` into ``tree_fd``. See the module docstring."""
+
+    def __init__(self, src_fd: int, tree_fd: int, staged: dict[str, Record] | None = None,
+                 published: dict[str, Record] | None = None, prev_fd: int | None = None,
+                 on_copy: Callable[[str, Record], None] | None = None):
+        self.src_fd, self.tree_fd, self.prev_fd = src_fd, tree_fd, prev_fd
+        self.staged, self.published = staged or {}, published or {}
+        self.on_copy = on_copy or (lambda rel, rec: None)
+        self.result = SyncResult()
+        self._dirs: list[tuple[str, os.stat_result]] = []
+        self._groups: dict[tuple[int, int], list[_Member]] = {}
+
+    def run(self) -> SyncResult:
+        self._dirs.append(("", os.fstat(self.src_fd)))
+        stack = [""]
+        while stack:
+            reldir = stack.pop()
+            try:
+                self._sync_dir(reldir, stack)
+            except FileNotFoundError:
+                self.result.vanished += 1   # the directory went away while we walked: it is simply not there
+        for members in self._groups.values():
+            self._sync_links(members)
+        for reldir, st in reversed(self._dirs):
+            self._dir_metadata(reldir, st)
+        return self.result
+
+    # -- one directory -----------------------------------------------------------------------------------------
+    def _sync_dir(self, reldir: str, stack: list[str]) -> None:
+        src_dir = open_beneath(self.src_fd, reldir or ".", os.O_RDONLY | os.O_DIRECTORY)
+        tree_dir = prev_dir = -1
+        try:
+            tree_dir = open_dir(self.tree_fd, reldir, create=True)
+            prev_dir = self._open_prev(reldir)
+            entries: list[tuple[str, os.stat_result]] = []
+            with os.scandir(src_dir) as it:
+                for e in it:
+                    try:
+                        entries.append((e.name, e.stat(follow_symlinks=False)))
+                    except FileNotFoundError:
+                        self.result.vanished += 1
+            have = {}
+            with os.scandir(tree_dir) as it:
+                for e in it:
+                    have[e.name] = e
+            kinds = {name: stat.S_IFMT(st.st_mode) for name, st in entries}
+            for name, e in have.items():
+                if name not in kinds or not _same_kind(e, kinds[name]):
+                    remove(tree_dir, name)
+            for name, st in entries:
+                rel = join(reldir, name)
+                try:
+                    if stat.S_ISDIR(st.st_mode):
+                        if name not in have or not have[name].is_dir(follow_symlinks=False):
+                            os.mkdir(name, 0o700, dir_fd=tree_dir)
+                        self._dirs.append((rel, st))
+                        self.result.dirs += 1
+                        stack.append(rel)
+                    elif stat.S_ISLNK(st.st_mode):
+                        self._sync_symlink(src_dir, tree_dir, name, st)
+                    elif stat.S_ISREG(st.st_mode):
+                        if st.st_nlink > 1:
+                            self._groups.setdefault((st.st_dev, st.st_ino), []).append(_Member(reldir, name, st))
+                        else:
+                            self._sync_file(src_dir, tree_dir, prev_dir, reldir, name, st, name in have)
+                    else:
+                        self._sync_special(tree_dir, name, st)
+                        if len(self.result.special) < MAX_LISTED:
+                            self.result.special.append(rel)
+                except FileNotFoundError:
+                    self.result.vanished += 1   # deleted since we listed it: not an error
+                except OSError as exc:
+                    self.result.errors.append(f"{rel}: {exc.strerror or exc}")
+        finally:
+            for fd in (src_dir, tree_dir, prev_dir):
+                if fd >= 0:
+                    os.close(fd)
+
+    def _open_prev(self, reldir: str) -> int:
+        if self.prev_fd is None:
+            return -1
+        try:
+            return open_beneath(self.prev_fd, reldir or ".", os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return -1
+
+    # -- regular files -----------------------------------------------------------------------------------------
+    def _trusted(self, tree_dir: int, prev_dir: int, name: str, rel: str, st: os.stat_result,
+                 in_tree: bool = True) -> Record | None:
+        """The record of a copy of this very version already in the tree (linked there from the previous
+        snapshot if need be), or None. ``in_tree`` False: the tree's listing has no such name (saves a stat)."""
+        want = list(sig(st))
+        rec = self.staged.get(rel)
+        if in_tree and rec and rec[:4] == want and _holds(tree_dir, name, st):
+            return rec
+        rec = self.published.get(rel)
+        if not rec or rec[:4] != want:
+            return None
+        if prev_dir < 0:   # btrfs mirror: the tree still holds what the last snapshot holds
+            return rec if in_tree and _holds(tree_dir, name, st) else None
+        if not _holds(prev_dir, name, st):
+            return None
+        if in_tree and _same_inode(prev_dir, tree_dir, name):
+            return rec
+        link_into(prev_dir, name, tree_dir, name)
+        self.result.linked += 1
+        return rec
+
+    def _sync_file(self, src_dir: int, tree_dir: int, prev_dir: int, reldir: str, name: str,
+                   st: os.stat_result, in_tree: bool = True) -> Record | None:
+        rel = join(reldir, name)
+        rec = self._trusted(tree_dir, prev_dir, name, rel, st, in_tree)
+        if rec is None:
+            fd = open_source(src_dir, name)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise FileNotFoundError(errno.ENOENT, "replaced by something else", rel)
+                copied = copy_file(fd, tree_dir, name)
+            finally:
+                os.close(fd)
+            rec = [*copied.sig, copied.blake3]
+            self.on_copy(rel, rec)
+            self.result.copied += 1
+            self.result.copied_bytes += copied.nbytes
+            if copied.changed:
+                self.result.changed.append(rel)
+        self.result.files[rel] = rec
+        return rec
+
+    def _sync_links(self, members: list[_Member]) -> None:
+        """A file with several names in the scope: one inode in the tree, linked under each name."""
+        primary, rec = None, None
+        for m in members:
+            try:
+                with _Dirs(self, m.reldir) as (src_dir, tree_dir, prev_dir):
+                    rec = self._trusted(tree_dir, prev_dir, m.name, m.rel, m.st)
+            except OSError:
+                continue
+            if rec is not None:
+                primary = m
+                break
+        if primary is None:
+            for m in members:
+                try:
+                    with _Dirs(self, m.reldir) as (src_dir, tree_dir, prev_dir):
+                        rec = self._sync_file(src_dir, tree_dir, -1, m.reldir, m.name, m.st)
+                    primary = m
+                    break
+                except FileNotFoundError:
+                    self.result.vanished += 1
+                except OSError as exc:
+                    self.result.errors.append(f"{m.rel}: {exc.strerror or exc}")
+            if primary is None:
+                return
+        self.result.files[primary.rel] = rec
+        pdir = open_dir(self.tree_fd, primary.reldir)
+        try:
+            for m in members:
+                if m is primary:
+                    continue
+                tdir = open_dir(self.tree_fd, m.reldir, create=True)
+                try:
+                    if not _same_inode(pdir, tdir, primary.name, m.name):
+                        link_into(pdir, primary.name, tdir, m.name)
+                        self.on_copy(m.rel, rec)
+                        self.result.linked += 1
+                finally:
+                    os.close(tdir)
+                self.result.files[m.rel] = rec
+        finally:
+            os.close(pdir)
+
+    # -- symlinks and directories ------------------------------------------------------------------------------
+    def _sync_symlink(self, src_dir: int, tree_dir: int, name: str, st: os.stat_result) -> None:
+        target = os.readlink(name, dir_fd=src_dir)
+        try:
+            same = os.readlink(name, dir_fd=tree_dir) == target
+        except OSError:
+            same = False
+        if not same:
+            tmp = tmp_name()
+            os.symlink(target, tmp, dir_fd=tree_dir)
+            replace(tree_dir, tmp, name)
+        have = os.stat(name, dir_fd=tree_dir, follow_symlinks=False)
+        if (have.st_uid, have.st_gid) != (st.st_uid, st.st_gid):
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=tree_dir, follow_symlinks=False)
+        if have.st_mtime_ns != st.st_mtime_ns or not same:
+            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=tree_dir, follow_symlinks=False)
+        self.result.symlinks += 1
+
+    def _sync_special(self, tree_dir: int, name: str, st: os.stat_result) -> None:
+        """A fifo, socket or device node: made again with mknod (same type and device number), owner, mode and
+        times set by name. Neither the source nor the copy is ever opened."""
+        try:
+            have = os.stat(name, dir_fd=tree_dir, follow_symlinks=False)
+        except FileNotFoundError:
+            have = None
+        if have is None or stat.S_IFMT(have.st_mode) != stat.S_IFMT(st.st_mode) or have.st_rdev != st.st_rdev:
+            tmp = tmp_name()
+            os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=tree_dir)
+            replace(tree_dir, tmp, name)
+            have = os.stat(name, dir_fd=tree_dir, follow_symlinks=False)
+        if (have.st_uid, have.st_gid) != (st.st_uid, st.st_gid):
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=tree_dir, follow_symlinks=False)
+        if stat.S_IMODE(have.st_mode) != stat.S_IMODE(st.st_mode) or have.st_uid != st.st_uid:
+            os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=tree_dir)   # fchmodat: no open
+        if have.st_mtime_ns != st.st_mtime_ns:
+            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=tree_dir, follow_symlinks=False)
+
+    def _dir_metadata(self, reldir: str, st: os.stat_result) -> None:
+        """Owner, mode, xattrs/ACLs and times of a directory, after everything inside it is done."""
+        try:
+            src = open_beneath(self.src_fd, reldir or ".", os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+        try:
+            tree = open_dir(self.tree_fd, reldir)
+            try:
+                have = os.fstat(tree)
+                if (have.st_uid, have.st_gid) != (st.st_uid, st.st_gid):
+                    os.fchown(tree, st.st_uid, st.st_gid)
+                if stat.S_IMODE(have.st_mode) != stat.S_IMODE(st.st_mode):
+                    os.fchmod(tree, stat.S_IMODE(st.st_mode))
+                copy_xattrs(src, tree)
+                os.utime(tree, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(tree)
+        except OSError as exc:
+            self.result.errors.append(f"{reldir or '.'}: {exc.strerror or exc}")
+        finally:
+            os.close(src)
+
+
+class _Dirs:
+    """The source, tree and previous-snapshot directory fds of one relative directory, closed together."""
+
+    def __init__(self, sync: TreeSync, reldir: str):
+        self.sync, self.reldir = sync, reldir
+        self.fds: list[int] = []
+
+    def __enter__(self) -> tuple[int, int, int]:
+        s = self.sync
+        self.fds.append(open_beneath(s.src_fd, self.reldir or ".", os.O_RDONLY | os.O_DIRECTORY))
+        self.fds.append(open_dir(s.tree_fd, self.reldir, create=True))
+        self.fds.append(s._open_prev(self.reldir))
+        return self.fds[0], self.fds[1], self.fds[2]
+
+    def __exit__(self, *exc) -> None:
+        for fd in self.fds:
+            if fd >= 0:
+                os.close(fd)
+
+
+def _same_kind(entry: os.DirEntry, kind: int) -> bool:
+    if kind == stat.S_IFDIR:
+        return entry.is_dir(follow_symlinks=False)
+    if kind == stat.S_IFLNK:
+        return entry.is_symlink()
+    if kind == stat.S_IFREG:
+        return entry.is_file(follow_symlinks=False)
+    return stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode) == kind   # fifo, socket, device
+
+
+def _holds(dir_fd: int, name: str, st: os.stat_result) -> bool:
+    """The directory has a regular file ``name`` with ``st``'s size and mtime."""
+    try:
+        have = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISREG(have.st_mode) and (have.st_size, have.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def _same_inode(dir_a: int, dir_b: int, name_a: str, name_b: str | None = None) -> bool:
+    try:
+        a = os.stat(name_a, dir_fd=dir_a, follow_symlinks=False)
+        b = os.stat(name_b or name_a, dir_fd=dir_b, follow_symlinks=False)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def link_into(src_dir: int, src_name: str, dst_dir: int, dst_name: str) -> None:
+    """Hard-link ``src_name`` as ``dst_name`` (replacing what is there, atomically)."""
+    try:
+        os.link(src_name, dst_name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+        return
+    except FileExistsError:
+        pass
+    tmp = tmp_name()
+    os.link(src_name, tmp, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+    replace(dst_dir, tmp, dst_name)
