@@ -34,7 +34,7 @@ from duet_core.events import PAGE_SIZE, Event, FileId
 from duet_core.identity import inode_generation
 from duet_core.lock import ScopeLock
 from duet_core.plugins import LoadedTask, TaskRegistry
-from duet_core.scope import Scope
+from duet_core.scope import Scope, open_regular
 from duet_core.state import StateStore, TaskProgress
 from duet_core.tasks import FileInfo, ItemContext, ItemResult, RunInfo, SharedResults, TaskReport, TaskState
 
@@ -128,6 +128,16 @@ def pages_of(ranges: list[tuple[int, int]]) -> BitMap:
     for first, count in ranges:
         bm.add_range(first, first + count)
     return bm
+
+
+@dataclass
+class _Ahead:
+    """A file whose device read was started ahead of its turn: its info, an open descriptor, and the pages that
+    were resident before (the rest the run brought in)."""
+
+    file: FileInfo
+    fd: int
+    pre: BitMap
 
 
 class _TaskRun:
@@ -413,35 +423,36 @@ class Runner:
     # -- the loop --------------------------------------------------------------------------------------------------
     def _loop(self, started: float) -> None:
         self.store.begin_batch()
+        # The scope's root stays open for the loop: every file is opened beneath it (never through a symlink).
+        self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             self._loop_inner(started)
         finally:
             self._drop_prefetched()
+            os.close(self._root_fd)
             self._commit(again=False)
 
     def _drop_prefetched(self) -> None:
         """A run that stops early leaves nothing it read ahead in the cache (cache hygiene)."""
-        for file_id, pre in self._prefetched.items():
-            f = self.store.file(self.scope_id, file_id)
-            if f is None or not self.opts.cache_hygiene:
-                continue
-            try:
-                fd = self.scope.open(f.relpath)
-            except OSError:
-                continue
-            try:
-                for first, count in runs_of(residency.resident_pages(fd, f.size) - pre):
-                    residency.evict(fd, first * PAGE_SIZE, count * PAGE_SIZE)
-            finally:
-                os.close(fd)
-        self._prefetched.clear()
-        self._prefetch_size.clear()
+        for file_id in list(self._ahead):
+            self._release_ahead(file_id)
+
+    def _release_ahead(self, file_id: int) -> None:
+        """Forget a file read ahead and not processed: evict what the read-ahead brought in, close it."""
+        ahead = self._ahead.pop(file_id)
+        try:
+            if self.opts.cache_hygiene:
+                for first, count in runs_of(residency.resident_pages(ahead.fd, ahead.file.size) - ahead.pre):
+                    residency.evict(ahead.fd, first * PAGE_SIZE, count * PAGE_SIZE)
+        except OSError:
+            pass
+        finally:
+            os.close(ahead.fd)
 
     def _loop_inner(self, started: float) -> None:
         self._last_commit = time.monotonic()
         self._device_bytes = 0
-        self._prefetched: dict[int, BitMap] = {}   # file id -> its resident pages before we prefetched it
-        self._prefetch_size: dict[int, int] = {}   # file id -> bytes, for prefetched files not processed yet
+        self._ahead: dict[int, _Ahead] = {}        # files read ahead, open, not processed yet
         self._prefetch_cursor = -1                 # the last file id prefetched
         self._prefetch_window = min(PREFETCH_BYTES, self.store.dataset_bytes(self.scope_id) // 16)
         self._last_read_device = False             # prefetch only once tasks are seen reading what is not cached
@@ -501,7 +512,7 @@ class Runner:
             return True
         # Whole-file tasks: compare with the file's size now, not at the scan (it may have been rewritten shorter).
         try:
-            fd = self.scope.open(f.relpath)
+            fd = open_regular(self._root_fd, f.relpath)
         except OSError:
             return False
         try:
@@ -577,18 +588,18 @@ class Runner:
         read from the device in the report.
         """
         in_flight = 0
-        for fid_ in list(self._prefetch_size):
+        for fid_ in list(self._ahead):
             if fid_ in self._todo:
-                in_flight += self._prefetch_size[fid_]
+                in_flight += self._ahead[fid_].file.size
             else:   # left the round without being processed (vanished, failed): no longer in flight
-                del self._prefetch_size[fid_]
+                self._release_ahead(fid_)
         window = self._prefetch_window
         nxt = max(file_id, self._prefetch_cursor)
-        while len(self._prefetch_size) < PREFETCH_FILES and in_flight < window:
+        while len(self._ahead) < PREFETCH_FILES and in_flight < window:
             if not self._todo or self._todo.max() <= nxt:
                 return
             nxt = self._todo.next_set_bit(nxt + 1)
-            if nxt in self._prefetched:
+            if nxt in self._ahead:
                 continue
             f = self.store.file(self.scope_id, nxt)
             if f is None or not f.size:
@@ -597,17 +608,16 @@ class Runner:
                 return
             self._prefetch_cursor = nxt
             try:
-                fd = self.scope.open(f.relpath)
+                fd = open_regular(self._root_fd, f.relpath)
             except OSError:
                 continue
             try:
-                self._prefetched[nxt] = residency.resident_pages(fd, f.size)
+                pre = residency.resident_pages(fd, f.size)
                 os.posix_fadvise(fd, 0, f.size, os.POSIX_FADV_WILLNEED)
             except OSError:
-                continue
-            finally:
                 os.close(fd)
-            self._prefetch_size[nxt] = f.size
+                continue
+            self._ahead[nxt] = _Ahead(f, fd, pre)   # kept open: processing it needs no second open
             in_flight += f.size
 
     def _idle_wait(self) -> None:
@@ -628,12 +638,19 @@ class Runner:
     # -- one file --------------------------------------------------------------------------------------------------
     def _process_file(self, file_id: int, cached_pass: bool) -> None:
         """Hand one file to every task that needs it — at once, in threads, when several do — then clean up."""
-        f = self.store.file(self.scope_id, file_id)
+        ahead = self._ahead.pop(file_id, None)
+        if ahead is not None and not self._still_at(ahead):
+            self._ahead[file_id] = ahead
+            self._release_ahead(file_id)
+            ahead = None
+        f = ahead.file if ahead else self.store.file(self.scope_id, file_id)
         needs = sorted(self._needs(file_id), key=lambda r: r.spec.granularity != "file")
         if f is None or not needs:
+            if ahead:
+                os.close(ahead.fd)
             return
         try:
-            fd = self.scope.open(f.relpath)
+            fd = ahead.fd if ahead else open_regular(self._root_fd, f.relpath)
         except PermissionError as exc:   # there but unreadable: a failure the user must hear of, not a vanishing
             for r in needs:
                 self._item_failed(r, f, f"cannot open: {exc.strerror}")
@@ -648,10 +665,7 @@ class Runner:
                 return
             if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (f.size, f.mtime_ns, f.ctime_ns):
                 f = FileInfo(f.id, f.fid, f.relpath, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            pre = self._prefetched.pop(f.id, None)
-            self._prefetch_size.pop(f.id, None)
-            if pre is None:
-                pre = residency.resident_pages(fd, f.size)
+            pre = ahead.pre if ahead else residency.resident_pages(fd, f.size)
             self._attributed = len(pre)     # resident pages the run's tasks did not read
             self._item_started_ns = time.monotonic_ns()
             # One task after the other on the same open file: the first reads from the device, the rest find the
@@ -677,6 +691,15 @@ class Runner:
                     residency.evict(fd, first * PAGE_SIZE, count * PAGE_SIZE)
         finally:
             os.close(fd)
+
+    def _still_at(self, ahead: "_Ahead") -> bool:
+        """The file read ahead is still the one at its path (not renamed over since): one fstatat, no open."""
+        try:
+            st = os.stat(ahead.file.relpath, dir_fd=self._root_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        held = os.fstat(ahead.fd)
+        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
     def _vanished(self, f: FileInfo, needs: list[_TaskRun], why: str) -> None:
         """A file deleted or replaced since the scan is not an error: it leaves this round."""
