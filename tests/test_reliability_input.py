@@ -20,6 +20,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -363,7 +364,28 @@ def as_nobody(duet: RDuet, world: str, *args: str, env_extra: dict | None = None
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, cwd="/")
 
 
-def test_not_root(duet, world_dir):
+@pytest.fixture
+def checkout_traversable(require_root):
+    """nobody must reach duet's code: a checkout under /root (0700), as in a fresh clone, is not. Grant search
+    permission (x, not read) on the ancestors that lack it, for this test only, and take it back after."""
+    changed = []
+    path = os.path.dirname(os.path.realpath(sys.executable))
+    for top in (path, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
+        d = top
+        while d != "/":
+            mode = os.stat(d).st_mode
+            if not mode & stat.S_IXOTH and (d, mode) not in changed:
+                changed.append((d, mode))
+                os.chmod(d, stat.S_IMODE(mode) | stat.S_IXOTH)
+            d = os.path.dirname(d)
+    try:
+        yield
+    finally:
+        for d, mode in reversed(changed):
+            os.chmod(d, stat.S_IMODE(mode))
+
+
+def test_not_root(duet, world_dir, checkout_traversable):
     """As nobody: the default state directory is refused in one line; with a writable one, the run falls back to
     polling (one notice) and processes what nobody may read; --source bpf is exit 3; unreadable parts are skipped."""
     scope = os.path.join(world_dir, "scope")
