@@ -74,3 +74,14 @@ def test_plugin_wheels_build_and_carry_their_entry_point(tmp_path, project):
     with zipfile.ZipFile(whl) as zf:
         (eps,) = [n for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt")]
         assert "[duet.tasks]" in zf.read(eps).decode()
+
+
+def test_built_in_plugins_carry_the_core_version():
+    """One version for the whole project: duet_core/__init__.py defines it; each built-in plugin is its own
+    distribution (a wheel must carry a version) and must carry the same one, so a release bumps them together."""
+    import tomllib
+
+    for project in PACKAGES:
+        with open(os.path.join(project, "pyproject.toml"), "rb") as fh:
+            version = tomllib.load(fh)["project"]["version"]
+        assert version == duet_core.__version__, f"{project}: version {version}, core {duet_core.__version__}"
