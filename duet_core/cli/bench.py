@@ -396,3 +396,73 @@ def backup(
             console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
     if not all(report["targets"].values()):
         raise typer.Exit(1)
+
+
+def _targets(report: dict) -> None:
+    for name, ok in report["targets"].items():
+        console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
+
+
+def _save_plot(path: str | None, title: str, panels) -> None:
+    if path:
+        from duet_core.bench.plot import plot
+
+        plot(path, title, panels)
+        note(f"plot written to {path}")
+
+
+def render_together(report: dict) -> None:
+    """The `together` table: each task alone, their sum, and duet's one run (also shown by `duet demo`)."""
+    ds = report["dataset_bytes"]
+    table = Table(title=f"duet bench together — {', '.join(report['tasks'])} over "
+                        f"{units.format_bytes(ds)} in {report['files']:,} files, btrfs, page cache capped at "
+                        f"{units.format_bytes(report['cache_cap_bytes'])}", title_justify="left")
+    for col in ("", "device read", "x data set", "process read", "wall s", "CPU s"):
+        table.add_column(col, justify="left" if not col else "right")
+
+    def row(name: str, dev: int, proc: int, wall: float, cpu: float, style: str = "") -> None:
+        table.add_row(name, units.format_bytes(dev), f"{dev / ds:.2f}", units.format_bytes(proc), f"{wall:.2f}",
+                      f"{cpu:.2f}", style=style)
+
+    for r in report["baseline"]:
+        row(f"duet run {r['tasks'][0]} (alone)", r["device_read_bytes"], r["process_read_bytes"], r["wall_s"],
+            r["cpu_s"])
+    row("each alone, in turn", report["baseline_device_read_bytes"], report["baseline_process_read_bytes"],
+        report["baseline_wall_s"], report["baseline_cpu_s"], style="bold")
+    d = report["duet"]
+    row(f"duet run {' '.join(report['tasks'])}", d["device_read_bytes"], d["process_read_bytes"], d["wall_s"],
+        d["cpu_s"], style="bold blue")
+    console.print(table)
+    console.print(f"duet together read {report['duet_vs_baseline_device']:.0%} of what the tasks alone read, in "
+                  f"{report['duet_wall_vs_slowest']:.2f}x the time of the slowest task alone")
+    _targets(report)
+
+
+@app.command("together")
+def together(
+    size: str = typer.Option("512M", "--size", help="Data set size (mixed file sizes, fragmented files, twins)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    plot: str = typer.Option(None, "--plot", help="Write grouped bars of device reads and wall time to this PNG."),
+) -> None:
+    """backup, scrub, defrag and gc over one data set: each alone in turn vs. one duet run of all four.
+
+    The page cache is capped at a quarter of the data set. Exits 1 if duet reads more than 1.05x the data set from
+    the device or takes more than 1.15x the slowest task alone.
+
+    Examples:
+      duet bench together
+      duet bench together --size 1G --json --plot together.png
+    """
+    from duet_core.bench.plot import together_panels
+    from duet_core.bench.together import run_together
+
+    with err_console.status("starting") as status:
+        report = run_together(size=parse_size(size), progress=status.update)
+    if json_out:
+        emit_json(report)
+    else:
+        render_together(report)
+    _save_plot(plot, f"duet bench together — {units.format_bytes(report['dataset_bytes'])}, cache capped at 1/4",
+               together_panels(report))
+    if not all(report["targets"].values()):
+        raise typer.Exit(1)
