@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 # One colour per kind of bar, the same in every figure: what duet replaces is grey, duet is blue.
-COLORS = {"alone": "#9e9e9e", "peer": "#bdbdbd", "without duet": "#9e9e9e", "duet": "#1f77b4",
+COLORS = {"alone": "#9e9e9e", "peer": "#bdbdbd", "at the same time": "#1f77b4", "duet": "#1f77b4",
           "duet alone": "#6baed6", "duet together": "#08519c", "target": "#d62728"}
 
 
@@ -87,3 +87,25 @@ def together_panels(report: dict) -> list[Panel]:
     return [Panel("device bytes read", unit, device, {"target: 1.05x data set": 1.05 * report["dataset_bytes"] / scale}),
             Panel("wall time", "seconds", wall,
                   {"target: 1.15x slowest alone": 1.15 * report["baseline_slowest_wall_s"]})]
+
+
+def piggyback_panels(report: dict) -> list[Panel]:
+    """The maintenance's own device reads, the foreground's throughput and the wall time: fio and duet one after
+    the other against the two at the same time."""
+    unit, scale = byte_unit(report["baseline_device_read_bytes"])
+    alone, both = "alone, in turn", "at the same time"
+    device = {"maintenance (duet)": {alone: report["maintenance_alone_read_bytes"] / scale,
+                                     both: report["maintenance_read_bytes"] / scale},
+              "foreground (fio)": {alone: report["fio_alone"]["process_read_bytes"] / scale,
+                                   both: report["fio_with_duet"]["process_read_bytes"] / scale},
+              "loop device, all": {alone: report["baseline_device_read_bytes"] / scale,
+                                   both: report["duet_device_read_bytes"] / scale}}
+    mb = 1e6
+    throughput = {"fio": {alone: report["foreground_alone_bytes_per_s"] / mb,
+                          both: report["foreground_with_duet_bytes_per_s"] / mb}}
+    wall = {"fio + duet": {alone: report["baseline_wall_s"], both: report["duet_wall_s"]}}
+    target = report["maintenance_target_ratio"] * report["dataset_bytes"] / scale
+    return [Panel("device bytes read", unit, device, {"target for the maintenance: (1 - f) + 0.05": target}),
+            Panel("foreground throughput", "MB/s", throughput,
+                  {"target: 5% slower": 0.95 * report["foreground_alone_bytes_per_s"] / mb}),
+            Panel("wall time", "seconds", wall)]

@@ -466,3 +466,56 @@ def together(
                together_panels(report))
     if not all(report["targets"].values()):
         raise typer.Exit(1)
+
+
+@app.command("piggyback")
+def piggyback(
+    size: str = typer.Option("512M", "--size", help="Data set size (as `together`)."),
+    fraction: float = typer.Option(2.0, "--fraction", help="fio's requests, as a multiple of the data set size "
+                                   "(zipf repeats hot blocks: the distinct part f it reads is measured)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    plot: str = typer.Option(None, "--plot", help="Write grouped bars of device reads, throughput and wall time."),
+) -> None:
+    """The four tasks in one duet run while fio reads part of the same data (zipf random reads), against each alone.
+
+    Exits 1 if the maintenance reads more than (1 - f) + 0.05 of the data set from the device, f being the part
+    fio reads, or if fio is more than 5% slower than alone.
+
+    Examples:
+      duet bench piggyback
+      duet bench piggyback --size 1G --fraction 1 --json --plot piggyback.png
+    """
+    from duet_core.bench.piggyback import run_piggyback
+    from duet_core.bench.plot import piggyback_panels
+
+    with err_console.status("starting") as status:
+        report = run_piggyback(size=parse_size(size), fraction=fraction, progress=status.update)
+    if json_out:
+        emit_json(report)
+    else:
+        ds = report["dataset_bytes"]
+        table = Table(title=f"duet bench piggyback — {', '.join(report['tasks'])} over {units.format_bytes(ds)}, "
+                            f"fio zipf reads in the foreground (f = {report['foreground_fraction']:.2f})",
+                      title_justify="left")
+        for col in ("", "duet read", "x data set", "fio read", "fio MB/s", "loop device read", "wall s"):
+            table.add_column(col, justify="left" if not col else "right")
+        fa, da, fb, db = (report[k] for k in ("fio_alone", "duet_alone", "fio_with_duet", "duet_with_fio"))
+        table.add_row("fio alone", "", "", units.format_bytes(fa["process_read_bytes"]),
+                      f"{fa['bw_bytes_per_s'] / 1e6:.0f}", units.format_bytes(fa["device_read_bytes"]),
+                      f"{fa['wall_s']:.2f}")
+        table.add_row("duet alone", units.format_bytes(da["process_read_bytes"]),
+                      f"{da['process_read_bytes'] / ds:.2f}", "", "", units.format_bytes(da["device_read_bytes"]),
+                      f"{da['wall_s']:.2f}")
+        table.add_row("duet with fio at the same time", units.format_bytes(db["process_read_bytes"]),
+                      f"{report['maintenance_ratio']:.2f}", units.format_bytes(fb["process_read_bytes"]),
+                      f"{fb['bw_bytes_per_s'] / 1e6:.0f}", units.format_bytes(report["duet_device_read_bytes"]),
+                      f"{report['duet_wall_s']:.2f}", style="bold blue")
+        console.print(table)
+        console.print(f"maintenance read {report['maintenance_ratio']:.2f}x the data set (target "
+                      f"{report['maintenance_target_ratio']:.2f}x); fio {report['foreground_slowdown']:+.0%} slower "
+                      f"with duet running")
+        _targets(report)
+    _save_plot(plot, f"duet bench piggyback — {units.format_bytes(report['dataset_bytes'])}, "
+                     f"fio reads f = {report['foreground_fraction']:.2f} of it", piggyback_panels(report))
+    if not all(report["targets"].values()):
+        raise typer.Exit(1)
