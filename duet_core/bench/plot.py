@@ -109,3 +109,24 @@ def piggyback_panels(report: dict) -> list[Panel]:
             Panel("foreground throughput", "MB/s", throughput,
                   {"target: 5% slower": 0.95 * report["foreground_alone_bytes_per_s"] / mb}),
             Panel("wall time", "seconds", wall)]
+
+
+def peers_panels(report: dict) -> list[Panel]:
+    """Per job: the peer tool and duet's task alone; for all four: the peers in turn, duet's tasks alone in turn,
+    and duet's one run of the four."""
+    unit, scale = byte_unit(report["baseline_device_read_bytes"], report["duet_alone_device_read_bytes"])
+    peer, alone, together = "peer tool", "duet alone", "duet together"
+    device: dict[str, dict[str, float]] = {}
+    wall: dict[str, dict[str, float]] = {}
+    for job, j in report["jobs"].items():
+        name = f"{job}\n{j['peer']['argv'][0]} / {j['duet_task']}" if j["peer"] else f"{job}\n{j['duet_task']}"
+        device[name] = ({peer: j["peer"]["device_read_bytes"] / scale} if j["peer"] else {}) | {
+            alone: j["duet"]["device_read_bytes"] / scale}
+        wall[name] = ({peer: j["peer"]["wall_s"]} if j["peer"] else {}) | {alone: j["duet"]["wall_s"]}
+    device["all four\nin turn / one run"] = {peer: report["baseline_device_read_bytes"] / scale,
+                                             alone: report["duet_alone_device_read_bytes"] / scale,
+                                             together: report["duet_device_read_bytes"] / scale}
+    wall["all four\nin turn / one run"] = {peer: report["baseline_wall_s"], alone: report["duet_alone_wall_s"],
+                                           together: report["duet_wall_s"]}
+    return [Panel("device bytes read", unit, device, {"data set": report["dataset_bytes"] / scale}),
+            Panel("wall time", "seconds", wall)]

@@ -519,3 +519,55 @@ def piggyback(
                      f"fio reads f = {report['foreground_fraction']:.2f} of it", piggyback_panels(report))
     if not all(report["targets"].values()):
         raise typer.Exit(1)
+
+
+@app.command("peers")
+def peers(
+    size: str = typer.Option("512M", "--size", help="Data set size (as `together`)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    plot: str = typer.Option(None, "--plot", help="Write grouped bars of device reads and wall time to this PNG."),
+) -> None:
+    """Each duet task alone against its peer tool (rsync -a, btrfs scrub, btrfs filesystem defragment, duperemove),
+    and duet's run of all four against the four tools in turn: same data set, same run.
+
+    Exits 1 if duet's backup is slower than rsync -a or its scrub takes more than 1.5x btrfs scrub's time.
+
+    Examples:
+      duet bench peers
+      duet bench peers --size 1G --json --plot peers.png
+    """
+    from duet_core.bench.peers import run_peers
+    from duet_core.bench.plot import peers_panels
+
+    with err_console.status("starting") as status:
+        report = run_peers(size=parse_size(size), progress=status.update)
+    if json_out:
+        emit_json(report)
+    else:
+        ds = report["dataset_bytes"]
+        table = Table(title=f"duet bench peers — {units.format_bytes(ds)} in {report['files']:,} files, btrfs, page "
+                            f"cache capped at {units.format_bytes(report['cache_cap_bytes'])}", title_justify="left")
+        for col in ("", "device read", "x data set", "process read", "wall s", "CPU s", "duet / peer"):
+            table.add_column(col, justify="left" if not col else "right")
+
+        def row(name: str, r: dict, ratio: str = "", style: str = "") -> None:
+            table.add_row(name, units.format_bytes(r["device_read_bytes"]), f"{r['device_read_bytes'] / ds:.2f}",
+                          units.format_bytes(r["process_read_bytes"]), f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
+                          ratio, style=style)
+
+        for job, j in report["jobs"].items():
+            if j["peer"]:
+                row(j["peer"]["name"], j["peer"])
+            else:
+                table.add_row(f"{job}: duperemove is not installed", "", "", "", "", "", "")
+            row(f"duet run {j['duet_task']}", j["duet"], f"{j['wall_ratio']:.2f}" if j["wall_ratio"] else "",
+                style="blue")
+        row("the peers, in turn", {k: report[f"baseline_{k}"] for k in
+                                   ("device_read_bytes", "process_read_bytes", "wall_s", "cpu_s")}, style="bold")
+        row(f"duet run {' '.join(report['tasks'])}", report["together"],
+            f"{report['duet_wall_s'] / report['baseline_wall_s']:.2f}", style="bold blue")
+        console.print(table)
+        _targets(report)
+    _save_plot(plot, f"duet bench peers — {units.format_bytes(report['dataset_bytes'])}", peers_panels(report))
+    if not all(report["targets"].values()):
+        raise typer.Exit(1)
