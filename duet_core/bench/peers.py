@@ -22,17 +22,21 @@ defrag and gc have none against a peer: their ratios are reported only.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 import time
 
 from duet_core.bench.cgroup import MemoryCgroup
 from duet_core.bench.scrub import evict_tree
-from duet_core.bench.share import RSS_HEADROOM
-from duet_core.bench.together import TASKS, check_tools, fresh_dataset, image_mb, machine, measure, run_duet
-from duet_core.errors import DuetError
+from duet_core.bench.together import (
+    TASKS,
+    check_tools,
+    fresh_dataset,
+    image_mb,
+    machine,
+    measure,
+    run_duet,
+    testbed,
+)
 from duet_core.loopfs import loop_fs
 
 JOBS = ("backup", "scrub", "defrag", "dedupe")
@@ -64,47 +68,38 @@ def _peer(job: str, fs, data: str, cg: MemoryCgroup, size: int) -> dict | None:
     with loop_fs("ext4", size_mb=image_mb(size), prefix="duet-bench-") as target:
         argv = peer_argv(job, fs.mnt, data, target.mnt)
         m = measure(argv, fs.loopdev, cg)
-        t0 = time.monotonic()
-        measure(["sync", "-f", target.mnt], fs.loopdev)
-        return {"name": PEER_NAMES[job], "argv": argv, **m.as_dict(), "wall_with_sync_s": round(m.wall_s + time.monotonic() - t0, 3)}
+        synced = measure(["sync", "-f", target.mnt], fs.loopdev)
+        return {"name": PEER_NAMES[job], "argv": argv, **m.as_dict(),
+                "wall_with_sync_s": round(m.wall_s + synced.wall_s, 3)}
 
 
 def run_peers(size: int = 512 << 20, progress=None) -> dict:
-    if os.geteuid() != 0:
-        raise DuetError("duet bench peers needs root (loop devices, cgroups, BPF)")
     check_tools("rsync", "btrfs")
     say = progress or (lambda _msg: None)
     started = time.monotonic()
-    cap = size // 4
     peers: dict[str, dict | None] = {}
     duet: dict[str, dict] = {}
-    with loop_fs("btrfs", size_mb=image_mb(size), direct_io=True, prefix="duet-bench-") as fs, \
-            tempfile.TemporaryDirectory(prefix="duet-bench-peers-") as tmp, \
-            MemoryCgroup(cap + RSS_HEADROOM) as cg:
-        data = os.path.join(fs.mnt, "data")
-        say(f"writing a {size >> 20} MiB data set")
-        facts = fresh_dataset(data, size)
+    with testbed("peers", size, say) as tb:
+        data, dev, cg = tb.data, tb.fs.loopdev, tb.cgroup
         # Read-only jobs first, on one copy of the data set; each job that changes it gets a fresh copy.
         for job in ("backup", "scrub"):
             say(f"{job}: {PEER_NAMES[job]}")
-            peers[job] = _peer(job, fs, data, cg, size)
+            peers[job] = _peer(job, tb.fs, data, cg, size)
             say(f"{job}: duet run {DUET_TASK[job]}")
-            duet[job] = run_duet([DUET_TASK[job]], data, tmp, job, fs.loopdev, cg, size=size)
+            duet[job] = run_duet([DUET_TASK[job]], data, tb.tmp, job, dev, cg, size=size)
         for job in ("defrag", "dedupe"):
-            argv = peer_argv(job, fs.mnt, data, None)
-            if argv is not None:
+            peers[job] = None
+            if peer_argv(job, tb.fs.mnt, data, None) is not None:
                 say(f"{job}: {PEER_NAMES[job]}")
                 fresh_dataset(data, size)
-                peers[job] = _peer(job, fs, data, cg, size)
-            else:
-                peers[job] = None
+                peers[job] = _peer(job, tb.fs, data, cg, size)
             say(f"{job}: duet run {DUET_TASK[job]}")
             fresh_dataset(data, size)
-            duet[job] = run_duet([DUET_TASK[job]], data, tmp, job, fs.loopdev, cg, size=size)
+            duet[job] = run_duet([DUET_TASK[job]], data, tb.tmp, job, dev, cg, size=size)
         say(f"duet run {' '.join(TASKS)}")
         fresh_dataset(data, size)
-        together = run_duet(list(TASKS), data, tmp, "together", fs.loopdev, cg, size=size)
-    return peers_report(facts, cap, peers, duet, together, time.monotonic() - started)
+        together = run_duet(list(TASKS), data, tb.tmp, "together", dev, cg, size=size)
+    return peers_report(tb.facts, tb.cap, peers, duet, together, time.monotonic() - started)
 
 
 def peers_report(facts: dict, cap: int, peers: dict, duet: dict, together: dict, took_s: float) -> dict:

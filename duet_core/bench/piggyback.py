@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 
-from duet_core.bench.cgroup import MemoryCgroup
 from duet_core.bench.scrub import evict_tree
-from duet_core.bench.share import RSS_HEADROOM, loop_read_bytes
+from duet_core.bench.share import loop_read_bytes
 from duet_core.bench.together import (
     TASKS,
     Child,
@@ -35,6 +33,7 @@ from duet_core.bench.together import (
     fresh_dataset,
     image_mb,
     machine,
+    testbed,
 )
 from duet_core.errors import DuetError
 from duet_core.loopfs import loop_fs
@@ -65,46 +64,39 @@ def _duet_result(m: Measured) -> dict:
 
 
 def run_piggyback(size: int = 512 << 20, fraction: float = 2.0, progress=None) -> dict:
-    if os.geteuid() != 0:
-        raise DuetError("duet bench piggyback needs root (loop devices, cgroups, BPF)")
     if not 0 < fraction <= 4:
         raise DuetError(f"--fraction must be above 0 and at most 4, not {fraction}")
     check_tools("fio")
     say = progress or (lambda _msg: None)
     started = time.monotonic()
-    cap = size // 4
-    with loop_fs("btrfs", size_mb=image_mb(size), direct_io=True, prefix="duet-bench-") as fs, \
-            loop_fs("ext4", size_mb=image_mb(size), prefix="duet-bench-") as target, \
-            tempfile.TemporaryDirectory(prefix="duet-bench-piggyback-") as tmp, \
-            MemoryCgroup(cap + RSS_HEADROOM) as cg:
-        data = os.path.join(fs.mnt, "data")
-        say(f"writing a {size >> 20} MiB data set")
-        facts = fresh_dataset(data, size)
-        io_bytes = int(fraction * facts["dataset_bytes"]) // 65536 * 65536
-        out = os.path.join(tmp, "fio.json")
+    with testbed("piggyback", size, say) as tb, \
+            loop_fs("ext4", size_mb=image_mb(size), prefix="duet-bench-") as target:
+        data, dev = tb.data, tb.fs.loopdev
+        io_bytes = int(fraction * tb.facts["dataset_bytes"]) // 65536 * 65536
+        out = os.path.join(tb.tmp, "fio.json")
         for run in ("alone", "both"):
             os.mkdir(os.path.join(target.mnt, run))
 
         say("fio alone")
-        fio_alone = _fio_result(Child(fio_argv(data, io_bytes, out), fs.loopdev).wait(), out)
+        fio_alone = _fio_result(Child(fio_argv(data, io_bytes, out), dev).wait(), out)
         say("duet alone")
         evict_tree(data)
-        argv = duet_argv(TASKS, data, os.path.join(tmp, "state-alone"), os.path.join(target.mnt, "alone"))
-        duet_alone = _duet_result(Child(argv, fs.loopdev, cg).wait())
+        argv = duet_argv(TASKS, data, os.path.join(tb.tmp, "state-alone"), os.path.join(target.mnt, "alone"))
+        duet_alone = _duet_result(Child(argv, dev, tb.cgroup).wait())
 
         say("writing the same data set again (defrag and gc changed it)")
         fresh_dataset(data, size)
         say("duet with fio in the foreground")
-        argv = duet_argv(TASKS, data, os.path.join(tmp, "state-both"), os.path.join(target.mnt, "both"))
-        device_before = loop_read_bytes(fs.loopdev)
+        argv = duet_argv(TASKS, data, os.path.join(tb.tmp, "state-both"), os.path.join(target.mnt, "both"))
+        device_before = loop_read_bytes(dev)
         t0 = time.monotonic()
-        duet = Child(argv, fs.loopdev, cg)
-        fio = Child(fio_argv(data, io_bytes, out), fs.loopdev)
+        duet = Child(argv, dev, tb.cgroup)
+        fio = Child(fio_argv(data, io_bytes, out), dev)
         fio_both = _fio_result(fio.wait(), out)
         duet_both = _duet_result(duet.wait())
         both_wall = time.monotonic() - t0
-        both_device = loop_read_bytes(fs.loopdev) - device_before
-    return piggyback_report(facts, cap, fraction, fio_alone, duet_alone, fio_both, duet_both, both_device,
+        both_device = loop_read_bytes(dev) - device_before
+    return piggyback_report(tb.facts, tb.cap, fraction, fio_alone, duet_alone, fio_both, duet_both, both_device,
                             both_wall, time.monotonic() - started)
 
 

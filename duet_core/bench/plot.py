@@ -29,6 +29,11 @@ def _color(label: str, i: int) -> str:
     return f"C{i}"
 
 
+def _short(value: float) -> str:
+    """A bar's label: three significant digits, never in exponent notation."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def plot(path: str, title: str, panels: list[Panel]) -> None:
     """Write ``panels`` side by side as a PNG at ``path`` (written to a temp file, then renamed)."""
     import matplotlib
@@ -46,12 +51,10 @@ def plot(path: str, title: str, panels: list[Panel]) -> None:
                 x = g + (i - (len(bars) - 1) / 2) * width
                 rect = ax.bar(x, value, width, color=_color(label, labels.index(label)), edgecolor="black",
                               linewidth=0.4, label=None if label in seen else label)
-                ax.bar_label(rect, fmt="%.3g", fontsize=7, padding=1)
+                ax.bar_label(rect, labels=[_short(value)], fontsize=7, padding=1)
                 seen.add(label)
         for name, value in panel.lines.items():
-            ax.axhline(value, color=COLORS["target"], linestyle="--", linewidth=1)
-            ax.annotate(name, (0.99, value), xycoords=("axes fraction", "data"), color=COLORS["target"],
-                        fontsize=7, ha="right", va="bottom")
+            ax.axhline(value, color=COLORS["target"], linestyle="--", linewidth=1, label=name)
         ax.set_xticks(range(len(panel.groups)), list(panel.groups), fontsize=8)
         ax.set_title(panel.title, fontsize=10)
         ax.set_ylabel(panel.ylabel)
@@ -84,7 +87,8 @@ def together_panels(report: dict) -> list[Panel]:
                           "duet together": report["duet_device_read_bytes"] / scale}
     wall = {f"{r['tasks'][0]}": {alone: r["wall_s"]} for r in report["baseline"]}
     wall["all four"] = {alone: report["baseline_wall_s"], "duet together": report["duet_wall_s"]}
-    return [Panel("device bytes read", unit, device, {"target: 1.05x data set": 1.05 * report["dataset_bytes"] / scale}),
+    target = {"target: 1.05x data set": 1.05 * report["dataset_bytes"] / scale}
+    return [Panel("device bytes read", unit, device, target),
             Panel("wall time", "seconds", wall,
                   {"target: 1.15x slowest alone": 1.15 * report["baseline_slowest_wall_s"]})]
 

@@ -22,6 +22,7 @@ and ``duet bench peers``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 from duet_core.bench.cgroup import MemoryCgroup
 from duet_core.bench.scrub import evict_tree
@@ -222,27 +224,43 @@ def run_duet(tasks, data: str, tmp: str, label: str, loopdev: str, cgroup: Memor
             "counters": {t: r.get("counters", {}) for t, r in summary["tasks"].items()}}
 
 
-def run_together(size: int = 512 << 20, progress=None) -> dict:
+@dataclass
+class Testbed:
+    fs: object              # the LoopFs of the btrfs image (direct-I/O loop device)
+    data: str               # the data set's root on it
+    tmp: str                # scratch space off the measured device (state directories, fio's output)
+    cgroup: MemoryCgroup    # page cache capped at a quarter of the data set
+    facts: dict             # make_dataset's facts
+    cap: int
+
+
+@contextlib.contextmanager
+def testbed(name: str, size: int, say) -> Iterator[Testbed]:
+    """What every maintenance bench runs on (module docstring), torn down on the way out."""
     if os.geteuid() != 0:
-        raise DuetError("duet bench together needs root (loop devices, cgroups, BPF)")
-    say = progress or (lambda _msg: None)
-    started = time.monotonic()
+        raise DuetError(f"duet bench {name} needs root (loop devices, cgroups, BPF)")
     cap = size // 4
     with loop_fs("btrfs", size_mb=image_mb(size), direct_io=True, prefix="duet-bench-") as fs, \
-            tempfile.TemporaryDirectory(prefix="duet-bench-together-") as tmp, \
+            tempfile.TemporaryDirectory(prefix=f"duet-bench-{name}-") as tmp, \
             MemoryCgroup(cap + RSS_HEADROOM) as cg:
         data = os.path.join(fs.mnt, "data")
         say(f"writing a {size >> 20} MiB data set")
-        facts = fresh_dataset(data, size)
+        yield Testbed(fs, data, tmp, cg, fresh_dataset(data, size), cap)
+
+
+def run_together(size: int = 512 << 20, progress=None) -> dict:
+    say = progress or (lambda _msg: None)
+    started = time.monotonic()
+    with testbed("together", size, say) as tb:
         baseline = []
         for task in TASKS:
             say(f"baseline: duet run {task} alone")
-            baseline.append(run_duet([task], data, tmp, f"alone-{task}", fs.loopdev, cg, size=size))
+            baseline.append(run_duet([task], tb.data, tb.tmp, f"alone-{task}", tb.fs.loopdev, tb.cgroup, size=size))
         say("writing the same data set again (defrag and gc changed it)")
-        fresh_dataset(data, size)
+        fresh_dataset(tb.data, size)
         say(f"duet run {' '.join(TASKS)}")
-        together = run_duet(list(TASKS), data, tmp, "together", fs.loopdev, cg, size=size)
-    return together_report(facts, cap, baseline, together, time.monotonic() - started)
+        together = run_duet(list(TASKS), tb.data, tb.tmp, "together", tb.fs.loopdev, tb.cgroup, size=size)
+    return together_report(tb.facts, tb.cap, baseline, together, time.monotonic() - started)
 
 
 def together_report(facts: dict, cap: int, baseline: list[dict], together: dict, took_s: float) -> dict:

@@ -403,12 +403,24 @@ def _targets(report: dict) -> None:
         console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
 
 
-def _save_plot(path: str | None, title: str, panels) -> None:
-    if path:
-        from duet_core.bench.plot import plot
+def _maintenance_bench(name: str, run, render, json_out: bool, plot: str | None, title: str, **kwargs) -> None:
+    """Run a maintenance bench (together, piggyback, peers) with progress, show or print its report, write its
+    plot, and exit 1 when a target is missed."""
+    from duet_core.bench import plot as plots
 
-        plot(path, title, panels)
-        note(f"plot written to {path}")
+    with err_console.status("starting") as status:
+        report = run(progress=status.update, **kwargs)
+    if json_out:
+        emit_json(report)
+    else:
+        render(report)
+        _targets(report)
+    if plot:
+        plots.plot(plot, f"duet bench {name} — {units.format_bytes(report['dataset_bytes'])} data set, {title}",
+                   getattr(plots, f"{name}_panels")(report))
+        note(f"plot written to {plot}")
+    if not all(report["targets"].values()):
+        raise typer.Exit(1)
 
 
 def render_together(report: dict) -> None:
@@ -435,7 +447,6 @@ def render_together(report: dict) -> None:
     console.print(table)
     console.print(f"duet together read {report['duet_vs_baseline_device']:.0%} of what the tasks alone read, in "
                   f"{report['duet_wall_vs_slowest']:.2f}x the time of the slowest task alone")
-    _targets(report)
 
 
 @app.command("together")
@@ -453,19 +464,34 @@ def together(
       duet bench together
       duet bench together --size 1G --json --plot together.png
     """
-    from duet_core.bench.plot import together_panels
     from duet_core.bench.together import run_together
 
-    with err_console.status("starting") as status:
-        report = run_together(size=parse_size(size), progress=status.update)
-    if json_out:
-        emit_json(report)
-    else:
-        render_together(report)
-    _save_plot(plot, f"duet bench together — {units.format_bytes(report['dataset_bytes'])}, cache capped at 1/4",
-               together_panels(report))
-    if not all(report["targets"].values()):
-        raise typer.Exit(1)
+    _maintenance_bench("together", run_together, render_together, json_out, plot, "page cache capped at 1/4",
+                       size=parse_size(size))
+
+
+def render_piggyback(report: dict) -> None:
+    ds = report["dataset_bytes"]
+    table = Table(title=f"duet bench piggyback — {', '.join(report['tasks'])} over {units.format_bytes(ds)}, "
+                        f"fio zipf reads in the foreground (f = {report['foreground_fraction']:.2f})",
+                  title_justify="left")
+    for col in ("", "duet read", "x data set", "fio read", "fio MB/s", "loop device read", "wall s"):
+        table.add_column(col, justify="left" if not col else "right")
+    fa, da, fb, db = (report[k] for k in ("fio_alone", "duet_alone", "fio_with_duet", "duet_with_fio"))
+    table.add_row("fio alone", "", "", units.format_bytes(fa["process_read_bytes"]),
+                  f"{fa['bw_bytes_per_s'] / 1e6:.0f}", units.format_bytes(fa["device_read_bytes"]),
+                  f"{fa['wall_s']:.2f}")
+    table.add_row("duet alone", units.format_bytes(da["process_read_bytes"]),
+                  f"{da['process_read_bytes'] / ds:.2f}", "", "", units.format_bytes(da["device_read_bytes"]),
+                  f"{da['wall_s']:.2f}")
+    table.add_row("duet with fio at the same time", units.format_bytes(db["process_read_bytes"]),
+                  f"{report['maintenance_ratio']:.2f}", units.format_bytes(fb["process_read_bytes"]),
+                  f"{fb['bw_bytes_per_s'] / 1e6:.0f}", units.format_bytes(report["duet_device_read_bytes"]),
+                  f"{report['duet_wall_s']:.2f}", style="bold blue")
+    console.print(table)
+    console.print(f"maintenance read {report['maintenance_ratio']:.2f}x the data set (target "
+                  f"{report['maintenance_target_ratio']:.2f}x); fio {report['foreground_slowdown']:+.0%} slower "
+                  f"with duet running")
 
 
 @app.command("piggyback")
@@ -486,39 +512,35 @@ def piggyback(
       duet bench piggyback --size 1G --fraction 1 --json --plot piggyback.png
     """
     from duet_core.bench.piggyback import run_piggyback
-    from duet_core.bench.plot import piggyback_panels
 
-    with err_console.status("starting") as status:
-        report = run_piggyback(size=parse_size(size), fraction=fraction, progress=status.update)
-    if json_out:
-        emit_json(report)
-    else:
-        ds = report["dataset_bytes"]
-        table = Table(title=f"duet bench piggyback — {', '.join(report['tasks'])} over {units.format_bytes(ds)}, "
-                            f"fio zipf reads in the foreground (f = {report['foreground_fraction']:.2f})",
-                      title_justify="left")
-        for col in ("", "duet read", "x data set", "fio read", "fio MB/s", "loop device read", "wall s"):
-            table.add_column(col, justify="left" if not col else "right")
-        fa, da, fb, db = (report[k] for k in ("fio_alone", "duet_alone", "fio_with_duet", "duet_with_fio"))
-        table.add_row("fio alone", "", "", units.format_bytes(fa["process_read_bytes"]),
-                      f"{fa['bw_bytes_per_s'] / 1e6:.0f}", units.format_bytes(fa["device_read_bytes"]),
-                      f"{fa['wall_s']:.2f}")
-        table.add_row("duet alone", units.format_bytes(da["process_read_bytes"]),
-                      f"{da['process_read_bytes'] / ds:.2f}", "", "", units.format_bytes(da["device_read_bytes"]),
-                      f"{da['wall_s']:.2f}")
-        table.add_row("duet with fio at the same time", units.format_bytes(db["process_read_bytes"]),
-                      f"{report['maintenance_ratio']:.2f}", units.format_bytes(fb["process_read_bytes"]),
-                      f"{fb['bw_bytes_per_s'] / 1e6:.0f}", units.format_bytes(report["duet_device_read_bytes"]),
-                      f"{report['duet_wall_s']:.2f}", style="bold blue")
-        console.print(table)
-        console.print(f"maintenance read {report['maintenance_ratio']:.2f}x the data set (target "
-                      f"{report['maintenance_target_ratio']:.2f}x); fio {report['foreground_slowdown']:+.0%} slower "
-                      f"with duet running")
-        _targets(report)
-    _save_plot(plot, f"duet bench piggyback — {units.format_bytes(report['dataset_bytes'])}, "
-                     f"fio reads f = {report['foreground_fraction']:.2f} of it", piggyback_panels(report))
-    if not all(report["targets"].values()):
-        raise typer.Exit(1)
+    _maintenance_bench("piggyback", run_piggyback, render_piggyback, json_out, plot, "fio in the foreground",
+                       size=parse_size(size), fraction=fraction)
+
+
+def render_peers(report: dict) -> None:
+    ds = report["dataset_bytes"]
+    table = Table(title=f"duet bench peers — {units.format_bytes(ds)} in {report['files']:,} files, btrfs, page "
+                        f"cache capped at {units.format_bytes(report['cache_cap_bytes'])}", title_justify="left")
+    for col in ("", "device read", "x data set", "process read", "wall s", "CPU s", "duet / peer"):
+        table.add_column(col, justify="left" if not col else "right")
+
+    def row(name: str, r: dict, ratio: str = "", style: str = "") -> None:
+        table.add_row(name, units.format_bytes(r["device_read_bytes"]), f"{r['device_read_bytes'] / ds:.2f}",
+                      units.format_bytes(r["process_read_bytes"]), f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
+                      ratio, style=style)
+
+    for job, j in report["jobs"].items():
+        if j["peer"]:
+            row(j["peer"]["name"], j["peer"])
+        else:
+            table.add_row(f"{job}: duperemove is not installed", "", "", "", "", "", "")
+        row(f"duet run {j['duet_task']}", j["duet"], f"{j['wall_ratio']:.2f}" if j["wall_ratio"] else "",
+            style="blue")
+    row("the peers, in turn", {k: report[f"baseline_{k}"] for k in
+                               ("device_read_bytes", "process_read_bytes", "wall_s", "cpu_s")}, style="bold")
+    row(f"duet run {' '.join(report['tasks'])}", report["together"],
+        f"{report['duet_wall_s'] / report['baseline_wall_s']:.2f}", style="bold blue")
+    console.print(table)
 
 
 @app.command("peers")
@@ -537,37 +559,5 @@ def peers(
       duet bench peers --size 1G --json --plot peers.png
     """
     from duet_core.bench.peers import run_peers
-    from duet_core.bench.plot import peers_panels
 
-    with err_console.status("starting") as status:
-        report = run_peers(size=parse_size(size), progress=status.update)
-    if json_out:
-        emit_json(report)
-    else:
-        ds = report["dataset_bytes"]
-        table = Table(title=f"duet bench peers — {units.format_bytes(ds)} in {report['files']:,} files, btrfs, page "
-                            f"cache capped at {units.format_bytes(report['cache_cap_bytes'])}", title_justify="left")
-        for col in ("", "device read", "x data set", "process read", "wall s", "CPU s", "duet / peer"):
-            table.add_column(col, justify="left" if not col else "right")
-
-        def row(name: str, r: dict, ratio: str = "", style: str = "") -> None:
-            table.add_row(name, units.format_bytes(r["device_read_bytes"]), f"{r['device_read_bytes'] / ds:.2f}",
-                          units.format_bytes(r["process_read_bytes"]), f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
-                          ratio, style=style)
-
-        for job, j in report["jobs"].items():
-            if j["peer"]:
-                row(j["peer"]["name"], j["peer"])
-            else:
-                table.add_row(f"{job}: duperemove is not installed", "", "", "", "", "", "")
-            row(f"duet run {j['duet_task']}", j["duet"], f"{j['wall_ratio']:.2f}" if j["wall_ratio"] else "",
-                style="blue")
-        row("the peers, in turn", {k: report[f"baseline_{k}"] for k in
-                                   ("device_read_bytes", "process_read_bytes", "wall_s", "cpu_s")}, style="bold")
-        row(f"duet run {' '.join(report['tasks'])}", report["together"],
-            f"{report['duet_wall_s'] / report['baseline_wall_s']:.2f}", style="bold blue")
-        console.print(table)
-        _targets(report)
-    _save_plot(plot, f"duet bench peers — {units.format_bytes(report['dataset_bytes'])}", peers_panels(report))
-    if not all(report["targets"].values()):
-        raise typer.Exit(1)
+    _maintenance_bench("peers", run_peers, render_peers, json_out, plot, "each tool alone", size=parse_size(size))
