@@ -58,8 +58,8 @@ def plot(path: str, title: str, panels: list[Panel]) -> None:
         ax.set_xticks(range(len(panel.groups)), list(panel.groups), fontsize=8)
         ax.set_title(panel.title, fontsize=10)
         ax.set_ylabel(panel.ylabel)
-        ax.set_ylim(0, 1.2 * max([v for bars in panel.groups.values() for v in bars.values()]
-                                 + list(panel.lines.values())))
+        tallest = max([v for bars in panel.groups.values() for v in bars.values()] + list(panel.lines.values()))
+        ax.set_ylim(0, 1.45 * tallest)   # room for the legend above the tallest bar
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
