@@ -86,3 +86,16 @@ def test_demo_shows_together(bpf_required):
     assert proc.returncode == 0, proc.stderr
     assert "duet bench together" in proc.stdout and "each alone, in turn" in proc.stdout
     assert proc.stdout.rstrip().endswith("demo ok")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (("bench", "together", "--size", "1M"), "--size must be at least 8MiB"),
+    (("bench", "peers", "--size", "lots"), "bad size"),
+    (("bench", "piggyback", "--fraction", "0"), "--fraction must be above 0"),
+    (("bench", "together", "--plot", "/nonexistent-dir/x.png"), "cannot write the plot"),
+    (("demo", "--together-size", "1M"), "--together-size must be 0"),
+])
+def test_bad_input_is_one_line_before_any_work(require_root, argv, says):
+    proc = subprocess.run(duet_argv(*argv), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and says in proc.stderr and proc.stdout == ""

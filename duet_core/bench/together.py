@@ -45,6 +45,7 @@ WALL_TARGET = 1.15       # × the slowest task alone
 FRAGMENT_CHUNK = 64 << 10
 FRAGMENT_GROUP = 8       # medium files written round-robin in groups of this many
 TWIN_EVERY = 8           # one small or medium file in this many has an identical copy under dup/
+MIN_SIZE = 8 << 20
 
 
 def _write_group(paths: list[str], blobs: list[bytes]) -> None:
@@ -239,6 +240,8 @@ def testbed(name: str, size: int, say) -> Iterator[Testbed]:
     """What every maintenance bench runs on (module docstring), torn down on the way out."""
     if os.geteuid() != 0:
         raise DuetError(f"duet bench {name} needs root (loop devices, cgroups, BPF)")
+    if size < MIN_SIZE:
+        raise DuetError(f"--size must be at least {MIN_SIZE >> 20}MiB (files of every kind, twins for gc)")
     cap = size // 4
     with loop_fs("btrfs", size_mb=image_mb(size), direct_io=True, prefix="duet-bench-") as fs, \
             tempfile.TemporaryDirectory(prefix=f"duet-bench-{name}-") as tmp, \

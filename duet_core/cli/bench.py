@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 from rich.table import Table
 
@@ -408,6 +410,8 @@ def _maintenance_bench(name: str, run, render, json_out: bool, plot: str | None,
     plot, and exit 1 when a target is missed."""
     from duet_core.bench import plot as plots
 
+    if plot and not os.access(os.path.dirname(os.path.abspath(plot)), os.W_OK):   # known before minutes of work
+        raise DuetError(f"cannot write the plot to {plot}: its directory does not exist or is not writable")
     with err_console.status("starting") as status:
         report = run(progress=status.update, **kwargs)
     if json_out:

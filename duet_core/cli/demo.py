@@ -17,7 +17,7 @@ import time
 import typer
 
 from duet_core import residency
-from duet_core.bench.together import run_together
+from duet_core.bench.together import MIN_SIZE, run_together
 from duet_core.cli.bench import parse_size, render_together
 from duet_core.cli.events import run_view
 from duet_core.cli.output import console, err_console, note
@@ -92,6 +92,8 @@ def demo(
     if os.geteuid() != 0:
         raise DuetError("the demo mounts a loop image and needs root")
     size = parse_size(together_size)
+    if 0 < size < MIN_SIZE:
+        raise DuetError(f"--together-size must be 0 (skip it) or at least {MIN_SIZE >> 20}MiB")
     console.print("[bold]duet demo[/]: a btrfs image with /home/alice, /home/bob (subvolumes) and a snapshot")
     with loop_fs("btrfs", size_mb=512, prefix="duet-demo-") as fs:
         files = _make_data(fs.mnt)
