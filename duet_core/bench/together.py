@@ -23,6 +23,7 @@ and ``duet bench peers``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -208,17 +209,14 @@ def fresh_dataset(data: str, size: int) -> dict:
     return facts
 
 
-def run_duet(tasks, data: str, tmp: str, label: str, loopdev: str, cgroup: MemoryCgroup | None,
-             backup_fs: str = "ext4", size: int = 0) -> dict:
-    """One measured ``duet run TASKS`` over the evicted data set; a backup goes to a fresh target filesystem."""
-    import json
-
+def run_duet(tasks, data: str, tmp: str, label: str, loopdev: str, cgroup: MemoryCgroup | None, size: int) -> dict:
+    """One measured ``duet run TASKS`` over the evicted data set; a backup goes to a fresh ext4 filesystem."""
     evict_tree(data)
     state = os.path.join(tmp, f"state-{label}")
     if "backup" not in tasks:
         m = measure(duet_argv(tasks, data, state, None), loopdev, cgroup)
     else:
-        with loop_fs(backup_fs, size_mb=image_mb(size), prefix="duet-bench-") as target:
+        with loop_fs("ext4", size_mb=image_mb(size), prefix="duet-bench-") as target:
             m = measure(duet_argv(tasks, data, state, target.mnt), loopdev, cgroup)
     summary = json.loads(m.stdout)
     return {"tasks": list(tasks), **m.as_dict(), "result": summary["result"],
