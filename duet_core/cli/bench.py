@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 from rich.table import Table
 
@@ -396,3 +398,170 @@ def backup(
             console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
     if not all(report["targets"].values()):
         raise typer.Exit(1)
+
+
+def _targets(report: dict) -> None:
+    for name, ok in report["targets"].items():
+        console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
+
+
+def _maintenance_bench(name: str, run, render, json_out: bool, plot: str | None, title: str, **kwargs) -> None:
+    """Run a maintenance bench (together, piggyback, peers) with progress, show or print its report, write its
+    plot, and exit 1 when a target is missed."""
+    from duet_core.bench import plot as plots
+
+    if plot and not os.access(os.path.dirname(os.path.abspath(plot)), os.W_OK):   # known before minutes of work
+        raise DuetError(f"cannot write the plot to {plot}: its directory does not exist or is not writable")
+    with err_console.status("starting") as status:
+        report = run(progress=status.update, **kwargs)
+    if json_out:
+        emit_json(report)
+    else:
+        render(report)
+        _targets(report)
+    if plot:
+        plots.plot(plot, f"duet bench {name} — {units.format_bytes(report['dataset_bytes'])} data set, {title}",
+                   getattr(plots, f"{name}_panels")(report))
+        note(f"plot written to {plot}")
+    if not all(report["targets"].values()):
+        raise typer.Exit(1)
+
+
+def render_together(report: dict) -> None:
+    """The `together` table: each task alone, their sum, and duet's one run (also shown by `duet demo`)."""
+    ds = report["dataset_bytes"]
+    table = Table(title=f"duet bench together — {', '.join(report['tasks'])} over "
+                        f"{units.format_bytes(ds)} in {report['files']:,} files, btrfs, page cache capped at "
+                        f"{units.format_bytes(report['cache_cap_bytes'])}", title_justify="left")
+    for col in ("", "device read", "x data set", "process read", "wall s", "CPU s"):
+        table.add_column(col, justify="left" if not col else "right")
+
+    def row(name: str, dev: int, proc: int, wall: float, cpu: float, style: str = "") -> None:
+        table.add_row(name, units.format_bytes(dev), f"{dev / ds:.2f}", units.format_bytes(proc), f"{wall:.2f}",
+                      f"{cpu:.2f}", style=style)
+
+    for r in report["baseline"]:
+        row(f"duet run {r['tasks'][0]} (alone)", r["device_read_bytes"], r["process_read_bytes"], r["wall_s"],
+            r["cpu_s"])
+    row("each alone, in turn", report["baseline_device_read_bytes"], report["baseline_process_read_bytes"],
+        report["baseline_wall_s"], report["baseline_cpu_s"], style="bold")
+    d = report["duet"]
+    row(f"duet run {' '.join(report['tasks'])}", d["device_read_bytes"], d["process_read_bytes"], d["wall_s"],
+        d["cpu_s"], style="bold blue")
+    console.print(table)
+    console.print(f"duet together read {report['duet_vs_baseline_device']:.0%} of what the tasks alone read, in "
+                  f"{report['duet_wall_vs_slowest']:.2f}x the time of the slowest task alone")
+
+
+@app.command("together")
+def together(
+    size: str = typer.Option("512M", "--size", help="Data set size (mixed file sizes, fragmented files, twins)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    plot: str = typer.Option(None, "--plot", help="Write grouped bars of device reads and wall time to this PNG."),
+) -> None:
+    """backup, scrub, defrag and gc over one data set: each alone in turn vs. one duet run of all four.
+
+    The page cache is capped at a quarter of the data set. Exits 1 if duet reads more than 1.05x the data set from
+    the device or takes more than 1.15x the slowest task alone.
+
+    Examples:
+      duet bench together
+      duet bench together --size 1G --json --plot together.png
+    """
+    from duet_core.bench.together import run_together
+
+    _maintenance_bench("together", run_together, render_together, json_out, plot, "page cache capped at 1/4",
+                       size=parse_size(size))
+
+
+def render_piggyback(report: dict) -> None:
+    ds = report["dataset_bytes"]
+    table = Table(title=f"duet bench piggyback — {', '.join(report['tasks'])} over {units.format_bytes(ds)}, "
+                        f"fio zipf reads in the foreground (f = {report['foreground_fraction']:.2f})",
+                  title_justify="left")
+    for col in ("", "duet read", "x data set", "fio read", "fio MB/s", "loop device read", "wall s"):
+        table.add_column(col, justify="left" if not col else "right")
+    fa, da, fb, db = (report[k] for k in ("fio_alone", "duet_alone", "fio_with_duet", "duet_with_fio"))
+    table.add_row("fio alone", "", "", units.format_bytes(fa["process_read_bytes"]),
+                  f"{fa['bw_bytes_per_s'] / 1e6:.0f}", units.format_bytes(fa["device_read_bytes"]),
+                  f"{fa['wall_s']:.2f}")
+    table.add_row("duet alone", units.format_bytes(da["process_read_bytes"]),
+                  f"{da['process_read_bytes'] / ds:.2f}", "", "", units.format_bytes(da["device_read_bytes"]),
+                  f"{da['wall_s']:.2f}")
+    table.add_row("duet with fio at the same time", units.format_bytes(db["process_read_bytes"]),
+                  f"{report['maintenance_ratio']:.2f}", units.format_bytes(fb["process_read_bytes"]),
+                  f"{fb['bw_bytes_per_s'] / 1e6:.0f}", units.format_bytes(report["duet_device_read_bytes"]),
+                  f"{report['duet_wall_s']:.2f}", style="bold blue")
+    console.print(table)
+    console.print(f"maintenance read {report['maintenance_ratio']:.2f}x the data set (target "
+                  f"{report['maintenance_target_ratio']:.2f}x); fio {report['foreground_slowdown']:+.0%} slower "
+                  f"with duet running")
+
+
+@app.command("piggyback")
+def piggyback(
+    size: str = typer.Option("512M", "--size", help="Data set size (as `together`)."),
+    fraction: float = typer.Option(2.0, "--fraction", help="fio's requests, as a multiple of the data set size "
+                                   "(zipf repeats hot blocks: the distinct part f it reads is measured)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    plot: str = typer.Option(None, "--plot", help="Write grouped bars of device reads, throughput and wall time."),
+) -> None:
+    """The four tasks in one duet run while fio reads part of the same data (zipf random reads), against each alone.
+
+    Exits 1 if the maintenance reads more than (1 - f) + 0.05 of the data set from the device, f being the part
+    fio reads, or if fio is more than 5% slower than alone.
+
+    Examples:
+      duet bench piggyback
+      duet bench piggyback --size 1G --fraction 1 --json --plot piggyback.png
+    """
+    from duet_core.bench.piggyback import run_piggyback
+
+    _maintenance_bench("piggyback", run_piggyback, render_piggyback, json_out, plot, "fio in the foreground",
+                       size=parse_size(size), fraction=fraction)
+
+
+def render_peers(report: dict) -> None:
+    ds = report["dataset_bytes"]
+    table = Table(title=f"duet bench peers — {units.format_bytes(ds)} in {report['files']:,} files, btrfs, page "
+                        f"cache capped at {units.format_bytes(report['cache_cap_bytes'])}", title_justify="left")
+    for col in ("", "device read", "x data set", "process read", "wall s", "CPU s", "duet / peer"):
+        table.add_column(col, justify="left" if not col else "right")
+
+    def row(name: str, r: dict, ratio: str = "", style: str = "") -> None:
+        table.add_row(name, units.format_bytes(r["device_read_bytes"]), f"{r['device_read_bytes'] / ds:.2f}",
+                      units.format_bytes(r["process_read_bytes"]), f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
+                      ratio, style=style)
+
+    for job, j in report["jobs"].items():
+        if j["peer"]:
+            row(j["peer"]["name"], j["peer"])
+        else:
+            table.add_row(f"{job}: duperemove is not installed", "", "", "", "", "", "")
+        row(f"duet run {j['duet_task']}", j["duet"], f"{j['wall_ratio']:.2f}" if j["wall_ratio"] else "",
+            style="blue")
+    row("the peers, in turn", {k: report[f"baseline_{k}"] for k in
+                               ("device_read_bytes", "process_read_bytes", "wall_s", "cpu_s")}, style="bold")
+    row(f"duet run {' '.join(report['tasks'])}", report["together"],
+        f"{report['duet_wall_s'] / report['baseline_wall_s']:.2f}", style="bold blue")
+    console.print(table)
+
+
+@app.command("peers")
+def peers(
+    size: str = typer.Option("512M", "--size", help="Data set size (as `together`)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    plot: str = typer.Option(None, "--plot", help="Write grouped bars of device reads and wall time to this PNG."),
+) -> None:
+    """Each duet task alone against its peer tool (rsync -a, btrfs scrub, btrfs filesystem defragment, duperemove),
+    and duet's run of all four against the four tools in turn: same data set, same run.
+
+    Exits 1 if duet's backup is slower than rsync -a or its scrub takes more than 1.5x btrfs scrub's time.
+
+    Examples:
+      duet bench peers
+      duet bench peers --size 1G --json --plot peers.png
+    """
+    from duet_core.bench.peers import run_peers
+
+    _maintenance_bench("peers", run_peers, render_peers, json_out, plot, "each tool alone", size=parse_size(size))

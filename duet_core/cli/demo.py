@@ -3,7 +3,8 @@
 Makes a btrfs loop image with a home directory (one subvolume per user, and a snapshot — so several files share
 an inode number), drops it from the cache, then watches it live while a scripted "foreground" cold-reads part of
 the data, writes and fsyncs a file and evicts another. At the end it checks the engine's counts against what the
-script did.
+script did. Then it shows the point of all this: ``duet bench together`` at a small size — backup, scrub, defrag
+and gc alone in turn, against one duet run of the four (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import time
 import typer
 
 from duet_core import residency
+from duet_core.bench.together import MIN_SIZE, run_together
+from duet_core.cli.bench import parse_size, render_together
 from duet_core.cli.events import run_view
-from duet_core.cli.output import console, note
+from duet_core.cli.output import console, err_console, note
 from duet_core.engine import Engine
 from duet_core.errors import DuetError
 from duet_core.events import EVENTS, PAGE_SIZE
@@ -76,15 +79,21 @@ def _foreground(mnt: str, log: list[str]) -> None:
 def demo(
     seconds: float = typer.Option(6.0, "--seconds", help="How long to watch."),
     source: str = typer.Option("auto", "--source", help="auto, bpf or poll."),
+    together_size: str = typer.Option("128M", "--together-size",
+                                      help="Data set of the `duet bench together` part (0: skip it)."),
 ) -> None:
     """Watch page-cache events on a demo btrfs image while a scripted foreground reads and writes it.
 
     Examples:
       duet demo
       duet demo --seconds 20 --source poll
+      duet demo --together-size 0
     """
     if os.geteuid() != 0:
         raise DuetError("the demo mounts a loop image and needs root")
+    size = parse_size(together_size)
+    if 0 < size < MIN_SIZE:
+        raise DuetError(f"--together-size must be 0 (skip it) or at least {MIN_SIZE >> 20}MiB")
     console.print("[bold]duet demo[/]: a btrfs image with /home/alice, /home/bob (subvolumes) and a snapshot")
     with loop_fs("btrfs", size_mb=512, prefix="duet-demo-") as fs:
         files = _make_data(fs.mnt)
@@ -118,4 +127,15 @@ def demo(
         console.print(f"check: notes.txt dirtied {notes.get('dirtied', 0)}, flushed {notes.get('flushed', 0)}")
         if not ok:
             raise DuetError("the demo's checks failed")
-        console.print("[green]demo ok[/]")
+    if size:
+        _together(size)
+    console.print("[green]demo ok[/]")
+
+
+def _together(size: int) -> None:
+    """A short ``duet bench together``: what sharing one device read saves, on a fresh data set."""
+    console.print(f"\n[bold]duet bench together --size {size >> 20}M[/]: backup, scrub, defrag and gc over one data "
+                  "set, page cache capped at a quarter of it — each alone in turn, then in one duet run")
+    with err_console.status("starting") as status:
+        report = run_together(size=size, progress=status.update)
+    render_together(report)

@@ -1,0 +1,129 @@
+"""``duet bench piggyback``: maintenance while a foreground program reads part of the same data.
+
+The foreground is **fio**: zipf-distributed random reads (files and offsets both zipf, a fixed seed) over the data
+set of ``duet bench together``, ``--fraction`` of the data set's size in requests; zipf repeats hot blocks, so the
+distinct bytes it brings in from the device — *f* × the data set, measured, not assumed — are fewer. The
+maintenance is ``duet run backup scrub defrag gc`` inside the memory cgroup of ``together`` (page cache capped at
+a quarter of the data set); fio runs outside it, as an application would. Every run starts with the data set
+evicted, file by file, on a btrfs image over a direct-I/O loop device:
+
+1. fio alone: its throughput, and *f* (its own read bytes, ``wait4`` rusage);
+2. duet alone (the maintenance with no foreground);
+3. on a fresh copy of the same data set (seeded; defrag and gc changed the first): duet, and fio started as soon
+   as duet is: the maintenance's own device reads and fio's throughput with duet running.
+
+Targets (issue #6): the maintenance reads at most (1 − f) + 0.05 of the data set from the device, and fio's
+throughput is at most 5% lower than alone. "baseline" in the JSON is runs 1 and 2 one after the other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from duet_core.bench.scrub import evict_tree
+from duet_core.bench.share import loop_read_bytes
+from duet_core.bench.together import (
+    TASKS,
+    Child,
+    Measured,
+    check_tools,
+    duet_argv,
+    fresh_dataset,
+    image_mb,
+    machine,
+    testbed,
+)
+from duet_core.errors import DuetError
+from duet_core.loopfs import loop_fs
+
+DEVICE_SLACK = 0.05      # × data set, on top of (1 − f)
+SLOWDOWN_TARGET = 0.05   # the foreground's throughput at most this much lower
+ZIPF = "zipf:0.8"
+
+
+def fio_argv(data: str, io_bytes: int, out: str) -> list[str]:
+    """fio's zipf random reads over every file under ``data`` (page-aligned 64 KiB requests, fixed seed, and no
+    ``invalidate``: fio must not evict what others cached)."""
+    return ["fio", "--name=foreground", f"--opendir={data}", "--rw=randread", "--bs=64k", "--ioengine=psync",
+            f"--random_distribution={ZIPF}", f"--file_service_type={ZIPF}", f"--io_size={io_bytes}",
+            "--invalidate=0", "--randrepeat=1", "--randseed=6", "--output-format=json", f"--output={out}"]
+
+
+def _fio_result(m: Measured, out: str) -> dict:
+    with open(out) as fh:
+        job = json.load(fh)["jobs"][0]["read"]
+    return {**m.as_dict(), "io_bytes": job["io_bytes"], "bw_bytes_per_s": job["bw_bytes"],
+            "runtime_s": job["runtime"] / 1000}
+
+
+def _duet_result(m: Measured) -> dict:
+    summary = json.loads(m.stdout)
+    return {**m.as_dict(), "result": summary["result"]}
+
+
+def run_piggyback(size: int = 512 << 20, fraction: float = 2.0, progress=None) -> dict:
+    if not 0 < fraction <= 4:
+        raise DuetError(f"--fraction must be above 0 and at most 4, not {fraction}")
+    check_tools("fio")
+    say = progress or (lambda _msg: None)
+    started = time.monotonic()
+    with testbed("piggyback", size, say) as tb, \
+            loop_fs("ext4", size_mb=image_mb(size), prefix="duet-bench-") as target:
+        data, dev = tb.data, tb.fs.loopdev
+        io_bytes = int(fraction * tb.facts["dataset_bytes"]) // 65536 * 65536
+        out = os.path.join(tb.tmp, "fio.json")
+        for run in ("alone", "both"):
+            os.mkdir(os.path.join(target.mnt, run))
+
+        say("fio alone")
+        fio_alone = _fio_result(Child(fio_argv(data, io_bytes, out), dev).wait(), out)
+        say("duet alone")
+        evict_tree(data)
+        argv = duet_argv(TASKS, data, os.path.join(tb.tmp, "state-alone"), os.path.join(target.mnt, "alone"))
+        duet_alone = _duet_result(Child(argv, dev, tb.cgroup).wait())
+
+        say("writing the same data set again (defrag and gc changed it)")
+        fresh_dataset(data, size)
+        say("duet with fio in the foreground")
+        argv = duet_argv(TASKS, data, os.path.join(tb.tmp, "state-both"), os.path.join(target.mnt, "both"))
+        device_before = loop_read_bytes(dev)
+        t0 = time.monotonic()
+        duet = Child(argv, dev, tb.cgroup)
+        fio = Child(fio_argv(data, io_bytes, out), dev)
+        fio_both = _fio_result(fio.wait(), out)
+        duet_both = _duet_result(duet.wait())
+        both_wall = time.monotonic() - t0
+        both_device = loop_read_bytes(dev) - device_before
+    return piggyback_report(tb.facts, tb.cap, fraction, fio_alone, duet_alone, fio_both, duet_both, both_device,
+                            both_wall, time.monotonic() - started)
+
+
+def piggyback_report(facts: dict, cap: int, fraction: float, fio_alone: dict, duet_alone: dict, fio_both: dict,
+                     duet_both: dict, both_device: int, both_wall: float, took_s: float) -> dict:
+    ds = facts["dataset_bytes"]
+    f = fio_alone["process_read_bytes"] / ds
+    slowdown = 1 - fio_both["bw_bytes_per_s"] / fio_alone["bw_bytes_per_s"]
+    report = {
+        "scenario": "piggyback", "tasks": list(TASKS), **facts, "cache_cap_bytes": cap,
+        "fio_io_fraction": fraction, "foreground_read_bytes": fio_alone["process_read_bytes"],
+        "foreground_fraction": round(f, 3),
+        "baseline_device_read_bytes": fio_alone["device_read_bytes"] + duet_alone["device_read_bytes"],
+        "duet_device_read_bytes": both_device,
+        "baseline_wall_s": round(fio_alone["wall_s"] + duet_alone["wall_s"], 3), "duet_wall_s": round(both_wall, 3),
+        "maintenance_alone_read_bytes": duet_alone["process_read_bytes"],
+        "maintenance_read_bytes": duet_both["process_read_bytes"],
+        "maintenance_ratio": round(duet_both["process_read_bytes"] / ds, 3),
+        "maintenance_target_ratio": round(1 - f + DEVICE_SLACK, 3),
+        "foreground_alone_bytes_per_s": fio_alone["bw_bytes_per_s"],
+        "foreground_with_duet_bytes_per_s": fio_both["bw_bytes_per_s"],
+        "foreground_slowdown": round(slowdown, 3),
+        "fio_alone": fio_alone, "duet_alone": duet_alone, "fio_with_duet": fio_both, "duet_with_fio": duet_both,
+        "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "took_s": round(took_s, 1),
+    }
+    report["targets"] = {
+        "maintenance_reads_le_(1-f)+0.05": duet_both["process_read_bytes"] <= (1 - f + DEVICE_SLACK) * ds,
+        f"foreground_slowdown_le_{SLOWDOWN_TARGET:.0%}": slowdown <= SLOWDOWN_TARGET,
+    }
+    return report
