@@ -613,6 +613,9 @@ class Runner:
                 continue
             try:
                 pre = residency.resident_pages(fd, f.size)
+                if pre:   # partly cached: someone may be reading it right now; let them bring the rest
+                    os.close(fd)
+                    continue
                 os.posix_fadvise(fd, 0, f.size, os.POSIX_FADV_WILLNEED)
             except OSError:
                 os.close(fd)
