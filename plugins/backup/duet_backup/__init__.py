@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from duet_backup.fsops import copy_file, open_dir, replace, syncfs
-from duet_backup.target import Snapshot, Target
+from duet_backup.target import Snapshot, Target, check_target
 from duet_backup.tree import TreeSync
 from duet_core import ItemResult, TaskOption, TaskSpec, hookimpl
 from duet_core.tasks import FileInfo
@@ -176,6 +176,10 @@ class Backup:
                 raise
             self._open[run.run_id] = held
         return held
+
+    @hookimpl
+    def duet_check(self, root, options):
+        check_target(options["target"], scope=root)   # bad input refuses the run before anything is written
 
     @hookimpl
     def duet_plan(self, run, files):

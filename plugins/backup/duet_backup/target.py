@@ -79,6 +79,23 @@ def write_atomic(dir_fd: int, name: str, data: bytes) -> None:
     os.fsync(dir_fd)
 
 
+def check_target(path: str, scope: str | None = None) -> str:
+    """The real path of a usable target for ``scope``, or a DuetError saying why not; opens and writes nothing
+    (``duet_check`` runs it before the run touches anything)."""
+    real = os.path.realpath(path)
+    if scope is not None:
+        scope = os.path.realpath(scope)
+        if inside(real, scope):
+            raise DuetError(f"backup target {real} is inside the scope {scope}",
+                            hint="a backup cannot be stored in the tree it backs up")
+        if inside(scope, real):
+            raise DuetError(f"the scope {scope} is inside the backup target {real}",
+                            hint="choose a target outside the tree being backed up")
+    if not os.path.isdir(real):
+        raise DuetError(f"backup target {path} is not an existing directory")
+    return real
+
+
 @dataclass
 class Snapshot:
     name: str
@@ -89,17 +106,7 @@ class Target:
     """An open backup target. ``path`` must be an existing directory outside the scope (and not containing it)."""
 
     def __init__(self, path: str, scope: str | None = None, create: bool = True):
-        real = os.path.realpath(path)
-        if not os.path.isdir(real):
-            raise DuetError(f"backup target {path} is not an existing directory")
-        if scope is not None:
-            scope = os.path.realpath(scope)
-            if inside(real, scope):
-                raise DuetError(f"backup target {real} is inside the scope {scope}",
-                                hint="a backup cannot be stored in the tree it backs up")
-            if inside(scope, real):
-                raise DuetError(f"the scope {scope} is inside the backup target {real}",
-                                hint="choose a target outside the tree being backed up")
+        real = check_target(path, scope)
         self.path = real
         self.fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self.btrfs = fs_type(self.fd) == BTRFS_SUPER_MAGIC
