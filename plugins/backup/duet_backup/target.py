@@ -183,6 +183,7 @@ class Target:
             return sorted(e.name for e in it if NAME_RE.match(e.name) and e.is_dir(follow_symlinks=False))
 
     def manifest(self, name: str) -> dict | None:
+        _check_name(name)
         if self.manifests < 0:
             return None
         try:
@@ -201,8 +202,7 @@ class Target:
         return None
 
     def open_snapshot(self, name: str) -> int:
-        if not NAME_RE.match(name):
-            raise DuetError(f"bad snapshot name {name!r}", hint="names look like 2026-11-26T041500Z")
+        _check_name(name)
         try:
             return open_beneath(self.snapshots, name, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
@@ -270,6 +270,12 @@ class Target:
             os.unlink("journal", dir_fd=self.internal)
         except FileNotFoundError:
             pass
+
+
+def _check_name(name: str) -> None:
+    """A snapshot name from the user (``--snapshot``) is a timestamp, never a path."""
+    if not NAME_RE.match(name):
+        raise DuetError(f"bad snapshot name {name!r}", hint="names look like 2026-11-26T041500Z")
 
 
 def _exists(dir_fd: int, name: str) -> bool:
