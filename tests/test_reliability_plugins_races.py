@@ -180,8 +180,10 @@ def test_files_changing_under_all_four_plugins(fstype, tmp_path, bpf_required, r
               f"({', '.join(f'{op} {mutator.ops.count(op)}' for op in sorted(set(mutator.ops)))}); defrag "
               f"{tasks['defrag'].get('defragmented', 0)} rewritten, gc {tasks['gc']['counters']}")
         assert len(mutator.ops) >= 10, f"seed {seed}: the thread changed too little while the run worked"
-        assert tasks["defrag"]["defragmented"] >= 2 and tasks["gc"]["counters"].get("deduped_files", 0) >= 1 \
-            or fstype == "ext4" and tasks["gc"]["counters"].get("reclaimable_bytes", 0) > 0, (seed, tasks)
+        # defrag and gc did work in this run (ext4 cannot share extents: gc only reports what it could reclaim).
+        assert tasks["defrag"]["defragmented"] >= 1, (seed, tasks["defrag"])
+        gc_work = tasks["gc"]["counters"].get("deduped_files" if fstype == "btrfs" else "reclaimable_bytes", 0)
+        assert gc_work > 0, (seed, tasks["gc"])
         # Scrub: legitimate writes are never corruption.
         assert tasks["scrub"].get("corrupt", []) == [] and tasks["scrub"]["items_damaged"] == 0, (seed, tasks)
         # Defrag and gc never change bytes: stable files as they were, victims one of their versions.
