@@ -65,24 +65,28 @@ def test_backup_never_writes_outside_the_target_through_planted_symlinks(duet, s
     before = tree_snapshot(outside)
     tree = os.path.join(target.mnt, ".duet", "mirror" if target.fstype == "btrfs" else "incomplete")
     os.makedirs(tree, exist_ok=True)
-    # Symlinks where the next run writes: directories of the tree, a file it will copy, the journal.
+    bh.write(os.path.join(scope, "new-file"), b"new data\n")
+    bh.write(os.path.join(scope, "d0", "sub0", "f00"), b"changed data\n")
+    # 1. The journal is a symlink to a file outside: the target is refused in one line, nothing is written.
+    journal = os.path.join(target.mnt, ".duet", "journal")
+    if os.path.lexists(journal):
+        os.unlink(journal)
+    os.symlink(outside + "/victim", journal)
+    proc = duet("run", "backup", "--path", scope, "--target", target.mnt)
+    one_error(proc, 2, "Too many levels of symbolic links")
+    assert tree_snapshot(outside) == before, "backup wrote outside the target"
+    os.unlink(journal)
+    # 2. Symlinks where the next run writes in the tree: a directory holding a changed file, and a new file's name.
     subprocess.run(["rm", "-rf", os.path.join(tree, "d0")], check=True)
     os.symlink(outside + "/d0", os.path.join(tree, "d0"))
     os.symlink(outside + "/victim", os.path.join(tree, "new-file"))
-    if os.path.lexists(os.path.join(target.mnt, ".duet", "journal")):
-        os.unlink(os.path.join(target.mnt, ".duet", "journal"))
-    os.symlink(outside + "/victim", os.path.join(target.mnt, ".duet", "journal"))
-    bh.write(os.path.join(scope, "new-file"), b"new data\n")
-    bh.write(os.path.join(scope, "d0", "sub0", "f00"), b"changed data\n")
     proc = duet("run", "backup", "--path", scope, "--target", target.mnt, "--json")
     assert "Traceback" not in proc.stderr, proc.stderr
     assert tree_snapshot(outside) == before, "backup wrote outside the target"
-    if proc.returncode == 0:
-        name = json.loads(proc.stdout)["tasks"]["backup"]["snapshot"]
-        assert bh.rsync_diff(scope, os.path.join(target.mnt, "snapshots", name)) == []
-    else:      # refusing the planted journal is fine too, in one line; the earlier snapshot stays
-        assert proc.returncode in (1, 2), proc.stderr
-        assert bh.snapshot_names(target.mnt)[0] == first["snapshot"]
+    assert proc.returncode == 0, proc.stderr       # the planted links are replaced, never followed
+    name = json.loads(proc.stdout)["tasks"]["backup"]["snapshot"]
+    assert name and bh.snapshot_names(target.mnt) == [first["snapshot"], name]
+    assert bh.rsync_diff(scope, os.path.join(target.mnt, "snapshots", name)) == []   # the sync pass fixed it
 
 
 def test_snapshots_keep_other_users_files_theirs_and_private(duet, source, target):
