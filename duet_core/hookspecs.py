@@ -16,6 +16,7 @@ implementation may accept fewer arguments than the spec names, so hooks can grow
 Order of calls in one run::
 
     duet_task            once, when the plugin is loaded
+    duet_check           once per scope, before anything is opened or written (bad options refuse the run)
     duet_plan            at the start of a round, batch by batch over the scope's files
     duet_observe         whenever pages of a still-pending file saw the task's events (range tasks)
     duet_process         once per item, cache-first, shared with the other tasks of the run
@@ -51,6 +52,21 @@ def duet_task() -> TaskSpec | None:
 
 
 # ----------------------------------------------------------------------------------------------------- planning
+@hookspec
+def duet_check(root: str, options: dict[str, Any]) -> None:
+    """Check this task's options for a scope before duet opens or writes anything (the state database included).
+
+    :param root: the scope's real path.
+    :param options: the task's options, already parsed by type (see :class:`~duet_core.tasks.TaskOption`).
+    :returns: nothing (a return value is ignored).
+
+    Raise :class:`~duet_core.errors.DuetError` for input no run could use — a target that is not a directory, or
+    inside the scope; a count out of range — and the run is refused with one line and the error's exit code,
+    leaving no trace. Checks that need the state or the scope's files belong in ``duet_plan``. Called by
+    ``duet run`` and ``duet watch`` for every task of every scope before the first run starts.
+    """
+
+
 @hookspec(firstresult=True)
 def duet_plan(run: RunInfo, files: Sequence[FileInfo]) -> Iterable[int] | None:
     """Choose which files of the scope need this task in the round that starts.

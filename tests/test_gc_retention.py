@@ -321,7 +321,7 @@ def test_with_a_backup_task_target_goes_to_both_and_the_new_snapshot_is_kept(ext
 
 
 @pytest.mark.parametrize("args, code, needle", [
-    (["--target", "/nonexistent-gc-target", "--keep-last", "1"], 2, "is not a backup target"),
+    (["--target", "/nonexistent-gc-target", "--keep-last", "1"], 2, "is not an existing directory"),
     (["--target", "relative/target"], 2, "not an absolute path"),
     (["--keep-daily", "many"], 2, "option 'keep_daily'"),
 ])

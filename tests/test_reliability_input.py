@@ -22,6 +22,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -105,6 +106,50 @@ CASES = [
          config='[[scope]]\npath = "{scope}"\ntasks = ["reader"]\n[task.reader]\nchunk = true\n'),
     Case("config-negative-duration-option", ("run",), 2, "option 'sleep': bad duration -1",
          config='[[scope]]\npath = "{scope}"\ntasks = ["reader"]\n[task.reader]\nsleep = -1\n'),
+    # the plugins' options (checked by their duet_check hooks before anything is written)
+    Case("backup-no-target", ("run", "backup", "--path", "{scope}"), 2, "task 'backup' needs option 'target'"),
+    Case("backup-target-missing", ("run", "backup", "--path", "{scope}", "--target", "{tmp}/missing"), 2,
+         "backup target {tmp}/missing is not an existing directory"),
+    Case("backup-target-is-a-file", ("run", "backup", "--path", "{scope}", "--target", "{tmp}/file"), 2,
+         "backup target {tmp}/file is not an existing directory"),
+    Case("backup-target-is-a-symlink-loop", ("run", "backup", "--path", "{scope}", "--target", "{tmp}/loop1"), 2,
+         "backup target {tmp}/loop1 is not an existing directory"),
+    Case("backup-target-inside-the-scope", ("run", "backup", "--path", "{scope}", "--target", "{scope}/sub"), 2,
+         "backup target {scope}/sub is inside the scope {scope}"),
+    Case("backup-scope-inside-the-target", ("run", "backup", "--path", "{scope}", "--target", "{tmp}"), 2,
+         "the scope {scope} is inside the backup target {tmp}"),
+    Case("backup-relative-target", ("run", "backup", "--path", "{scope}", "--target", "rel/dir"), 2,
+         "option 'target': 'rel/dir' is not an absolute path"),
+    Case("watch-backup-target-missing", ("watch", "backup", "--path", "{scope}", "--target", "{tmp}/missing"), 2,
+         "backup target {tmp}/missing is not an existing directory"),
+    Case("snapshots-target-missing", ("snapshots", "--target", "{tmp}/missing"), 2,
+         "backup target {tmp}/missing is not an existing directory"),
+    Case("restore-no-snapshots", ("restore", "--target", "{tmp}/realstate", "a", "--to", "{tmp}/realstate"), 2,
+         "no snapshots at {tmp}/realstate"),
+    Case("gc-keep-negative", ("run", "gc", "--path", "{scope}", "--target", "{tmp}/realstate", "--keep-daily", "-2"),
+         2, "--keep-daily -2: use a count ≥ 0, or -1 for all"),
+    Case("gc-keep-not-a-number", ("run", "gc", "--path", "{scope}", "--target", "{tmp}/realstate", "--keep-weekly",
+                                  "lots"), 2, "option 'keep_weekly': 'lots' is not a whole number"),
+    Case("gc-keep-fraction", ("run", "gc", "--path", "{scope}", "--target", "{tmp}/realstate", "--keep-last", "1.5"),
+         2, "option 'keep_last': '1.5' is not a whole number"),
+    Case("gc-target-missing", ("run", "gc", "--path", "{scope}", "--target", "{tmp}/missing", "--keep-last", "3"), 2,
+         "backup target {tmp}/missing is not an existing directory"),
+    Case("gc-negative-min-size", ("run", "gc", "--path", "{scope}", "--min-size", "-1"), 2,
+         "option 'min_size': bad size '-1': must not be negative"),
+    Case("gc-prune-maybe", ("run", "gc", "--path", "{scope}", "--prune", "maybe"), 2,
+         "option 'prune': 'maybe' is not a boolean"),
+    Case("scrub-every-bad", ("run", "scrub", "--path", "{scope}", "--every", "soon"), 2,
+         "option 'every': bad duration 'soon'"),
+    Case("scrub-every-negative", ("run", "scrub", "--path", "{scope}", "--every", "-1d"), 2,
+         "option 'every': bad duration '-1d': must not be negative"),
+    Case("defrag-threshold-words", ("run", "defrag", "--path", "{scope}", "--threshold", "lots"), 2,
+         "option 'threshold': 'lots' is not a finite number"),
+    Case("defrag-threshold-below-one", ("run", "defrag", "--path", "{scope}", "--threshold", "0.5"), 2,
+         "--threshold 0.5: use 1 or more"),
+    Case("defrag-extent-size-zero", ("run", "defrag", "--path", "{scope}", "--extent-size", "0"), 2,
+         "--extent-size 0: use a size"),
+    Case("defrag-dry-run-maybe", ("run", "defrag", "--path", "{scope}", "--dry-run", "maybe"), 2,
+         "option 'dry_run': 'maybe' is not a boolean"),
     # the state directory
     Case("state-dir-is-a-file", (*RUN, "--state-dir", "{scope}/a"), 2, "state directory"),
     Case("state-dir-is-a-symlink", (*RUN, "--state-dir", "{tmp}/statelink"), 2, "not a plain directory"),
@@ -137,6 +182,7 @@ def _prepare(case: Case, tmp_path) -> list[str]:
     scope.mkdir(parents=True)
     (scope / "a").write_bytes(b"data of a\n")
     os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "file").write_bytes(b"a file, not a directory\n")
     os.symlink("loop2", tmp_path / "loop1")
     os.symlink("loop1", tmp_path / "loop2")
     (tmp_path / "realstate").mkdir(mode=0o700)
@@ -206,6 +252,57 @@ def test_a_relative_path_is_resolved_against_the_working_directory(duet, tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert summary_of(proc)["scope"] == str(tmp_path / "scope")
     assert duet.hex_counts() == {b"a": 1}
+
+
+CHECKER_MODULE = textwrap.dedent('''
+    """duet test task whose duet_check logs the root it is given and refuses the option value "refuse"."""
+
+    import os
+
+    from duet_core import TaskOption, TaskSpec, hookimpl
+    from duet_core.errors import DuetError
+
+
+    class Checker:
+        @hookimpl
+        def duet_task(self):
+            return TaskSpec("checker", "test task: checks its option before the run", options=(
+                TaskOption("mode", "str", default="ok"),))
+
+        @hookimpl
+        def duet_check(self, root, options):
+            with open(os.environ["DUET_TEST_LOG"], "a") as fh:
+                fh.write(f"check {root} {options['mode']}\\n")
+            if options["mode"] == "refuse":
+                raise DuetError("checker refuses mode 'refuse'")
+
+        @hookimpl
+        def duet_process(self, ctx):
+            with open(os.environ["DUET_TEST_LOG"], "a") as fh:
+                fh.write(f"process {ctx.file.relpath}\\n")
+
+
+    plugin = Checker()
+''')
+
+
+def test_duet_check_refuses_a_run_before_anything_is_written(duet, tmp_path):
+    """The core calls each task's duet_check with the scope's real path and parsed options before the state
+    database exists: a DuetError there is one line, exit 2, no state, no item processed."""
+    plugin_dist.install(tmp_path / "plugins", plugin_dist.Dist("duet-test-checker", "0.1",
+                                                              {"duet_test_checker": CHECKER_MODULE},
+                                                              {"checker": "duet_test_checker:plugin"}))
+    scope = tmp_path / "scope"
+    scope.mkdir()
+    (scope / "a").write_bytes(b"checked\n")
+    os.symlink("scope", tmp_path / "via-link")
+    one_error(duet("run", "checker", "--path", str(tmp_path / "via-link"), "--mode", "refuse"), 2,
+              "checker refuses mode 'refuse'")
+    assert not duet.state.exists()
+    assert duet.log.read_text().splitlines() == [f"check {scope} refuse"]
+    ok = duet("run", "checker", "--path", str(tmp_path / "via-link"), "--mode", "fine")
+    assert ok.returncode == 0, ok.stderr
+    assert duet.log.read_text().splitlines()[1:] == [f"check {scope} fine", "process a"]
 
 
 # -- hostile scopes ----------------------------------------------------------------------------------------------------

@@ -295,10 +295,11 @@ def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget
         task_args = parse_task_args(extra, opts, names, registry, config, everyone)
         if len(set(names)) != len(names):
             raise DuetError("a task is named twice")
-        for n in names:
-            resolve_options(registry.get(n), task_args.get(n, {}))
+        resolved = {n: resolve_options(registry.get(n), task_args.get(n, {})) for n in names}
         if not os.path.isdir(root):
             raise DuetError(f"not a directory: {root}")
+        for n in names:
+            registry.get(n).hook.duet_check(root=os.path.realpath(root), options=resolved[n])
     for text, parse in ((budget, units.parse_duration), (rate_limit, units.parse_rate)):
         if text:
             parse(text)

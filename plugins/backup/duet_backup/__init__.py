@@ -20,6 +20,7 @@ Layout of the target: :mod:`duet_backup.target`. ``duet snapshots`` and ``duet r
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import stat
 import time
@@ -27,9 +28,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from duet_backup.fsops import copy_file, open_dir, replace, syncfs
-from duet_backup.target import Snapshot, Target
+from duet_backup.target import Snapshot, Target, check_target
 from duet_backup.tree import TreeSync
 from duet_core import ItemResult, TaskOption, TaskSpec, hookimpl
+from duet_core.errors import DuetError
 from duet_core.tasks import FileInfo
 
 __version__ = "0.1.0"
@@ -41,6 +43,8 @@ BATCH_FILES = 1000
 BATCH_BYTES = 64 << 20
 BATCH_SECONDS = 1.0
 DIR_CACHE = 64     # tree directories kept open by duet_process
+# Errors only the target can cause (the source is only read): the target is full or read-only.
+TARGET_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 @dataclass
@@ -69,6 +73,25 @@ class _Open:
     _dirs: dict[str, int] = field(default_factory=dict)
     _committer: ThreadPoolExecutor | None = None
     _commits: list[Future] = field(default_factory=list)
+    broken: str | None = None     # why the target cannot be written any more (full, read-only, gone)
+
+    def target_failed(self, exc: OSError) -> bool:
+        """Whether ``exc`` means the target itself failed, not one source file; remembers why. An error of the
+        target alone (full, read-only) says so; any other error (EIO: the source or the target?) is settled by
+        asking the target to sync its internal directory — a target whose device went away fails that too."""
+        if self.broken is None:
+            if exc.errno in TARGET_ERRNOS:
+                self.broken = exc.strerror or str(exc)
+            else:
+                try:
+                    os.fsync(self.target.internal)
+                except OSError as probe:
+                    self.broken = probe.strerror or str(probe)
+        return self.broken is not None
+
+    def broken_message(self) -> str:
+        return (f"the backup target {self.target.path} cannot be written ({self.broken}): no snapshot published, "
+                "the snapshots already there are intact; the next run resumes once the target is writable")
 
     def add(self, p: _Pending) -> None:
         self.pending.append(p)
@@ -165,17 +188,29 @@ class Backup:
         """Open, check and lock the target once per run."""
         held = self._open.get(run.run_id)
         if held is None:
-            target = Target(run.options["target"], scope=run.root)
+            try:
+                target = Target(run.options["target"], scope=run.root)
+            except OSError as exc:    # read-only, gone, not ours to write: the run is refused in one line
+                raise DuetError(f"cannot use the backup target {run.options['target']}: {exc.strerror or exc}",
+                                hint="a backup target must be a writable directory") from None
             try:
                 target.lock()
                 latest = target.latest()
                 held = _Open(target, target.open_tree(), latest, latest.manifest.get("files", {}) if latest else {},
                              target.journal())
+            except OSError as exc:
+                target.close()
+                raise DuetError(f"cannot use the backup target {target.path}: {exc.strerror or exc}",
+                                hint="a backup target must be a writable directory") from None
             except BaseException:
                 target.close()
                 raise
             self._open[run.run_id] = held
         return held
+
+    @hookimpl
+    def duet_check(self, root, options):
+        check_target(options["target"], scope=root)   # bad input refuses the run before anything is written
 
     @hookimpl
     def duet_plan(self, run, files):
@@ -191,7 +226,14 @@ class Backup:
         if held.staged_in_tree(f, tree_dir, name):
             # Copied by an earlier run of this round that was killed before its progress was committed.
             return ItemResult(counters={"already_copied": 1})
-        copied = copy_file(ctx.fd, tree_dir, name, durable=False)
+        if held.broken is not None:
+            return ItemResult(done=False)      # left for the next run: the target failed (said once, below)
+        try:
+            copied = copy_file(ctx.fd, tree_dir, name, durable=False)
+        except OSError as exc:
+            if not held.target_failed(exc):
+                raise
+            return ItemResult(done=False, message=held.broken_message())
         record = [*copied.sig, copied.blake3]
         held.add(_Pending(reldir, copied.tmp, name, f.relpath, record, copied.nbytes))
         ctx.progress.advance(copied.nbytes)   # holes are not read
@@ -210,11 +252,20 @@ class Backup:
         del self._open[run.run_id]
         target = held.target
         try:
-            held.flush()
-            if report.items_done + report.items_failed < report.items_total:
-                return {"snapshot": None, "target": target.path,
-                        "note": "stopped early: no snapshot published; the next run resumes"}
-            return self._publish(run, report, held)
+            try:
+                held.flush()
+                if held.broken is None and report.items_done + report.items_failed < report.items_total:
+                    return {"snapshot": None, "target": target.path,
+                            "note": "stopped early: no snapshot published; the next run resumes"}
+                if held.broken is None:
+                    return self._publish(run, report, held)
+            except OSError as exc:
+                if not held.target_failed(exc):
+                    raise
+            # The target failed: nothing is published; the run fails with one line saying why.
+            report.items_failed += 1
+            report.errors.append(held.broken_message())
+            return {"snapshot": None, "target": target.path, "error": held.broken_message()}
         finally:
             held.close()
 
@@ -226,7 +277,7 @@ class Backup:
         src_fd = os.open(run.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             result = TreeSync(src_fd, held.tree_fd, held.staged, held.published, prev_fd,
-                              on_copy=target.journal_add).run()
+                              on_copy=target.journal_add, fatal=held.target_failed).run()
         finally:
             os.close(src_fd)
             if prev_fd is not None:

@@ -103,6 +103,8 @@ def restore(
             try:
                 out_name = os.path.basename(rel)
                 if os.path.isdir(f"/proc/self/fd/{src}"):
+                    if not out_name:
+                        _refuse_not_empty(dest, path)   # the whole snapshot goes into --to itself
                     out = dest if not out_name else _new_dir(dest, out_name, path)
                     try:
                         result = TreeSync(src, out).run()
@@ -143,6 +145,16 @@ def _refuse_existing(dest: int, name: str, shown: str) -> None:
     except FileNotFoundError:
         return
     raise DuetError(f"{shown}: {name} already exists in the destination", hint="restore into an empty directory")
+
+
+def _refuse_not_empty(dest: int, shown: str) -> None:
+    """Restoring a whole snapshot fills --to itself, mirroring the snapshot: what is there already would be
+    replaced or removed, so --to must be empty."""
+    with os.scandir(dest) as it:
+        first = next(it, None)
+    if first is not None:
+        raise DuetError(f"{shown}: {first.name} already exists in the destination",
+                        hint="restore a whole snapshot into an empty directory")
 
 
 def _new_dir(dest: int, name: str, shown: str) -> int:

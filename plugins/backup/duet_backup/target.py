@@ -79,6 +79,23 @@ def write_atomic(dir_fd: int, name: str, data: bytes) -> None:
     os.fsync(dir_fd)
 
 
+def check_target(path: str, scope: str | None = None) -> str:
+    """The real path of a usable target for ``scope``, or a DuetError saying why not; opens and writes nothing
+    (``duet_check`` runs it before the run touches anything)."""
+    real = os.path.realpath(path)
+    if scope is not None:
+        scope = os.path.realpath(scope)
+        if inside(real, scope):
+            raise DuetError(f"backup target {real} is inside the scope {scope}",
+                            hint="a backup cannot be stored in the tree it backs up")
+        if inside(scope, real):
+            raise DuetError(f"the scope {scope} is inside the backup target {real}",
+                            hint="choose a target outside the tree being backed up")
+    if not os.path.isdir(real):
+        raise DuetError(f"backup target {path} is not an existing directory")
+    return real
+
+
 @dataclass
 class Snapshot:
     name: str
@@ -89,17 +106,7 @@ class Target:
     """An open backup target. ``path`` must be an existing directory outside the scope (and not containing it)."""
 
     def __init__(self, path: str, scope: str | None = None, create: bool = True):
-        real = os.path.realpath(path)
-        if not os.path.isdir(real):
-            raise DuetError(f"backup target {path} is not an existing directory")
-        if scope is not None:
-            scope = os.path.realpath(scope)
-            if inside(real, scope):
-                raise DuetError(f"backup target {real} is inside the scope {scope}",
-                                hint="a backup cannot be stored in the tree it backs up")
-            if inside(scope, real):
-                raise DuetError(f"the scope {scope} is inside the backup target {real}",
-                                hint="choose a target outside the tree being backed up")
+        real = check_target(path, scope)
         self.path = real
         self.fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self.btrfs = fs_type(self.fd) == BTRFS_SUPER_MAGIC
@@ -176,6 +183,7 @@ class Target:
             return sorted(e.name for e in it if NAME_RE.match(e.name) and e.is_dir(follow_symlinks=False))
 
     def manifest(self, name: str) -> dict | None:
+        _check_name(name)
         if self.manifests < 0:
             return None
         try:
@@ -194,8 +202,7 @@ class Target:
         return None
 
     def open_snapshot(self, name: str) -> int:
-        if not NAME_RE.match(name):
-            raise DuetError(f"bad snapshot name {name!r}", hint="names look like 2026-11-26T041500Z")
+        _check_name(name)
         try:
             return open_beneath(self.snapshots, name, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
@@ -263,6 +270,12 @@ class Target:
             os.unlink("journal", dir_fd=self.internal)
         except FileNotFoundError:
             pass
+
+
+def _check_name(name: str) -> None:
+    """A snapshot name from the user (``--snapshot``) is a timestamp, never a path."""
+    if not NAME_RE.match(name):
+        raise DuetError(f"bad snapshot name {name!r}", hint="names look like 2026-11-26T041500Z")
 
 
 def _exists(dir_fd: int, name: str) -> bool:

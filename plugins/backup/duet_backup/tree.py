@@ -72,10 +72,13 @@ class TreeSync:
 
     def __init__(self, src_fd: int, tree_fd: int, staged: dict[str, Record] | None = None,
                  published: dict[str, Record] | None = None, prev_fd: int | None = None,
-                 on_copy: Callable[[str, Record], None] | None = None):
+                 on_copy: Callable[[str, Record], None] | None = None,
+                 fatal: Callable[[OSError], bool] | None = None):
         self.src_fd, self.tree_fd, self.prev_fd = src_fd, tree_fd, prev_fd
         self.staged, self.published = staged or {}, published or {}
         self.on_copy = on_copy or (lambda rel, rec: None)
+        # An error that is the tree's, not one entry's (the target is full, read-only, gone): the pass stops.
+        self.fatal = fatal or (lambda exc: False)
         self.result = SyncResult()
         self._dirs: list[tuple[str, os.stat_result]] = []
         self._groups: dict[tuple[int, int], list[_Member]] = {}
@@ -140,6 +143,8 @@ class TreeSync:
                 except FileNotFoundError:
                     self.result.vanished += 1   # deleted since we listed it: not an error
                 except OSError as exc:
+                    if self.fatal(exc):
+                        raise
                     self.result.errors.append(f"{rel}: {exc.strerror or exc}")
         finally:
             for fd in (src_dir, tree_dir, prev_dir):
@@ -219,6 +224,8 @@ class TreeSync:
                 except FileNotFoundError:
                     self.result.vanished += 1
                 except OSError as exc:
+                    if self.fatal(exc):
+                        raise
                     self.result.errors.append(f"{m.rel}: {exc.strerror or exc}")
             if primary is None:
                 return
@@ -296,6 +303,8 @@ class TreeSync:
             finally:
                 os.close(tree)
         except OSError as exc:
+            if self.fatal(exc):
+                raise
             self.result.errors.append(f"{reldir or '.'}: {exc.strerror or exc}")
         finally:
             os.close(src)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from duet_core import Event, ItemResult, TaskOption, TaskSpec, hookimpl
+from duet_core.errors import DuetError
 from duet_core.identity import file_id, open_beneath
 from duet_defrag import fiemap, rewrite
 
@@ -84,6 +85,16 @@ class Defrag:
                 TaskOption("dry_run", "bool", default=False, help="only report fragmentation, change nothing"),
             ),
         )
+
+    @hookimpl
+    def duet_check(self, root, options):
+        """A threshold under 1 (fewer extents than the ideal) or an extent size of 0 would make every file, or
+        none, fragmented: refused as bad input."""
+        if options["threshold"] < 1:
+            raise DuetError(f"--threshold {options['threshold']:g}: use 1 or more (times the ideal number of "
+                            "extents; the default is 2)")
+        if options["extent_size"] <= 0:
+            raise DuetError("--extent-size 0: use a size, like 32MiB (the default)")
 
     # -- one file --------------------------------------------------------------------------------------------------
     @hookimpl

@@ -78,6 +78,15 @@ class Gc:
                            help="remove the snapshots the policy drops (default: dry run, list them)"),
             ))
 
+    @hookimpl
+    def duet_check(self, root, options):
+        """Bad retention counts and a --target that is no directory refuse the run before anything is written
+        (whether it holds snapshots/ is checked in duet_plan: a backup in the same run may create it)."""
+        if options.get("target"):
+            policy_of(options)
+            if not os.path.isdir(options["target"]):
+                raise DuetError(f"backup target {options['target']} is not an existing directory")
+
     # -- planning: only files that have a same-size twin in the scope ------------------------------------------
     @hookimpl
     def duet_plan(self, run, files):
