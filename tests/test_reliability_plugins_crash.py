@@ -19,7 +19,7 @@ import backup_helpers as bh
 import fsimage
 import pytest
 from reliability_plugins import exact_snapshots, make_source
-from test_backup import Duet
+from test_backup import Duet, duet, source  # noqa: F401 - duet, source: shared fixtures
 from test_reliability_crash import check_state
 
 pytestmark = pytest.mark.bpf
@@ -31,24 +31,6 @@ FIRST_HORIZON = 4.0  # kills land 0.25..horizon s after exec. Here start-up take
                      # run's length (a no-change run: about 0.5-0.8 s): kills in its scan, sync pass, publishing,
                      # retention.
 TASKS = ("backup", "scrub", "defrag", "gc")
-
-
-@pytest.fixture
-def duet(tmp_path, bpf_required):
-    d = Duet(tmp_path)
-    try:
-        yield d
-    finally:
-        for proc in d.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=30)
-
-
-@pytest.fixture
-def source(require_root):
-    with fsimage.loop_fs("btrfs", direct_io=True) as fs:
-        yield fs
 
 
 def journal_relpaths(target: str) -> set[str]:

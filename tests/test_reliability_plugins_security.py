@@ -20,21 +20,9 @@ import fsimage
 import pytest
 from reliability import tree_snapshot
 from reliability_plugins import OTHER_GID, OTHER_UID, exact_snapshots, make_source
-from test_backup import Duet, one_error
+from test_backup import Duet, duet, one_error  # noqa: F401 - duet: shared fixtures
 
 pytestmark = pytest.mark.bpf
-
-
-@pytest.fixture
-def duet(tmp_path, bpf_required):
-    d = Duet(tmp_path)
-    try:
-        yield d
-    finally:
-        for proc in d.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=30)
 
 
 @pytest.fixture

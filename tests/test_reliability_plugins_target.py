@@ -17,30 +17,12 @@ import backup_helpers as bh
 import fsimage
 import pytest
 from reliability_plugins import exact_snapshots, make_source
-from test_backup import Duet
+from test_backup import Duet, duet, source  # noqa: F401 - duet, source: shared fixtures
 
 pytestmark = pytest.mark.bpf
 
 EXT4_IOC_SHUTDOWN = 0x8004587D
 EXT4_GOING_FLAGS_NOLOGFLUSH = 2     # stop at once, as if the device vanished
-
-
-@pytest.fixture
-def duet(tmp_path, bpf_required):
-    d = Duet(tmp_path)
-    try:
-        yield d
-    finally:
-        for proc in d.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=30)
-
-
-@pytest.fixture
-def source(require_root):
-    with fsimage.loop_fs("btrfs", direct_io=True) as fs:
-        yield fs
 
 
 def bh_snap(target: str, name: str) -> str:
