@@ -11,42 +11,24 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 
 import backup_helpers as bh
 import blake3
 import fsimage
+import plugin_dist
 import pytest
-from plugin_dist import duet_argv
 
 from duet_core.state import StateStore
 
 pytestmark = pytest.mark.bpf
 
 
-class Duet:
-    """``duet`` as a subprocess with its own state directory and an empty config."""
+class Duet(plugin_dist.CliRunner):
+    """``duet`` as a subprocess with its own state directory and an empty config (``run`` only takes one)."""
 
-    def __init__(self, tmp_path):
-        self.env = dict(os.environ, DUET_STATE_DIR=str(tmp_path / "state"))
-        self.config = tmp_path / "empty.toml"
-        self.config.write_text("")
-        self.procs: list[subprocess.Popen] = []
-
-    def argv(self, *args: str) -> list[str]:
-        extra = ["--config", str(self.config)] if args and args[0] == "run" else []
-        return duet_argv(*args, *extra)
-
-    def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout, env=self.env)
-
-    def start(self, *args: str) -> subprocess.Popen:
-        proc = subprocess.Popen(self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=self.env)
-        self.procs.append(proc)
-        return proc
+    config_for = ("run",)
 
     def backup(self, scope: str, target: str, *extra: str) -> dict:
         """Run a backup that must succeed; returns the backup task's entry of the JSON summary."""
@@ -65,10 +47,7 @@ def duet(tmp_path, bpf_required):
     try:
         yield d
     finally:
-        for proc in d.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=30)
+        d.cleanup()
 
 
 @pytest.fixture

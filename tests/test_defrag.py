@@ -18,9 +18,10 @@ import subprocess
 import time
 
 import fsimage
+import plugin_dist
 import pytest
 from duet_defrag import fiemap
-from plugin_dist import duet_argv, evict, resident
+from plugin_dist import evict, resident
 
 pytestmark = pytest.mark.bpf
 
@@ -80,26 +81,8 @@ def physical(path: str) -> list[tuple[int, int, int]]:
     return [(e.logical, e.physical, e.length) for e in fiemap.merge(records(path))]
 
 
-class Duet:
+class Duet(plugin_dist.CliRunner):
     """``duet`` as a subprocess with its own state directory and an empty config (never /etc/duet/duet.toml)."""
-
-    def __init__(self, tmp_path):
-        self.env = dict(os.environ, DUET_STATE_DIR=str(tmp_path / "state"))
-        self.config = tmp_path / "empty.toml"
-        self.config.write_text("")
-        self.procs: list[subprocess.Popen] = []
-
-    def argv(self, args) -> list[str]:
-        return duet_argv(*args, "--config", str(self.config))
-
-    def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(args), capture_output=True, text=True, timeout=timeout, env=self.env)
-
-    def start(self, *args: str) -> subprocess.Popen:
-        proc = subprocess.Popen(self.argv(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=self.env)
-        self.procs.append(proc)
-        return proc
 
     def defrag(self, scope: str, *options: str) -> tuple[dict, str]:
         """``duet run defrag --path SCOPE --json OPTIONS``: the task's entry of the summary, and stderr."""
@@ -107,12 +90,6 @@ class Duet:
         assert proc.returncode == 0, proc.stderr
         assert "Traceback" not in proc.stderr, proc.stderr
         return json.loads(proc.stdout)["tasks"]["defrag"], proc.stderr
-
-    def cleanup(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=30)
 
 
 @pytest.fixture

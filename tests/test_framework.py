@@ -850,8 +850,9 @@ def test_watch_takes_again_a_file_rewritten_shorter(direct_fs, tmp_path):
 
     bg = Background(app)
     bg.start()
-    summary, code = run_tasks(tmp_path / "state", registry(M.ReaderTask("reader", events=Event.EXISTS | Event.MODIFIED)),
-                              ["reader"], scope, log=log, mode="watch", budget_s=3, watch_interval=0.1,
+    task = M.ReaderTask("reader", events=Event.EXISTS | Event.MODIFIED)
+    summary, code = run_tasks(tmp_path / "state", registry(task), ["reader"], scope, log=log, mode="watch",
+                              budget_s=3, watch_interval=0.1,
                               cache_hygiene=False)
     bg.join()
     assert code == EXIT_STOPPED

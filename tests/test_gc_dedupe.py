@@ -85,16 +85,8 @@ def make_scope(root: str) -> tuple[str, dict[str, bytes]]:
     return scope, contents
 
 
-class Duet:
-    def __init__(self, tmp_path, *dists):
-        self.env = plugin_dist.install(tmp_path / "plugins", *dists) if dists else dict(os.environ)
-        self.env["DUET_STATE_DIR"] = str(tmp_path / "state")
-        self.config = tmp_path / "empty.toml"
-        self.config.write_text("")
-
-    def __call__(self, *args: str) -> subprocess.CompletedProcess:
-        argv = plugin_dist.duet_argv(*args, "--config", str(self.config))
-        return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=self.env)
+class Duet(plugin_dist.CliRunner):
+    """``duet`` as a subprocess with its own state directory and an empty config (test plugins optional)."""
 
     def gc(self, *args: str) -> dict:
         proc = self(*args, "--json")

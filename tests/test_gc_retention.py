@@ -130,18 +130,8 @@ DAYS = every(datetime(2026, 11, 20, 4, 15, tzinfo=UTC), timedelta(hours=12), 12)
 KEEP_DAILY_2 = {"2026-11-25T161500Z", "2026-11-24T161500Z"}
 
 
-class Duet:
+class Duet(plugin_dist.CliRunner):
     """``duet`` as a subprocess with its own state directory and an empty config (test plugins optional)."""
-
-    def __init__(self, tmp_path, *dists):
-        self.env = plugin_dist.install(tmp_path / "plugins", *dists) if dists else dict(os.environ)
-        self.env["DUET_STATE_DIR"] = str(tmp_path / "state")
-        self.config = tmp_path / "empty.toml"
-        self.config.write_text("")
-
-    def __call__(self, *args: str) -> subprocess.CompletedProcess:
-        argv = plugin_dist.duet_argv(*args, "--config", str(self.config))
-        return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=self.env)
 
 
 def gc_report(proc) -> dict:

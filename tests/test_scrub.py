@@ -20,8 +20,9 @@ import threading
 import time
 
 import fsimage
+import plugin_dist
 import pytest
-from plugin_dist import duet_argv, evict, evict_tree, make_dataset
+from plugin_dist import evict, evict_tree, make_dataset
 
 pytestmark = pytest.mark.bpf
 
@@ -100,15 +101,7 @@ def flip_bit(fs: fsimage.LoopFs, path: str, file_offset: int) -> None:
 
 
 # -- running duet ------------------------------------------------------------------------------------------------------
-class Duet:
-    def __init__(self, tmp_path):
-        self.env = dict(os.environ, DUET_STATE_DIR=str(tmp_path / "state"))
-        self.config = tmp_path / "duet.toml"
-        self.config.write_text("")
-
-    def argv(self, *args: str) -> list[str]:
-        return duet_argv(*args, "--config", str(self.config))
-
+class Duet(plugin_dist.CliRunner):
     def scrub(self, scope: str, *args: str) -> tuple[int, dict, str]:
         proc = subprocess.run(self.argv("run", "scrub", "--path", scope, "--json", *args), capture_output=True,
                               text=True, timeout=120, env=self.env)
