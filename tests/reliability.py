@@ -14,7 +14,9 @@ import os
 import stat
 import textwrap
 
+import fsimage
 import plugin_dist
+import pytest
 from test_run_cli import Duet
 
 HEXER_MODULE = textwrap.dedent('''
@@ -120,3 +122,20 @@ def tree_snapshot(root: str | os.PathLike) -> dict[bytes, tuple]:
             else:
                 out[rel] = (stat.S_IFMT(st.st_mode), st.st_mode)
     return out
+
+
+@pytest.fixture
+def duet(tmp_path, bpf_required):
+    """:class:`RDuet` for one test; the processes it started are killed afterwards."""
+    d = RDuet(tmp_path)
+    try:
+        yield d
+    finally:
+        d.cleanup()
+
+
+@pytest.fixture
+def fs(require_root):
+    """A fresh btrfs on a loop device."""
+    with fsimage.loop_fs("btrfs") as f:
+        yield f

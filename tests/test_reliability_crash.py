@@ -18,9 +18,8 @@ import sqlite3
 import subprocess
 import time
 
-import fsimage
 import pytest
-from reliability import RDuet, sha256
+from reliability import RDuet, duet, fs, sha256  # noqa: F401 - duet, fs: shared fixtures
 from test_run_cli import one_error, summary_of, wait_for
 
 from duet_core.state import StateStore
@@ -28,21 +27,6 @@ from duet_core.state import StateStore
 pytestmark = pytest.mark.bpf
 
 KILLS = 24
-
-
-@pytest.fixture
-def duet(tmp_path, bpf_required):
-    d = RDuet(tmp_path)
-    try:
-        yield d
-    finally:
-        d.cleanup()
-
-
-@pytest.fixture
-def fs(require_root):
-    with fsimage.loop_fs("btrfs") as f:
-        yield f
 
 
 def small_files(root: str, n: int) -> dict[bytes, bytes]:

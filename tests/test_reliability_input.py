@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import plugin_dist
 import pytest
-from reliability import RDuet, sha256, tree_snapshot
+from reliability import RDuet, duet, sha256, tree_snapshot  # noqa: F401 - duet: shared fixtures
 from test_run_cli import one_error, summary_of
 
 pytestmark = pytest.mark.bpf
@@ -159,15 +159,6 @@ CASES = [
     Case("state-reset-nothing-there", ("state", "reset", "--all", "--yes", "--state-dir", "{tmp}/nostate"), 2,
          "nothing to reset"),
 ]
-
-
-@pytest.fixture
-def duet(tmp_path, bpf_required):
-    d = RDuet(tmp_path)
-    try:
-        yield d
-    finally:
-        d.cleanup()
 
 
 def _fill(text: str, tmp: str, scope: str) -> str:

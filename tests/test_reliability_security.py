@@ -20,7 +20,7 @@ import time
 import fsimage
 import pytest
 from plugin_dist import evict_tree
-from reliability import RDuet, sha256, tree_snapshot
+from reliability import RDuet, duet, fs, sha256, tree_snapshot  # noqa: F401 - duet, fs: shared fixtures
 from test_run_cli import summary_of, wait_for
 
 from duet_core.engine import Engine
@@ -31,21 +31,6 @@ from duet_core.scope import Scope
 pytestmark = pytest.mark.bpf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def duet(tmp_path, bpf_required):
-    d = RDuet(tmp_path)
-    try:
-        yield d
-    finally:
-        d.cleanup()
-
-
-@pytest.fixture
-def fs(require_root):
-    with fsimage.loop_fs("btrfs") as f:
-        yield f
 
 
 def write(path: str, data: bytes) -> bytes:

@@ -15,7 +15,7 @@ import sqlite3
 import stat
 
 import pytest
-from reliability import RDuet, sha256
+from reliability import RDuet, duet, sha256  # noqa: F401 - duet: shared fixtures
 from test_run_cli import one_error, summary_of
 
 from duet_core.lock import ScopeLock
@@ -23,15 +23,6 @@ from duet_core.lock import ScopeLock
 pytestmark = pytest.mark.bpf
 
 RESET_HINT = "duet state reset --all --state-dir"
-
-
-@pytest.fixture
-def duet(tmp_path, bpf_required):
-    d = RDuet(tmp_path)
-    try:
-        yield d
-    finally:
-        d.cleanup()
 
 
 def make_scope(path, n: int = 4) -> dict[bytes, bytes]:
