@@ -234,7 +234,6 @@ def duet_argv(*args: str) -> list[str]:
 
 
 # -- logs --------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
 class CliRunner:
     """``duet`` as a subprocess for tests: its own state directory, an empty config (never /etc/duet/duet.toml),
     optional test plugins (``dists``), and the processes it started, killed by :meth:`cleanup`.
@@ -272,6 +271,7 @@ class CliRunner:
             proc.communicate(timeout=30)
 
 
+@dataclass(frozen=True)
 class LogLine:
     task: str
     relpath: str
