@@ -7,7 +7,9 @@ maintenance is ``duet run backup scrub defrag gc`` inside the memory cgroup of `
 a quarter of the data set); fio runs outside it, as an application would. Every run starts with the data set
 evicted, file by file, on a btrfs image over a direct-I/O loop device:
 
-1. fio alone: its throughput, and *f* (its own read bytes, ``wait4`` rusage);
+1. fio alone: its throughput, and *f*: the bytes of the data set it left in the page cache (what the maintenance
+   can piggyback on). Its own device reads (``wait4`` rusage) are reported too; they are larger than *f* when
+   readahead brought in pages that were reclaimed before use, as on a machine short of memory;
 2. duet alone (the maintenance with no foreground);
 3. on a fresh copy of the same data set (seeded; defrag and gc changed the first): duet, and fio started as soon
    as duet is: the maintenance's own device reads and fio's throughput with duet running.
@@ -22,7 +24,7 @@ import json
 import os
 import time
 
-from duet_core.bench.scrub import evict_tree
+from duet_core.bench.scrub import cached_tree_bytes, evict_tree
 from duet_core.bench.share import loop_read_bytes
 from duet_core.bench.together import (
     TASKS,
@@ -79,6 +81,7 @@ def run_piggyback(size: int = 512 << 20, fraction: float = 2.0, progress=None) -
 
         say("fio alone")
         fio_alone = _fio_result(Child(fio_argv(data, io_bytes, out), dev).wait(), out)
+        fio_alone["cached_bytes"] = cached_tree_bytes(data)
         say("duet alone")
         evict_tree(data)
         argv = duet_argv(TASKS, data, os.path.join(tb.tmp, "state-alone"), os.path.join(target.mnt, "alone"))
@@ -103,11 +106,11 @@ def run_piggyback(size: int = 512 << 20, fraction: float = 2.0, progress=None) -
 def piggyback_report(facts: dict, cap: int, fraction: float, fio_alone: dict, duet_alone: dict, fio_both: dict,
                      duet_both: dict, both_device: int, both_wall: float, took_s: float) -> dict:
     ds = facts["dataset_bytes"]
-    f = fio_alone["process_read_bytes"] / ds
+    f = min(fio_alone["cached_bytes"], ds) / ds
     slowdown = 1 - fio_both["bw_bytes_per_s"] / fio_alone["bw_bytes_per_s"]
     report = {
         "scenario": "piggyback", "tasks": list(TASKS), **facts, "cache_cap_bytes": cap,
-        "fio_io_fraction": fraction, "foreground_read_bytes": fio_alone["process_read_bytes"],
+        "fio_io_fraction": fraction, "foreground_read_bytes": min(fio_alone["cached_bytes"], ds),
         "foreground_fraction": round(f, 3),
         "baseline_device_read_bytes": fio_alone["device_read_bytes"] + duet_alone["device_read_bytes"],
         "duet_device_read_bytes": both_device,

@@ -66,6 +66,19 @@ def evict_tree(root: str) -> None:
                 os.close(fd)
 
 
+def cached_tree_bytes(root: str) -> int:
+    """How many bytes of ``root``'s files are in the page cache now (cachestat, file by file)."""
+    pages = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                pages += residency.resident_count(fd)
+            finally:
+                os.close(fd)
+    return pages * residency.PAGE_SIZE
+
+
 def btrfs_scrub(mnt: str, loopdev: str) -> dict:
     """``btrfs scrub start -B`` of the whole filesystem: wall time and bytes read from the loop device."""
     before, t0 = loop_read_bytes(loopdev), time.monotonic()
