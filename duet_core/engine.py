@@ -264,6 +264,12 @@ class Engine:
             self._dropped_pairs.add(pair)
             self._sync_kernel_scopes()
 
+    def quiet(self, *regs: Registration | None) -> bool:
+        """Nothing new for any of ``regs`` (None ones ignored) since their last fetch: no events, no state change,
+        no resync. Drains the source first, as a fetch would; lets a caller skip its fetches in a busy loop."""
+        self.pump()
+        return not any(r is not None and (r.pending or r.touched or r.resync) for r in regs)
+
     def fetch_touched(self, reg: Registration) -> tuple[set[FileId], bool]:
         """For a state registration that reads the shared state itself (``engine.files``) instead of items: the
         files whose state may have changed since the last call, and the resync flag. Much cheaper than

@@ -47,6 +47,7 @@ PREFETCH_MAX = 64 << 20       # no file larger than this is read ahead
 PREFETCH_BYTES = 32 << 20     # read ahead at most this much ...
 PREFETCH_FILES = 64           # ... in at most this many files
 ID_CACHE = 1 << 16     # FileId <-> file id pairs kept in memory (the store has them all)
+INFO_BATCH = 256       # the run looks its next files up in the store this many at a time
 BULK_LOOKUP = 2000     # more touched files than this at once: map them to file ids in one pass over the store
 
 # Exit codes of `duet run` / `duet watch` (docs/cli.md).
@@ -150,6 +151,7 @@ class _TaskRun:
         self.run = run
         self.report = TaskReport(task.name)
         self.range_done: dict[int, BitMap] = {}       # file id -> done pages (range tasks), loaded lazily
+        self.stored_ranges = BitMap()                 # files with done pages in the store (others need no lookup)
         self.dirty_ranges: set[int] = set()
         self.failed: set[int] = set()                 # failed in this run: retried by the next run, not this one
         self.done_ns: dict[int, int] = {}             # file id -> when this run started processing it (MODIFIED)
@@ -209,6 +211,7 @@ class Runner:
         self.scope = scope
         self._ids: dict[FileId, int] = {}       # file id <-> FileId, for files the engine reports: filled on demand
         self._fids: dict[int, FileId] = {}
+        self._infos: dict[int, FileInfo | None] = {}   # file id -> its row in the store (see _info)
         dataset_bytes = store.dataset_bytes(self.scope_id)
 
         t0 = time.monotonic()
@@ -311,13 +314,26 @@ class Runner:
     def _fid(self, file_id: int) -> FileId | None:
         fid = self._fids.get(file_id)
         if fid is None:
-            f = self.store.file(self.scope_id, file_id)
+            f = self._info(file_id)
             if f is not None:
                 if len(self._fids) >= ID_CACHE:
                     self._ids.clear()
                     self._fids.clear()
                 fid = self._fids[file_id] = f.fid
         return fid
+
+    def _info(self, file_id: int) -> FileInfo | None:
+        """The file's row in the store, as scanned. The run goes through the files in id order, so a miss loads
+        the next INFO_BATCH rows at once (one query instead of one per file); the cache is dropped when it fills
+        and whenever a rescan changes the store."""
+        f = self._infos.get(file_id)
+        if f is None and file_id not in self._infos:
+            if len(self._infos) >= ID_CACHE:
+                self._infos.clear()
+            for g in self.store.files_from(self.scope_id, file_id, INFO_BATCH):
+                self._infos[g.id] = g
+            f = self._infos.setdefault(file_id, None)    # None: not in the store (gone); remembered as such
+        return f
 
     def exit_code(self, summary: dict) -> int:
         if any(t.get("items_damaged") for t in summary["tasks"].values()):
@@ -358,7 +374,10 @@ class Runner:
                 prog.relevant &= all_ids
                 prog.done &= all_ids
             run.round = prog.round
-            runs.append(_TaskRun(task, prog, run))
+            tr = _TaskRun(task, prog, run)
+            if task.spec.granularity == "range":
+                tr.stored_ranges = store.range_done_ids(sid, name)
+            runs.append(tr)
             news.append(new)
         chosen = self._plan(runs, news)
         for tr, new in zip(runs, news):
@@ -504,7 +523,7 @@ class Runner:
         """Watch mode processes only what needs no device read: whole cached files, or cached pages."""
         if self.opts.mode != "watch":
             return True
-        f = self.store.file(self.scope_id, file_id)
+        f = self._info(file_id)
         if f is None:
             return False
         needs = self._needs(file_id)
@@ -524,6 +543,8 @@ class Runner:
     def _absorb(self) -> None:
         """Fold page-cache changes into the schedule: cached files onto the heap, files written during the run back
         to pending (tasks that asked for MODIFIED), foreground reads to range tasks (``duet_observe``)."""
+        if self.engine.quiet(self.reg, self.reg_added):
+            return
         fids, resync = self.engine.fetch_touched(self.reg)
         if resync:
             fids = set(fids) | set(self.engine.files)
@@ -557,7 +578,7 @@ class Runner:
         for r in self._needs(file_id):
             if r.spec.granularity != "range" or not r.spec.events & Event.ADDED:
                 continue
-            f = self.store.file(self.scope_id, file_id)
+            f = self._info(file_id)
             done = r.task.hook.duet_observe(run=r.run, file=f, added=runs_of(pages))
             if done:
                 self._mark_ranges(r, f, pages_of(list(done)), counted=True)
@@ -601,7 +622,7 @@ class Runner:
             nxt = self._todo.next_set_bit(nxt + 1)
             if nxt in self._ahead:
                 continue
-            f = self.store.file(self.scope_id, nxt)
+            f = self._info(nxt)
             if f is None or not f.size:
                 continue
             if f.size > PREFETCH_MAX or (in_flight and in_flight + f.size > window):
@@ -646,7 +667,7 @@ class Runner:
             self._ahead[file_id] = ahead
             self._release_ahead(file_id)
             ahead = None
-        f = ahead.file if ahead else self.store.file(self.scope_id, file_id)
+        f = ahead.file if ahead else self._info(file_id)
         needs = sorted(self._needs(file_id), key=lambda r: r.spec.granularity != "file")
         if f is None or not needs:
             if ahead:
@@ -673,15 +694,21 @@ class Runner:
             self._item_started_ns = time.monotonic_ns()
             # One task after the other on the same open file: the first reads from the device, the rest find the
             # pages cached. (Running them in threads at once was measured slower here: see docs/benchmarks.md.)
-            for r in needs:
+            for i, r in enumerate(needs):
                 ctx = self._item(r, f, fd, cached_pass, pre)
                 if ctx is None:
                     continue
                 result, failed = self._call(r, ctx)
-                if not failed:
-                    after = residency.resident_count(fd) if f.size else 0
-                    self._account(r, ctx, result, device_share=max(0, after - self._attributed) * PAGE_SIZE)
+                if failed:
+                    continue
+                share = 0
+                # What this task brought into the cache is its device share — unless it said itself, and no task
+                # after it needs the count.
+                if f.size and (ctx.progress.from_device is None or i < len(needs) - 1):
+                    after = residency.resident_count(fd)
+                    share = max(0, after - self._attributed) * PAGE_SIZE
                     self._attributed = max(self._attributed, after)
+                self._account(r, ctx, result, device_share=share)
             if not self._needs(f.id) and not self._wants_modified:
                 gen = inode_generation(fd)
                 if gen is not None:
@@ -784,7 +811,8 @@ class Runner:
 
     def _range_done(self, r: _TaskRun, file_id: int) -> BitMap:
         if file_id not in r.range_done:
-            r.range_done[file_id] = self.store.range_done(self.scope_id, r.name, file_id)
+            r.range_done[file_id] = (self.store.range_done(self.scope_id, r.name, file_id)
+                                     if file_id in r.stored_ranges else BitMap())
         return r.range_done[file_id]
 
     def _mark_ranges(self, r: _TaskRun, f: FileInfo, pages: BitMap, counted: bool) -> None:
@@ -806,7 +834,7 @@ class Runner:
             r.done_ns[file_id] = self._item_started_ns
         r.progress.done.add(file_id)
         r.report.items_done += 1
-        if not r.progress.pending:
+        if r.progress.relevant <= r.progress.done:   # nothing pending (without building the difference)
             r.progress.complete = True
         if not self._needs(file_id):
             self._todo.discard(file_id)
@@ -815,6 +843,8 @@ class Runner:
         """Files that appeared during the run join the current round (those planned in)."""
         if scope is not self.scope:
             return
+        if diff.added:
+            self._infos.clear()
         for found in diff.added:
             f = self.store.add_file(self.scope_id, found)
             self._ids[f.fid], self._fids[f.id] = f.id, f.fid
@@ -838,7 +868,13 @@ class Runner:
                 self.store.save_progress(self.scope_id, r.name, r.progress)
                 for file_id in r.dirty_ranges:
                     pages = None if file_id in r.progress.done else r.range_done.get(file_id)
+                    if pages is None and file_id not in r.stored_ranges:
+                        continue        # done, and nothing was stored for it: nothing to delete
                     self.store.save_range_done(self.scope_id, r.name, file_id, pages)
+                    if pages is None:
+                        r.stored_ranges.discard(file_id)
+                    else:
+                        r.stored_ranges.add(file_id)
                 r.dirty_ranges.clear()
 
         self.store.commit_batch(again=again, extra=progress)

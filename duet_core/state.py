@@ -355,6 +355,13 @@ class StateStore:
     def file(self, scope_id: int, file_id: int) -> FileInfo | None:
         return next(self.files(scope_id, [file_id]), None)
 
+    def files_from(self, scope_id: int, first_id: int, limit: int) -> list[FileInfo]:
+        """Up to ``limit`` files with ids from ``first_id`` on, in id order: one query for a run's next files."""
+        return [FileInfo(r[0], FileId(r[1], r[2], r[3]), py_path(r[4]), r[5], r[6], r[7])
+                for r in self.db.execute("SELECT id, dev, subvol, ino, relpath, size, mtime_ns, ctime_ns FROM files "
+                                         "WHERE scope_id=? AND id>=? ORDER BY id LIMIT ?",
+                                         (scope_id, first_id, limit))]
+
     def file_ids(self, scope_id: int) -> Iterator[tuple[FileId, int]]:
         """Every file of the scope as (FileId, file id), streamed."""
         for d, s, i, file_id in self.db.execute("SELECT dev, subvol, ino, id FROM files WHERE scope_id=?",
@@ -392,6 +399,11 @@ class StateStore:
         else:
             self.db.execute("INSERT OR REPLACE INTO range_done VALUES (?,?,?,?)",
                             (scope_id, task, file_id, _blob(pages)))
+
+    def range_done_ids(self, scope_id: int, task: str) -> BitMap:
+        """The files that have done pages stored for ``task`` (the others need no lookup)."""
+        return BitMap(r[0] for r in self.db.execute("SELECT file_id FROM range_done WHERE scope_id=? AND task=?",
+                                                    (scope_id, task)))
 
     def clear_range_done(self, scope_id: int, task: str) -> None:
         self.db.execute("DELETE FROM range_done WHERE scope_id=? AND task=?", (scope_id, task))

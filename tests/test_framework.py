@@ -620,6 +620,33 @@ def test_a_range_task_counts_pages_foreground_reads_brought_in_as_done(direct_fs
 
 
 @excused_by_cache_drops
+def test_pages_observed_before_a_stop_are_not_read_by_the_next_run(direct_fs, tmp_path):
+    """A run stopped before it reached a file keeps the pages others read of it: the next run reads only the rest."""
+    scope, files = make_dataset(direct_fs.mnt, n=8, sizes=(256 << 10,))
+    target = scan_order(scope)[-1]
+    task = RangeTask(sleep=0.15)
+
+    def app():
+        wait_for(lambda: task.items >= 2, what="two files done")
+        foreground_read(os.path.join(scope, target), length=32 * PAGE_SIZE)
+        evict_tree(scope)    # read and gone again: the run is told of the read, but has no cached file to take now
+
+    bg = Background(app)
+    bg.start()
+    first, code = run_tasks(tmp_path / "state", registry(task), ["ranger"], scope, budget_s=0.6)
+    bg.join()
+    assert code == EXIT_STOPPED
+    assert _covered(task.observed[target]) >= set(range(32))
+    evict_tree(scope)
+
+    second, code = run_tasks(tmp_path / "state", registry(task), ["ranger"], scope)
+    assert code == EXIT_OK
+    assert task.processed[target] == [(32, 32)], "pages read before the stop were read again"
+    for rel, size in files.items():   # every page of every file done once, over the two runs
+        assert _covered(task.processed.get(rel, [])) | _covered(task.observed.get(rel, [])) == set(range(pages(size)))
+
+
+@excused_by_cache_drops
 def test_a_range_task_is_not_told_of_the_run_s_own_reads(direct_fs, tmp_path):
     """duet_observe is for pages *someone else* brought in; the run's own reads (and read-ahead) are not."""
     scope, files = make_dataset(direct_fs.mnt, n=6, sizes=(128 << 10,))
