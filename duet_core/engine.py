@@ -356,6 +356,13 @@ class Engine:
             self._hold(keys[rows], vals[rows])
 
     def _apply_file(self, fid: FileId, owners: list[Registration], chunks: np.ndarray, v: np.ndarray) -> None:
+        only_removed = not (v["added"].any() or v["dirtied"].any() or (v["present"] & v["removed"]).any())
+        if only_removed and fid not in self.files and not any(reg.mask & Event.REMOVED for reg in owners):
+            # Pages removed of a file with none known cached (a run evicting what it read itself: its own reads
+            # are not reported): no state changes and no registration wants the event. A run's cache hygiene makes
+            # one of these per file it reads, so this is the common case, kept cheap.
+            self.counters["pages_removed"] += int(np.bitwise_count(v["removed"]).sum())
+            return
         added = mask_pages(chunks, v["added"])
         removed = mask_pages(chunks, v["removed"])
         present = mask_pages(chunks, v["present"] & (v["added"] | v["removed"]))
