@@ -12,22 +12,15 @@ import ctypes
 import fcntl
 import os
 import struct
-from dataclasses import dataclass
+
+from duet_core.fiemap import Extent, extents
 
 FIDEDUPERANGE = 0xC0189436          # _IOWR(0x94, 54, struct file_dedupe_range)
-FS_IOC_FIEMAP = 0xC020660B          # _IOWR('f', 11, struct fiemap)
 FILE_DEDUPE_RANGE_DIFFERS = 1
 DEDUPE_CHUNK = 16 << 20             # btrfs's BTRFS_MAX_DEDUPE_LEN: larger requests are cut short
 
-FIEMAP_FLAG_SYNC = 0x1
-FIEMAP_EXTENT_LAST = 0x1
-FIEMAP_EXTENT_SHARED = 0x2000
-
 _RANGE = struct.Struct("=QQHHI")               # src_offset, src_length, dest_count, reserved1, reserved2
 _RANGE_INFO = struct.Struct("=qQQiI")          # dest_fd, dest_offset, bytes_deduped, status, reserved
-_FIEMAP = struct.Struct("=QQIIII")             # fm_start, fm_length, fm_flags, mapped, count, reserved
-_EXTENT = struct.Struct("=QQQQQIIII")          # logical, physical, length, 2 reserved, flags, 3 reserved
-FIEMAP_BATCH = 256
 
 # Filesystems (statfs f_type) whose FIDEDUPERANGE duet uses; elsewhere gc only reports.
 DEDUPE_FILESYSTEMS = {0x9123683E: "btrfs", 0x58465342: "xfs"}
@@ -43,38 +36,9 @@ def fs_type(fd: int) -> int:
     return int.from_bytes(buf.raw[:8], "little")
 
 
-@dataclass(frozen=True)
-class Extent:
-    logical: int
-    physical: int
-    length: int
-    flags: int
-
-    @property
-    def shared(self) -> bool:
-        return bool(self.flags & FIEMAP_EXTENT_SHARED)
-
-
 def fiemap(fd: int, size: int) -> list[Extent]:
     """The extents of the first ``size`` bytes of a file, after writing back its dirty pages (FIEMAP_FLAG_SYNC)."""
-    out: list[Extent] = []
-    start = 0
-    while start < size:
-        buf = bytearray(_FIEMAP.size + FIEMAP_BATCH * _EXTENT.size)
-        _FIEMAP.pack_into(buf, 0, start, size - start, FIEMAP_FLAG_SYNC, 0, FIEMAP_BATCH, 0)
-        fcntl.ioctl(fd, FS_IOC_FIEMAP, buf, True)
-        mapped = _FIEMAP.unpack_from(buf, 0)[3]
-        if not mapped:
-            break
-        last = None
-        for i in range(mapped):
-            logical, physical, length, _r1, _r2, flags, *_ = _EXTENT.unpack_from(buf, _FIEMAP.size + i * _EXTENT.size)
-            last = Extent(logical, physical, length, flags)
-            out.append(last)
-        if last.flags & FIEMAP_EXTENT_LAST:
-            break
-        start = last.logical + last.length
-    return out
+    return extents(fd, size, sync=True)
 
 
 def same_physical_bytes(a: list[Extent], b: list[Extent], size: int) -> int:
