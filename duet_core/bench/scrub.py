@@ -11,6 +11,11 @@ data set of mixed file sizes (the one ``duet bench share`` uses). Two scenarios,
   would come to last, largest file id first) as soon as the scrub has started: those pages are verified by the
   kernel as they are read, so the scrub should read only the other half from the device.
 
+A third command runs cold in every repetition for reference: ``cat`` of every file (in the scrub's order, output to
+/dev/null) — a plain file-by-file read, one file at a time, with no per-file work of its own. It shows what reading
+by file costs against btrfs scrub's reading of the device in physical order; duet's scrub keeps several files'
+reads in flight and can beat it.
+
 ``--layout large`` uses only large files (16–48 MiB), to separate the cost per byte from the cost per file.
 
 Targets (docs/benchmarks.md, "scrub"): cold, duet within 1.5x of btrfs scrub's time; foreground, duet's scrub reads
@@ -89,6 +94,18 @@ def btrfs_scrub(mnt: str, loopdev: str) -> dict:
     return {"wall_s": round(wall, 3), "device_read_bytes": loop_read_bytes(loopdev) - before}
 
 
+CAT_BATCH = 1000          # paths per cat process (far below ARG_MAX)
+
+
+def plain_read(paths: list[str], loopdev: str) -> dict:
+    """``cat`` of every file of ``paths`` to /dev/null (argv lists, no shell): wall time and device reads."""
+    before, t0 = loop_read_bytes(loopdev), time.monotonic()
+    with open(os.devnull, "wb") as null:
+        for i in range(0, len(paths), CAT_BATCH):
+            subprocess.run(["cat", "--", *paths[i:i + CAT_BATCH]], stdout=null, check=True)
+    return {"wall_s": round(time.monotonic() - t0, 3), "device_read_bytes": loop_read_bytes(loopdev) - before}
+
+
 def duet_scrub(root: str, state_dir: str, config: str, loopdev: str, reader_files: list[str] | None = None) -> dict:
     """One ``duet run scrub --every 0`` as a user runs it; with ``reader_files``, a foreground reader reads them
     once the scrub has started reading (the engine is attached by then)."""
@@ -127,6 +144,11 @@ def scan_order(state_dir: str, root: str) -> list[tuple[str, int]]:
     return [(os.path.join(root, rel), size) for rel, size in rows]
 
 
+def scan_order_fallback(root: str) -> list[tuple[str, int]]:
+    """Before duet has scanned: every file under ``root``, in walk order."""
+    return [(os.path.join(d, n), 0) for d, _dirs, names in os.walk(root) for n in sorted(names)]
+
+
 def last_half(order: list[tuple[str, int]], dataset: int) -> list[str]:
     """The files the scrub comes to last, largest id first, up to half the data set."""
     chosen, total = [], 0
@@ -156,14 +178,18 @@ def run_scrub_bench(size: int = 1 << 30, runs: int = 3, layout: str = "mixed", p
         order = None
         for i in range(runs):
             sample = {}
-            steps = ("btrfs", "duet") if i % 2 == 0 else ("duet", "btrfs")
+            steps = ("btrfs", "duet", "cat") if i % 2 == 0 else ("cat", "duet", "btrfs")
             for step in steps:
                 if progress:
-                    progress(f"run {i + 1}/{runs}: cold, {step} scrub")
+                    progress(f"run {i + 1}/{runs}: cold, {step}")
                 evict_tree(data)
-                sample[step] = (btrfs_scrub(fs.mnt, fs.loopdev) if step == "btrfs"
-                                else duet_scrub(data, state, config, fs.loopdev))
-            order = order or scan_order(state, data)
+                if step == "btrfs":
+                    sample[step] = btrfs_scrub(fs.mnt, fs.loopdev)
+                elif step == "duet":
+                    sample[step] = duet_scrub(data, state, config, fs.loopdev)
+                    order = order or scan_order(state, data)
+                else:
+                    sample[step] = plain_read([p for p, _ in order or scan_order_fallback(data)], fs.loopdev)
             if progress:
                 progress(f"run {i + 1}/{runs}: duet scrub with a foreground reader")
             evict_tree(data)
@@ -185,6 +211,8 @@ def run_scrub_bench(size: int = 1 << 30, runs: int = 3, layout: str = "mixed", p
         "duet_cold_wall_s": d_wall, "duet_cold_run_wall_s": d_run,
         "duet_cold_device_read_bytes": med(s["duet"]["device_read_bytes"] for s in samples),
         "cold_ratio": round(d_wall / b_wall, 3), "cold_run_ratio": round(d_run / b_wall, 3),
+        "plain_read_wall_s": med(s["cat"]["wall_s"] for s in samples),
+        "plain_read_ratio": round(med(s["cat"]["wall_s"] for s in samples) / b_wall, 3),
         "foreground_reader_bytes": med(s["foreground"]["reader_bytes"] for s in samples),
         "foreground_scrub_device_share": round(fg_share, 3),
         "foreground_total_device_ratio": round(fg_device, 3),

@@ -344,11 +344,14 @@ def scrub(
         table.add_row(f"duet run scrub, cold (run alone {report['duet_cold_run_wall_s']:.2f} s)",
                       f"{report['duet_cold_wall_s']:.2f}", units.format_bytes(report["duet_cold_device_read_bytes"]),
                       f"{report['duet_cold_device_read_bytes'] / ds:.2f}")
+        table.add_row("cat of every file, one after the other, cold", f"{report['plain_read_wall_s']:.2f}",
+                      "", "")
         table.add_row("duet run scrub, half read by a foreground reader", f"{report['foreground_wall_s']:.2f}",
                       f"scrub: {report['foreground_scrub_device_share']:.0%}",
                       f"{report['foreground_total_device_ratio']:.2f} (all)")
         console.print(table)
-        console.print(f"cold: duet/btrfs scrub {report['cold_ratio']:.2f} (run alone {report['cold_run_ratio']:.2f})")
+        console.print(f"cold: duet/btrfs scrub {report['cold_ratio']:.2f} (run alone {report['cold_run_ratio']:.2f}); "
+                      f"cat/btrfs scrub {report['plain_read_ratio']:.2f}")
         for name, ok in report["targets"].items():
             console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
     if not all(report["targets"].values()):
