@@ -694,8 +694,10 @@ class Runner:
             self._item_started_ns = time.monotonic_ns()
             # One task after the other on the same open file: the first reads from the device, the rest find the
             # pages cached. (Running them in threads at once was measured slower here: see docs/benchmarks.md.)
+            whole = None    # every page of the file, once a count after a task found them all resident
             for i, r in enumerate(needs):
-                ctx = self._item(r, f, fd, cached_pass, pre)
+                ctx = self._item(r, f, fd, cached_pass, pre, resident=whole)
+                whole = None
                 if ctx is None:
                     continue
                 result, failed = self._call(r, ctx)
@@ -708,6 +710,8 @@ class Runner:
                     after = residency.resident_count(fd)
                     share = max(0, after - self._attributed) * PAGE_SIZE
                     self._attributed = max(self._attributed, after)
+                    if after >= f.pages:   # whole file cached: the next task's item needs no second look
+                        whole = BitMap(range(f.pages))
                 self._account(r, ctx, result, device_share=share)
             if not self._needs(f.id) and not self._wants_modified:
                 gen = inode_generation(fd)
@@ -741,12 +745,15 @@ class Runner:
         self._todo.discard(f.id)
         log.info("%s: %s, skipped", printable(f.relpath), why)
 
-    def _item(self, r: _TaskRun, f: FileInfo, fd: int, cached_pass: bool, pre: BitMap) -> ItemContext | None:
+    def _item(self, r: _TaskRun, f: FileInfo, fd: int, cached_pass: bool, pre: BitMap,
+              resident: BitMap | None = None) -> ItemContext | None:
         """The item a task gets for this file now, or None (nothing to do now; a range task may be done).
 
         ``pre``: the file's resident pages before the run touched it (before its prefetch, or before the first task
-        of this item); what is resident now beyond them the run itself read from the device moments ago."""
-        resident = residency.resident_pages(fd, f.size)
+        of this item); what is resident now beyond them the run itself read from the device moments ago.
+        ``resident``: the file's resident pages now, if the caller knows them already."""
+        if resident is None:
+            resident = residency.resident_pages(fd, f.size)
         if r.spec.granularity == "file":
             if self.opts.mode == "watch" and len(resident) < f.pages:
                 return None
