@@ -46,6 +46,7 @@ SLOW_ITEM_S = 0.1      # ... and after every item that took this long: a crash t
 PREFETCH_MAX = 64 << 20       # no file larger than this is read ahead
 PREFETCH_BYTES = 32 << 20     # read ahead at most this much ...
 PREFETCH_FILES = 64           # ... in at most this many files
+KEEP_BYTES = 32 << 20         # pages kept cached for tasks that will read a file again (keep_cached), in all
 ID_CACHE = 1 << 16     # FileId <-> file id pairs kept in memory (the store has them all)
 INFO_BATCH = 256       # the run looks its next files up in the store this many at a time
 BULK_LOOKUP = 2000     # more touched files than this at once: map them to file ids in one pass over the store
@@ -214,6 +215,8 @@ class Runner:
         self._infos: dict[int, FileInfo | None] = {}   # file id -> its row in the store (see _info)
         dataset_bytes = store.dataset_bytes(self.scope_id)
 
+        self._kept: dict[int, list[tuple[int, int]]] = {}   # files kept cached for a task (keep_cached): page runs
+        self._kept_bytes = 0                                # ... of at most KEEP_BYTES in all
         t0 = time.monotonic()
         try:
             self.runs = self._start_tasks()
@@ -363,7 +366,7 @@ class Runner:
                                           lambda k, name=name: store.kv_delete(name, k)),
                           shared=SharedResults(lambda f, n: store.shared_get(f, n),
                                                lambda f, n, v, name=name: store.shared_put(f, n, v, name)),
-                          files=lambda: store.files(sid))
+                          files=lambda: store.files(sid), release_cached=self._release_kept)
             prog = store.progress(sid, name)
             if prog.complete:
                 prog = TaskProgress(round=prog.round + 1, complete=False)
@@ -448,6 +451,8 @@ class Runner:
             self._loop_inner(started)
         finally:
             self._drop_prefetched()
+            for file_id in list(self._kept):
+                self._release_kept(file_id)
             os.close(self._root_fd)
             self._commit(again=False)
 
@@ -455,6 +460,24 @@ class Runner:
         """A run that stops early leaves nothing it read ahead in the cache (cache hygiene)."""
         for file_id in list(self._ahead):
             self._release_ahead(file_id)
+
+    def _release_kept(self, file_id: int) -> None:
+        """Evict what the run read of a file a task kept cached (``ItemResult.keep_cached``), now."""
+        runs = self._kept.pop(file_id, None)
+        f = self._info(file_id) if runs else None
+        if f is None:
+            return
+        self._kept_bytes -= sum(c for _, c in runs) * PAGE_SIZE
+        try:
+            fd = open_regular(self._root_fd, f.relpath)
+        except OSError:
+            return
+        try:
+            if os.fstat(fd).st_ino == f.fid.ino:
+                for first, count in runs:
+                    residency.evict(fd, first * PAGE_SIZE, count * PAGE_SIZE)
+        finally:
+            os.close(fd)
 
     def _release_ahead(self, file_id: int) -> None:
         """Forget a file read ahead and not processed: evict what the read-ahead brought in, close it."""
@@ -695,6 +718,7 @@ class Runner:
             # One task after the other on the same open file: the first reads from the device, the rest find the
             # pages cached. (Running them in threads at once was measured slower here: see docs/benchmarks.md.)
             whole = None    # every page of the file, once a count after a task found them all resident
+            keep = False    # a task will read the file again later in the run
             for i, r in enumerate(needs):
                 ctx = self._item(r, f, fd, cached_pass, pre, resident=whole)
                 whole = None
@@ -703,6 +727,7 @@ class Runner:
                 result, failed = self._call(r, ctx)
                 if failed:
                     continue
+                keep = keep or (isinstance(result, ItemResult) and result.keep_cached)
                 share = 0
                 # What this task brought into the cache is its device share — unless it said itself, and no task
                 # after it needs the count.
@@ -720,9 +745,14 @@ class Runner:
             brought = residency.resident_pages(fd, f.size) - pre
             if not cached_pass:
                 self._last_read_device = bool(brought) or not f.size
-            if self.opts.cache_hygiene:
-                for first, count in runs_of(brought):
-                    residency.evict(fd, first * PAGE_SIZE, count * PAGE_SIZE)
+            if self.opts.cache_hygiene and brought:
+                nbytes = len(brought) * PAGE_SIZE
+                if keep and self._kept_bytes + nbytes <= KEEP_BYTES and f.id not in self._kept:
+                    self._kept[f.id] = runs_of(brought)     # evicted on release_cached or at the end of the run
+                    self._kept_bytes += nbytes
+                else:
+                    for first, count in runs_of(brought):
+                        residency.evict(fd, first * PAGE_SIZE, count * PAGE_SIZE)
         finally:
             os.close(fd)
 

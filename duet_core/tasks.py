@@ -70,6 +70,9 @@ class RunInfo:
     ``files()`` iterates over every regular file of the scope as the last scan saw it — not only the batch
     ``duet_plan`` is handed — for tasks that relate files to each other (deduplication groups them by size), also on
     a resumed round, where ``duet_plan`` sees only the files new to the scope.
+
+    ``release_cached(file_id)`` lets go of a file kept cached with ``ItemResult(keep_cached=True)`` before the end of
+    the run: the pages the run brought in are evicted now (cache hygiene), not at the end.
     """
 
     run_id: int
@@ -81,6 +84,7 @@ class RunInfo:
     state: "TaskState | None" = None
     shared: "SharedResults | None" = None
     files: "Callable[[], Iterator[FileInfo]] | None" = None
+    release_cached: "Callable[[int], None] | None" = None
 
 
 class TaskState:
@@ -150,6 +154,10 @@ class ItemResult:
     damaged: bool = False                # the task found damage in the data (a scrub: corruption); `duet run` exits 6
     counters: dict[str, int] = field(default_factory=dict)   # added to the task's report
     message: str | None = None           # one line for the log
+    # True: the task will need this file's data again later in the run (deduplication: the file is the one its
+    # twins, still to come, are compared with). What the run read of it stays cached — within a bound, the rest is
+    # evicted as usual — until RunInfo.release_cached(file id) or the end of the run.
+    keep_cached: bool = False
 
 
 @dataclass

@@ -396,6 +396,46 @@ def test_cache_hygiene_keeps_what_was_cached_and_drops_what_the_run_read(direct_
     assert read_log(tmp_path / "log")[0].relpath == a
 
 
+class KeepingTask(M.ReaderTask):
+    """Reads every file and asks to keep it cached; releases the first file it kept once it reaches the last."""
+
+    def __init__(self, name="keeper", release_at=None):
+        super().__init__(name)
+        self.release_at, self.kept, self.resident_at_release = release_at, [], None
+
+    @hookimpl
+    def duet_process(self, ctx):
+        super().duet_process(ctx)
+        if ctx.file.relpath == self.release_at:
+            self.resident_at_release = resident(os.path.join(ctx.run.root, self.kept[0][1]))
+            ctx.run.release_cached(self.kept[0][0])
+            return None
+        self.kept.append((ctx.file.id, ctx.file.relpath))
+        return ItemResult(keep_cached=True)
+
+
+@excused_by_cache_drops
+def test_pages_kept_for_a_task_stay_until_released_and_go_at_the_end(direct_fs, tmp_path):
+    scope, files = make_dataset(direct_fs.mnt, n=6, sizes=(256 << 10,))
+    order = scan_order(scope)
+    task = KeepingTask(release_at=order[-1])
+    probe = []
+
+    class Probe(M.ReaderTask):   # after the keeper on each file: how much of the first file is still cached
+        @hookimpl
+        def duet_process(self, ctx):
+            probe.append(resident(os.path.join(scope, order[0])))
+
+    summary, code = run_tasks(tmp_path / "state", registry(task, Probe("probe")), ["keeper", "probe"], scope)
+    assert code == EXIT_OK
+    first = pages(files[order[0]])
+    assert probe == [first] * (len(order) - 1) + [0]     # kept while the others came, gone once released
+    assert task.resident_at_release == pages(files[order[0]])
+    # Released early (the first), or at the end of the run (the rest): nothing the run read is left cached.
+    assert {rel: resident(os.path.join(scope, rel)) for rel in files} == {rel: 0 for rel in files}
+    assert summary["tasks"]["keeper"]["bytes_from_device"] == sum(files.values())
+
+
 @excused_by_cache_drops
 def test_cache_hygiene_off_leaves_the_run_s_reads_cached(direct_fs, tmp_path):
     scope, files = make_dataset(direct_fs.mnt, n=3)

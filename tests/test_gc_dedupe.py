@@ -18,7 +18,7 @@ import textwrap
 import fsimage
 import plugin_dist
 import pytest
-from plugin_dist import evict, excused_by_cache_drops
+from plugin_dist import evict, excused_by_cache_drops, resident
 
 A_SIZE = (3 << 20) + 123       # not a multiple of the block size: the tail block is shared too
 B_SIZE = 1 << 20
@@ -154,6 +154,24 @@ def test_identical_files_come_to_share_their_extents_and_nothing_else_changes(de
     assert again["already_shared_files"] == 3
     assert again["hash_reused_files"] == 7 and "hashed_files" not in again
     assert snapshot_state(root, scope, contents) == before
+
+
+@excused_by_cache_drops
+def test_a_representative_stays_cached_until_its_twin_is_compared(btrfs_fs, tmp_path):
+    """The kernel's compare reads both files: the representative, read moments before by the run, is still cached
+    when its twin comes (not read a second time from the device), and nothing is left cached after the run."""
+    scope = os.path.join(btrfs_fs.mnt, "scope")
+    data = os.urandom(8 << 20)
+    for rel in ("a", "b"):
+        write(os.path.join(scope, rel), data)
+        evict(os.path.join(scope, rel))
+    proc = Duet(tmp_path)("run", "gc", "--path", scope, "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["tasks"]["gc"]["counters"]["deduped_files"] == 1
+    # Each file read once: 16 MiB (and some metadata), not 24 MiB.
+    assert 2 * len(data) <= summary["device_read_bytes"] < 2.25 * len(data), summary["device_read_bytes"]
+    assert [rel for rel in ("a", "b") if resident(os.path.join(scope, rel))] == []
 
 
 def test_ext4_is_only_reported_on(ext4_fs, tmp_path):

@@ -59,6 +59,9 @@ class Gc:
     def __init__(self) -> None:
         self._sizes: dict[int, tuple[Counter, BitMap]] = {}   # run id -> (files per size, the ids counted)
         self._refused: set[int] = set()          # runs whose retention options were refused in duet_plan
+        # Twins still to come, to keep a representative cached until its last same-size candidate was compared:
+        self._left: dict[int, Counter] = {}      # run id -> planned files per size not processed yet
+        self._kept: dict[int, dict[int, list[int]]] = {}   # run id -> size -> file ids kept cached
 
     @hookimpl
     def duet_task(self) -> TaskSpec:
@@ -109,11 +112,29 @@ class Gc:
                 counted.add(f.id)
                 sizes[f.size] += 1
         min_size = max(1, opts.get("min_size") or 1)
-        return [f.id for f in files if f.size >= min_size and sizes[f.size] >= 2]
+        chosen = [f for f in files if f.size >= min_size and sizes[f.size] >= 2]
+        self._left.setdefault(run.run_id, Counter()).update(f.size for f in chosen)
+        return [f.id for f in chosen]
 
     # -- one file: hash it, then share its extents with its representative --------------------------------------
     @hookimpl
     def duet_process(self, ctx):
+        try:
+            return self._process(ctx)
+        finally:
+            self._one_less(ctx.run, ctx.file.size)
+
+    def _one_less(self, run, size: int) -> None:
+        """One file fewer of ``size`` to come in this run: with none left, its representatives need not stay cached."""
+        left = self._left.get(run.run_id)
+        if left is None or left[size] <= 0:
+            return
+        left[size] -= 1
+        if left[size] == 0 and run.release_cached:
+            for file_id in self._kept.get(run.run_id, {}).pop(size, []):
+                run.release_cached(file_id)
+
+    def _process(self, ctx):
         f = ctx.file
         digest = ctx.shared.get(f, HASH)
         counters: Counter = Counter()
@@ -130,7 +151,12 @@ class Gc:
         rep = ctx.state.get(key)
         if rep is None or rep["relpath"] == f.relpath:
             ctx.state.put(key, _version(f))
-            return ItemResult(counters=dict(counters))
+            # The representative: twins still to come are compared with it, so keep what was read of it cached
+            # (the kernel's compare would otherwise read it again from the device).
+            keep = self._left.get(ctx.run.run_id, Counter())[f.size] > 1
+            if keep:
+                self._kept.setdefault(ctx.run.run_id, {}).setdefault(f.size, []).append(f.id)
+            return ItemResult(counters=dict(counters), keep_cached=keep)
         counters.update(self._share(ctx, key, rep))
         return ItemResult(counters=dict(counters))
 
@@ -202,6 +228,8 @@ class Gc:
     @hookimpl
     def duet_finish(self, run, report):
         self._sizes.pop(run.run_id, None)
+        self._left.pop(run.run_id, None)
+        self._kept.pop(run.run_id, None)       # duet evicts what is still kept at the end of the run
         c = report.counters
         extra: dict[str, Any] = {}
         if run.options.get("dedupe", True):
