@@ -10,11 +10,12 @@ import json
 import subprocess
 
 import pytest
-from plugin_dist import duet_argv
+from plugin_dist import duet_argv, excused_by_cache_drops
 
 pytestmark = pytest.mark.bpf
 
 
+@excused_by_cache_drops
 def test_bench_scrub_reads_everything_cold_with_every_reader(bpf_required):
     proc = subprocess.run(duet_argv("bench", "scrub", "--size", "32M", "--runs", "1", "--json"),
                           capture_output=True, text=True, timeout=300)

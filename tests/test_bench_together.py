@@ -12,7 +12,7 @@ import os
 import subprocess
 
 import pytest
-from plugin_dist import duet_argv
+from plugin_dist import duet_argv, excused_by_cache_drops
 
 pytestmark = pytest.mark.bpf
 
@@ -36,6 +36,7 @@ def bench(name: str, tmp_path, *extra: str) -> dict:
     return report
 
 
+@excused_by_cache_drops
 def test_bench_together(bpf_required, tmp_path):
     r = bench("together", tmp_path)
     ds = r["dataset_bytes"]
@@ -56,6 +57,7 @@ def test_bench_together(bpf_required, tmp_path):
     assert r["baseline_slowest_wall_s"] == max(run["wall_s"] for run in r["baseline"])
 
 
+@excused_by_cache_drops
 def test_bench_piggyback(bpf_required, tmp_path):
     r = bench("piggyback", tmp_path, "--fraction", "1")
     ds = r["dataset_bytes"]
@@ -68,6 +70,7 @@ def test_bench_piggyback(bpf_required, tmp_path):
     assert r["foreground_alone_bytes_per_s"] > 0 and r["foreground_with_duet_bytes_per_s"] > 0
 
 
+@excused_by_cache_drops
 def test_bench_peers(bpf_required, tmp_path):
     r = bench("peers", tmp_path)
     ds = r["dataset_bytes"]
