@@ -238,25 +238,28 @@ class CliRunner:
     """``duet`` as a subprocess for tests: its own state directory, an empty config (never /etc/duet/duet.toml),
     optional test plugins (``dists``), and the processes it started, killed by :meth:`cleanup`.
 
-    ``config_for``: the commands given ``--config`` (None: every command).
+    ``config_for``: the commands given ``--config`` (None: every command), unless they name one themselves.
+    ``log``: where the test plugins' ReaderTasks write (``$DUET_TEST_LOG``).
     """
 
     config_for: tuple[str, ...] | None = None
 
-    def __init__(self, tmp_path, *dists: Dist):
-        self.env = install(tmp_path / "plugins", *dists) if dists else dict(os.environ)
-        self.env["DUET_STATE_DIR"] = str(tmp_path / "state")
+    def __init__(self, tmp_path, *dists: Dist, log: str | None = None):
+        self.env = install(tmp_path / "plugins", *dists, log=log) if dists else dict(os.environ)
+        self.state = tmp_path / "state"
+        self.env["DUET_STATE_DIR"] = str(self.state)
         self.config = tmp_path / "empty.toml"
         self.config.write_text("")
         self.procs: list[subprocess.Popen] = []
 
     def argv(self, *args: str) -> list[str]:
-        if self.config_for is None or (args and args[0] in self.config_for):
+        if "--config" not in args and (self.config_for is None or (args and args[0] in self.config_for)):
             args = (*args, "--config", str(self.config))
         return duet_argv(*args)
 
-    def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout, env=self.env)
+    def __call__(self, *args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout,
+                              env=env or self.env)
 
     def start(self, *args: str) -> subprocess.Popen:
         proc = subprocess.Popen(self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -238,7 +238,7 @@ def test_every_case_is_in_the_table_of_docs_reliability():
 def test_a_relative_path_is_resolved_against_the_working_directory(duet, tmp_path):
     (tmp_path / "scope").mkdir()
     (tmp_path / "scope" / "a").write_bytes(b"relative\n")
-    proc = subprocess.run(duet.argv(["run", "hexer", "--path", "scope", "--json"]), capture_output=True, text=True,
+    proc = subprocess.run(duet.argv("run", "hexer", "--path", "scope", "--json"), capture_output=True, text=True,
                           timeout=60, env=duet.env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert summary_of(proc)["scope"] == str(tmp_path / "scope")
@@ -386,7 +386,7 @@ def test_hostile_names_and_special_files_are_processed_or_skipped_cleanly(duet, 
     with open(os.path.join(outside, "secret"), "wb") as fh:
         fh.write(b"outside the scope\n")
     before = tree_snapshot(ext4_fs.mnt)
-    argv = duet.argv(["run", "hexer", "--path", scope, "--json"])
+    argv = duet.argv("run", "hexer", "--path", scope, "--json")
     argv.insert(argv.index("run"), "-v")            # log each skipped entry
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=duet.env)  # a fifo opened hangs
     assert proc.returncode == 1, proc.stderr   # exit 1: one item failed (the refused file), nothing else
@@ -448,7 +448,7 @@ def as_nobody(duet: RDuet, world: str, *args: str, env_extra: dict | None = None
     env = {k: v for k, v in duet.env.items() if k not in ("DUET_STATE_DIR", "DUET_TEST_LOG")}
     env.update(PYTHONPATH=site, DUET_TEST_LOG=os.path.join(world, "log"), HOME="/nonexistent", **(env_extra or {}))
     argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
-            *duet.argv([*args, "--config", os.path.join(world, "empty.toml")])]
+            *duet.argv(*args, "--config", os.path.join(world, "empty.toml"))]
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, cwd="/")
 
 

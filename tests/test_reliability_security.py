@@ -119,7 +119,7 @@ def test_shell_metacharacters_in_scope_paths_do_nothing(duet, tmp_path):
     scope = tmp_path / "$(touch pwned1); `touch pwned2` && touch pwned3 | x"
     scope.mkdir()
     (scope / "$(touch pwned4)").write_bytes(b"x" * 100)
-    proc = subprocess.run(duet.argv(["run", "hexer", "--path", str(scope), "--json"]), capture_output=True,
+    proc = subprocess.run(duet.argv("run", "hexer", "--path", str(scope), "--json"), capture_output=True,
                           text=True, timeout=60, env=duet.env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert duet.hex_counts() == {b"$(touch pwned4)": 1}
@@ -162,7 +162,7 @@ def test_state_is_private_whatever_the_umask(duet, tmp_path):
     (scope / "a").write_bytes(b"a")
     env = dict(duet.env)
     for args in (["run", "hexer", "--path", str(scope)], ["state", "reset", "--path", str(scope), "--yes"]):
-        proc = subprocess.run(duet.argv(args), capture_output=True, text=True, timeout=60, env=env,
+        proc = subprocess.run(duet.argv(*args), capture_output=True, text=True, timeout=60, env=env,
                               preexec_fn=lambda: os.umask(0))
         assert proc.returncode == 0, proc.stderr
     state = duet.state
@@ -203,7 +203,7 @@ def test_plugins_planted_in_the_scope_are_never_loaded(duet, tmp_path):
     before = tree_snapshot(scope)
     console_script = os.path.join(os.path.dirname(sys.executable), "duet")
     for argv in ([console_script], [sys.executable, "-m", "duet_core.cli.main"]):
-        for args in (["plugins", "--json"], ["run", "hexer", "--path", str(scope), "--config", str(duet.empty_config),
+        for args in (["plugins", "--json"], ["run", "hexer", "--path", str(scope), "--config", str(duet.config),
                                               "--json"]):
             proc = subprocess.run(argv + args, capture_output=True, text=True, timeout=60, env=env, cwd=scope)
             assert proc.returncode == 0, (argv, args, proc.stderr)

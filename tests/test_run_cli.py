@@ -18,7 +18,6 @@ import fsimage
 import plugin_dist
 import pytest
 from plugin_dist import (
-    duet_argv,
     evict_tree,
     excused_by_cache_drops,
     log_counts,
@@ -44,41 +43,19 @@ TASKS = {
 }
 
 
-class Duet:
+class Duet(plugin_dist.CliRunner):
     """Runs ``duet`` with the test plugins installed; ``log`` is where their ReaderTasks write."""
+
+    config_for = ("run", "watch", "status")
 
     def __init__(self, tmp_path):
         self.log = tmp_path / "log"
-        self.state = tmp_path / "state"
-        self.env = plugin_dist.install(
-            tmp_path / "plugins", plugin_dist.tasks_dist(TASKS), plugin_dist.broken_import_dist(),
-            plugin_dist.raising_task_dist(), plugin_dist.api_mismatch_dist(), plugin_dist.misspelled_hook_dist(),
-            log=str(self.log))
-        self.env["DUET_STATE_DIR"] = str(self.state)
-        self.empty_config = tmp_path / "empty.toml"   # hermetic: never /etc/duet/duet.toml
-        self.empty_config.write_text("")
-        self.procs: list[subprocess.Popen] = []
-
-    def argv(self, args) -> list[str]:
-        args = list(args)
-        if args and args[0] in ("run", "watch", "status") and "--config" not in args:
-            args += ["--config", str(self.empty_config)]
-        return duet_argv(*args)
+        super().__init__(tmp_path, plugin_dist.tasks_dist(TASKS), plugin_dist.broken_import_dist(),
+                         plugin_dist.raising_task_dist(), plugin_dist.api_mismatch_dist(),
+                         plugin_dist.misspelled_hook_dist(), log=str(self.log))
 
     def __call__(self, *args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(args), capture_output=True, text=True, timeout=timeout, env=env or self.env)
-
-    def start(self, *args: str) -> subprocess.Popen:
-        proc = subprocess.Popen(self.argv(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=self.env)
-        self.procs.append(proc)
-        return proc
-
-    def cleanup(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=30)
+        return super().__call__(*args, timeout=timeout, env=env)
 
 
 @pytest.fixture
