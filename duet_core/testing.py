@@ -80,22 +80,31 @@ class ScratchFs:
         paths = [self.path(relpath)] if relpath else [
             os.path.join(d, n) for d, _dirs, names in os.walk(self.root) for n in names]
         for path in paths:
-            if os.path.islink(path) or not os.path.isfile(path):
-                continue
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-                residency.evict(fd)
-            finally:
-                os.close(fd)
+            if not os.path.islink(path) and os.path.isfile(path):
+                evict_file(path)
 
     def resident_pages(self, relpath: str) -> int:
         """How many pages of a file are in the page cache now."""
-        fd = os.open(self.path(relpath), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            return len(residency.resident_pages(fd, os.fstat(fd).st_size))
-        finally:
-            os.close(fd)
+        return resident_pages(self.path(relpath))
+
+
+def evict_file(path: str) -> None:
+    """Write back and drop from the page cache the file at ``path`` (never followed if a symlink)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+        residency.evict(fd)
+    finally:
+        os.close(fd)
+
+
+def resident_pages(path: str) -> int:
+    """How many pages of the file at ``path`` are in the page cache now."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return len(residency.resident_pages(fd, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ import textwrap
 import types
 from dataclasses import dataclass, field
 
-from duet_core import residency
+from duet_core import testing
 
 GROUP = "duet.tasks"
 LOG_ENV = "DUET_TEST_LOG"
@@ -332,22 +332,8 @@ def evict_tree(scope: str) -> None:
             evict(os.path.join(dirpath, name))
 
 
-def evict(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-        residency.evict(fd)
-    finally:
-        os.close(fd)
-
-
-def resident(path: str) -> int:
-    """How many pages of ``path`` are in the page cache now."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        return len(residency.resident_pages(fd, os.fstat(fd).st_size))
-    finally:
-        os.close(fd)
+evict = testing.evict_file          # write back and drop one file from the page cache
+resident = testing.resident_pages   # how many pages of a file are in the page cache now
 
 
 def pages(size: int) -> int:
