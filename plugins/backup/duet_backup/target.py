@@ -8,6 +8,7 @@ Layout (shared with the gc task, which reads ``snapshots/``)::
         incomplete/    other filesystems: the snapshot being built (hard links to the previous one + new copies)
         manifests/<timestamp>.json             one per snapshot, written and fsynced before it is published
         journal        files copied in the round not yet published (one JSON line each)
+        tree-changed   present from the first write to mirror/incomplete until the next snapshot is published
         lock           flock: one backup writes to a target at a time
 
 A snapshot's name exists only once it is complete: on btrfs a read-only snapshot of the mirror is created under
@@ -32,6 +33,7 @@ from duet_core.identity import open_beneath
 
 SNAPSHOTS = "snapshots"
 INTERNAL = ".duet"
+TREE_CHANGED = "tree-changed"
 NAME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{6}Z$")
 NAME_FORMAT = "%Y-%m-%dT%H%M%SZ"
 BTRFS_SUPER_MAGIC = 0x9123683E
@@ -175,6 +177,18 @@ class Target:
             os.mkdir(self.tree_name, 0o700, dir_fd=self.internal)
         return open_beneath(self.internal, self.tree_name, os.O_RDONLY | os.O_DIRECTORY)
 
+    def mark_tree_changed(self) -> None:
+        """Note, durably, that the tree is about to differ from the last published snapshot (before the first write
+        of a run to it). A killed run leaves the mark, so the next run never takes the tree for that snapshot."""
+        fd = os.open(TREE_CHANGED, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.internal)
+        os.close(fd)
+        os.fsync(self.internal)
+
+    def tree_changed(self) -> bool:
+        """Whether something was written to the tree since the last snapshot was published from it."""
+        return _exists(self.internal, TREE_CHANGED)
+
     # -- snapshots ---------------------------------------------------------------------------------------------
     def snapshot_names(self) -> list[str]:
         if self.snapshots < 0:
@@ -232,6 +246,10 @@ class Target:
             os.rename(self.tree_name, name, src_dir_fd=self.internal, dst_dir_fd=self.snapshots)
         os.fsync(self.snapshots)
         self.clear_journal()
+        try:   # the tree is the snapshot just published (btrfs), or gone (renamed to it)
+            os.unlink(TREE_CHANGED, dir_fd=self.internal)
+        except FileNotFoundError:
+            pass
 
     # -- journal -----------------------------------------------------------------------------------------------
     def journal_add(self, relpath: str, record: Record) -> None:

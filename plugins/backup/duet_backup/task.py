@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from duet_backup.fsops import copy_file, open_dir, replace, syncfs
 from duet_backup.target import Snapshot, Target
-from duet_backup.tree import TreeSync
+from duet_backup.tree import SyncResult, TreeSync, unchanged
 from duet_core import ItemResult
 from duet_core.errors import DuetError
 from duet_core.tasks import FileInfo
@@ -74,6 +74,12 @@ class _Open:
     _committer: ThreadPoolExecutor | None = None
     _commits: list[Future] = field(default_factory=list)
     broken: str | None = None     # why the target cannot be written any more (full, read-only, gone)
+    marked: bool = False          # this run noted that the tree is about to change (Target.mark_tree_changed)
+
+    def mark_changed(self) -> None:
+        if not self.marked:
+            self.target.mark_tree_changed()
+            self.marked = True
 
     def target_failed(self, exc: OSError) -> bool:
         """Whether ``exc`` means the target itself failed, not one source file; remembers why. An error of the
@@ -208,6 +214,7 @@ class BackupTask:
 
     def process(self, ctx):
         held = self._hold(ctx.run)
+        held.mark_changed()
         f = ctx.file
         reldir, _, name = f.relpath.rpartition("/")
         tree_dir = held.tree_dir(reldir)
@@ -258,24 +265,20 @@ class BackupTask:
 
     def _publish(self, run, report, held: _Open) -> dict:
         target = held.target
-        prev_fd = None
-        if not target.btrfs and held.latest is not None:
-            prev_fd = target.open_snapshot(held.latest.name)
         src_fd = os.open(run.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            result = TreeSync(src_fd, held.tree_fd, held.staged, held.published, prev_fd,
-                              on_copy=target.journal_add, fatal=held.target_failed).run()
+            result = self._unchanged(run, held, src_fd)
+            if result is None:
+                result = self._sync(held, src_fd)
         finally:
             os.close(src_fd)
-            if prev_fd is not None:
-                os.close(prev_fd)
         name = target.new_name()
         kind = "btrfs" if target.btrfs else "hardlink"
         manifest = {
             "format": MANIFEST_FORMAT, "snapshot": name, "scope": run.root, "kind": kind,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "base": held.latest.name if held.latest else None,
-            "files": result.files,
+            "files": result.files, "entries": result.entries,
             "bytes": sum(rec[1] for rec in result.files.values()),
             "changed_during_backup": result.changed, "special_files": result.special, "errors": result.errors,
         }
@@ -286,6 +289,40 @@ class BackupTask:
         return {"snapshot": name, "path": os.path.join(target.path, "snapshots", name), "kind": kind,
                 "files": len(result.files), "bytes": manifest["bytes"], "copied_at_finish": result.copied,
                 "linked": result.linked, "vanished": result.vanished,
-                "changed_during_backup": result.changed, "special_files": result.special}
+                "changed_during_backup": result.changed, "special_files": result.special,
+                "unchanged": result.unchanged}
+
+    def _sync(self, held: _Open, src_fd: int) -> SyncResult:
+        """The sync pass over the whole scope (:class:`~duet_backup.tree.TreeSync`): the tree becomes the scope."""
+        held.mark_changed()
+        prev_fd = None
+        if not held.target.btrfs and held.latest is not None:
+            prev_fd = held.target.open_snapshot(held.latest.name)
+        try:
+            return TreeSync(src_fd, held.tree_fd, held.staged, held.published, prev_fd,
+                            on_copy=held.target.journal_add, fatal=held.target_failed).run()
+        finally:
+            if prev_fd is not None:
+                os.close(prev_fd)
+
+    def _unchanged(self, run, held: _Open, src_fd: int) -> SyncResult | None:
+        """Nothing changed since the last snapshot, and the btrfs mirror is still exactly that snapshot: the new
+        snapshot is taken of the mirror as it is, without the sync pass (the result is the last manifest's).
+        None when that cannot be shown, and the full pass runs.
+
+        "Nothing changed" is checked entry by entry (:func:`~duet_backup.tree.unchanged`: one ``stat`` each, no
+        listing), against the versions the last pass recorded; "the mirror is that snapshot" holds when no run has
+        written to it since (``Target.tree_changed``), no copy is journaled, and the last snapshot is complete
+        (no errors, nothing that changed while copied). On other filesystems every snapshot is a new tree of links,
+        so there the full pass always runs."""
+        latest = held.latest.manifest if held.latest else None
+        if (not held.target.btrfs or not latest or "entries" not in latest or latest.get("scope") != run.root
+                or latest.get("errors") or latest.get("changed_during_backup") or held.staged
+                or held.marked or held.target.tree_changed()):
+            return None
+        if not unchanged(src_fd, latest["files"], latest["entries"]):
+            return None
+        return SyncResult(files=latest["files"], entries=latest["entries"],
+                          special=list(latest.get("special_files", [])), unchanged=True)
 
 
