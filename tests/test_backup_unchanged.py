@@ -2,8 +2,9 @@
 
 The shortcut (``BackupTask._unchanged``) must never publish anything but the scope: every kind of change that
 leaves the regular files' versions alone (a symlink's owner, a directory's mode, a new empty directory) makes the
-next run take the full pass, and a mirror a killed run wrote to is never taken for the last snapshot, even when the
-scope is rolled back to exactly what that snapshot holds.
+next run take the full pass; and the mirror is never taken for a snapshot it no longer is — after a killed run wrote
+to it, or once the newest snapshot was deleted by hand — even when the scope is rolled back to exactly what the
+remaining newest snapshot holds.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def test_a_mirror_a_killed_run_wrote_to_is_never_published_as_is(duet, source, b
     proc.communicate()
     assert journal_lines(btrfs_target.mnt) == 0   # killed before its first batch was durable: nothing journaled
     assert any(n.startswith(".duet-tmp.") for n in os.listdir(mirror_bulk))
-    assert os.path.exists(os.path.join(btrfs_target.mnt, ".duet", "tree-changed"))
+    assert not os.path.exists(tree_of(btrfs_target))   # the mirror no longer claims to be the last snapshot
 
     # Roll the scope back to the state of the last snapshot: the same subvolume contents, inodes and times.
     subprocess.run(["btrfs", "-q", "subvolume", "delete", data], check=True)
@@ -111,5 +112,31 @@ def test_a_mirror_a_killed_run_wrote_to_is_never_published_as_is(duet, source, b
     bh.evict_regular(data)
     rep = backup_exact(duet, data, btrfs_target, unchanged=False)
     assert rep["counters"].get("copied", 0) == 0, rep   # nothing to copy: the rollback matches the snapshot
-    assert not os.path.exists(os.path.join(btrfs_target.mnt, ".duet", "tree-changed"))
+    with open(tree_of(btrfs_target)) as fh:
+        assert fh.read() == rep["snapshot"]
     backup_exact(duet, data, btrfs_target, unchanged=True)
+
+
+def test_the_mirror_is_not_taken_for_an_older_snapshot_once_the_newest_is_deleted(duet, source, btrfs_target):
+    """The newest snapshot (the mirror's state) is deleted by hand and the scope rolled back to the state of the one
+    before: the scope matches that snapshot's manifest, but the mirror does not — the full pass runs."""
+    data = os.path.join(source.mnt, "data")
+    subprocess.run(["btrfs", "-q", "subvolume", "create", data], check=True)
+    for i in range(5):
+        bh.write(os.path.join(data, f"f{i}"), os.urandom(4096))
+    saved = os.path.join(source.mnt, "saved")
+    subprocess.run(["btrfs", "-q", "subvolume", "snapshot", data, saved], check=True)
+    first = backup_exact(duet, data, btrfs_target, unchanged=False)
+    bh.write(os.path.join(data, "f0"), b"changed")
+    os.unlink(os.path.join(data, "f1"))
+    second = backup_exact(duet, data, btrfs_target, unchanged=False)
+    subprocess.run(["btrfs", "-q", "subvolume", "delete", snap(btrfs_target, second["snapshot"])], check=True)
+    subprocess.run(["btrfs", "-q", "subvolume", "delete", data], check=True)
+    subprocess.run(["btrfs", "-q", "subvolume", "snapshot", saved, data], check=True)
+    assert bh.snapshot_names(btrfs_target.mnt) == [first["snapshot"]]
+    third = backup_exact(duet, data, btrfs_target, unchanged=False)
+    assert third["counters"].get("copied", 0) + third["copied_at_finish"] >= 2, third   # f0 and f1 again
+
+
+def tree_of(target) -> str:
+    return os.path.join(target.mnt, ".duet", "tree-of")

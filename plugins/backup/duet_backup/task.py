@@ -311,14 +311,15 @@ class BackupTask:
         None when that cannot be shown, and the full pass runs.
 
         "Nothing changed" is checked entry by entry (:func:`~duet_backup.tree.unchanged`: one ``stat`` each, no
-        listing), against the versions the last pass recorded; "the mirror is that snapshot" holds when no run has
-        written to it since (``Target.tree_changed``), no copy is journaled, and the last snapshot is complete
-        (no errors, nothing that changed while copied). On other filesystems every snapshot is a new tree of links,
-        so there the full pass always runs."""
+        listing), against the versions the last pass recorded; "the mirror is that snapshot" holds when the target
+        says so (``Target.tree_is``: it was published from the mirror, and no run has written to the mirror since —
+        not a newer snapshot deleted by hand, not a killed run's stray copies), no copy is journaled, and the last
+        snapshot is complete (no errors, nothing that changed while copied). On other filesystems every snapshot is
+        a new tree of links, so there the full pass always runs."""
         latest = held.latest.manifest if held.latest else None
         if (not held.target.btrfs or not latest or "entries" not in latest or latest.get("scope") != run.root
                 or latest.get("errors") or latest.get("changed_during_backup") or held.staged
-                or held.marked or held.target.tree_changed()):
+                or held.marked or not held.target.tree_is(held.latest.name)):
             return None
         if not unchanged(src_fd, latest["files"], latest["entries"]):
             return None
