@@ -75,6 +75,16 @@ def test_a_no_change_run_publishes_the_mirror_and_every_change_is_still_seen(due
     assert rep["counters"]["copied"] == 1, rep
 
 
+def test_an_empty_scope_then_a_first_entry_that_is_no_regular_file(duet, source, btrfs_target):
+    """Nothing for the scheduler to hand over (no regular file): only the root directory's version shows it."""
+    scope = os.path.join(source.mnt, "empty-scope")
+    os.mkdir(scope)
+    backup_exact(duet, scope, btrfs_target, unchanged=False)
+    backup_exact(duet, scope, btrfs_target, unchanged=True)
+    os.symlink("elsewhere", os.path.join(scope, "first"))
+    backup_exact(duet, scope, btrfs_target, unchanged=False)
+
+
 def test_a_mirror_a_killed_run_wrote_to_is_never_published_as_is(duet, source, btrfs_target):
     """A run is killed while its first copies are still under temporary names (nothing journaled yet); then the
     scope is rolled back (btrfs snapshot) to exactly what the last snapshot holds — same inodes, same times. The

@@ -357,7 +357,7 @@ def unchanged(src_fd: int, files: dict[str, Record], entries: dict[str, list[int
     ctime changes with its contents, owner, mode, xattrs or link count: so when every directory is unchanged, the
     recorded names are all the names there are, and when every entry is unchanged, a new pass would find nothing
     to do. Any difference, or any error, answers False (the caller then runs the full pass)."""
-    names: dict[str, list[tuple[str, list]]] = {}
+    names: dict[str, list[tuple[str, list]]] = {"": []}   # the root is checked even when it is empty
     for rel, rec in files.items():
         reldir, _, name = rel.rpartition("/")
         names.setdefault(reldir, []).append((name, [rec[0], rec[2], rec[3], rec[1]]))
