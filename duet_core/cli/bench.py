@@ -395,6 +395,8 @@ def backup(
         console.print(table)
         console.print(f"duet --no-idle-io --no-cache-hygiene: initial {report['duet_unthrottled_initial_s']:.2f} s, "
                       f"no-change rerun {report['duet_unthrottled_rerun_s']:.2f} s")
+        console.print(f"duet no-change rerun: {report['duet_rerun_in_run_s']:.2f} s inside the run (scan, plan, "
+                      "finish), the rest is the process starting and exiting")
         console.print(f"duet no-change rerun read {units.format_bytes(report['duet_rerun_device_read_bytes'])} "
                       f"from the device")
         for name, ok in report["targets"].items():

@@ -1,182 +1,36 @@
 """duet's backup task: a complete, browsable snapshot of the scope at the target on every run.
 
-``duet run backup --path /home --target /mnt/backup``:
+``duet run backup --path /home --target /mnt/backup``: changed files are copied cached files first (sharing each
+device read with the other tasks of the run), hashed with blake3, made durable in batches and renamed into place;
+``duet_finish`` brings the rest of the tree up to date and publishes the snapshot atomically. How:
+:mod:`duet_backup.task`; the target's layout: :mod:`duet_backup.target`; ``duet snapshots`` and ``duet restore``:
+:mod:`duet_backup.commands`.
 
-* ``duet_plan`` validates the target (not inside the scope, not containing it), takes its lock and returns the
-  files whose version ``(inode, size, mtime, ctime)`` differs from the last snapshot's manifest (and from the
-  journal of copies already made for the next one): unchanged files are never read.
-* ``duet_process`` copies each changed file into the tree being built — the btrfs mirror subvolume, or the staging
-  tree on other filesystems — as the scheduler hands it over, cached files first and sharing its device read with
-  the other tasks of the run. Each copy is exact (holes, owner, mode, xattrs and ACLs, ns times), hashed with
-  blake3 on the way (published as the shared result ``blake3`` for scrub and gc), fsynced and renamed into place,
-  and noted in the journal; a file that changes while it is copied is copied again, and flagged if it keeps changing.
-* ``duet_finish`` runs the sync pass over the whole scope (:mod:`duet_backup.tree`: directories, symlinks, hard
-  links, deletions, anything not handed over), writes the manifest and publishes the snapshot atomically — unless
-  the run stopped early, in which case the next run resumes where this one stopped.
-
-Layout of the target: :mod:`duet_backup.target`. ``duet snapshots`` and ``duet restore``: :mod:`duet_backup.commands`.
+This module is imported at every ``duet`` start (through the ``duet.tasks`` entry point), also by commands that
+never run a backup (``duet status``, ``duet plugins``): it declares the task and nothing else, and the hooks import
+the machinery (blake3, threads, the copy and tree code) on their first call.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import errno
-import os
-import stat
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-
-from duet_backup.fsops import copy_file, open_dir, replace, syncfs
-from duet_backup.target import Snapshot, Target, check_target
-from duet_backup.tree import TreeSync
-from duet_core import ItemResult, TaskOption, TaskSpec, hookimpl
-from duet_core.errors import DuetError
-from duet_core.tasks import FileInfo
+from duet_core import TaskOption, TaskSpec, hookimpl
 
 __version__ = "0.1.0"
-MANIFEST_FORMAT = 1
-
-
-# Copies are made durable in batches: one syncfs, then each is renamed into place and journaled.
-BATCH_FILES = 1000
-BATCH_BYTES = 64 << 20
-BATCH_SECONDS = 1.0
-DIR_CACHE = 64     # tree directories kept open by duet_process
-# Errors only the target can cause (the source is only read): the target is full or read-only.
-TARGET_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-@dataclass
-class _Pending:
-    reldir: str
-    tmp: str
-    name: str
-    relpath: str
-    record: list
-    nbytes: int
-
-
-@dataclass
-class _Open:
-    """One run's hold on its target: the lock, the tree being built, what the last snapshot and journal hold, and
-    the copies not yet durable (under temporary names)."""
-
-    target: Target
-    tree_fd: int
-    latest: Snapshot | None
-    published: dict[str, list]
-    staged: dict[str, list]
-    pending: list[_Pending] = field(default_factory=list)
-    pending_bytes: int = 0
-    flushed_at: float = field(default_factory=time.monotonic)
-    _dirs: dict[str, int] = field(default_factory=dict)
-    _committer: ThreadPoolExecutor | None = None
-    _commits: list[Future] = field(default_factory=list)
-    broken: str | None = None     # why the target cannot be written any more (full, read-only, gone)
-
-    def target_failed(self, exc: OSError) -> bool:
-        """Whether ``exc`` means the target itself failed, not one source file; remembers why. An error of the
-        target alone (full, read-only) says so; any other error (EIO: the source or the target?) is settled by
-        asking the target to sync its internal directory — a target whose device went away fails that too."""
-        if self.broken is None:
-            if exc.errno in TARGET_ERRNOS:
-                self.broken = exc.strerror or str(exc)
-            else:
-                try:
-                    os.fsync(self.target.internal)
-                except OSError as probe:
-                    self.broken = probe.strerror or str(probe)
-        return self.broken is not None
-
-    def broken_message(self) -> str:
-        return (f"the backup target {self.target.path} cannot be written ({self.broken}): no snapshot published, "
-                "the snapshots already there are intact; the next run resumes once the target is writable")
-
-    def add(self, p: _Pending) -> None:
-        self.pending.append(p)
-        self.pending_bytes += p.nbytes
-        if (len(self.pending) >= BATCH_FILES or self.pending_bytes >= BATCH_BYTES
-                or time.monotonic() - self.flushed_at >= BATCH_SECONDS):
-            self.flush(wait=False)
-
-    def flush(self, wait: bool = True) -> None:
-        """Make the pending copies durable (one syncfs of the target), then rename each into place and journal it.
-
-        The batch is committed by a background thread while the next files are copied (syncfs and the renames
-        overlap with the copying); ``wait`` waits for every batch handed over so far. A run killed before a batch
-        is committed leaves only temporary names (removed by the next sync pass), and those files are copied again:
-        a name in the tree always points at data that is on disk."""
-        self.flushed_at = time.monotonic()
-        if self.pending:
-            if self._committer is None:
-                self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backup-commit")
-            self._commits.append(self._committer.submit(self._commit, list(self.pending)))
-            self.pending.clear()
-            self.pending_bytes = 0
-        if wait:
-            commits, self._commits = self._commits, []
-            for c in commits:
-                c.result()
-
-    def _commit(self, batch: list[_Pending]) -> None:
-        syncfs(self.tree_fd)
-        dirs: dict[str, int] = {}
-        try:
-            for p in batch:
-                if p.reldir not in dirs:
-                    dirs[p.reldir] = open_dir(self.tree_fd, p.reldir, create=True)
-                replace(dirs[p.reldir], p.tmp, p.name)
-                self.staged[p.relpath] = p.record
-            self.target.journal_add_many([(p.relpath, p.record) for p in batch])
-        finally:
-            for fd in dirs.values():
-                os.close(fd)
-
-    def tree_dir(self, reldir: str) -> int:
-        """The tree's directory ``reldir`` (created if missing), kept open while files of it keep coming (the
-        scheduler hands files over in scan order, a directory at a time, except for cached ones)."""
-        fd = self._dirs.get(reldir)
-        if fd is None:
-            if len(self._dirs) >= DIR_CACHE:
-                for old in self._dirs.values():
-                    os.close(old)
-                self._dirs.clear()
-            fd = self._dirs[reldir] = open_dir(self.tree_fd, reldir, create=True)
-        return fd
-
-    def current(self, f: FileInfo) -> bool:
-        """The tree or the last snapshot already holds this version of the file."""
-        want = [f.fid.ino, f.size, f.mtime_ns, f.ctime_ns]
-        return any((rec := recs.get(f.relpath)) is not None and rec[:4] == want
-                   for recs in (self.staged, self.published))
-
-    def staged_in_tree(self, f: FileInfo, tree_dir: int, name: str) -> bool:
-        """The journal says this version was copied into the tree, and the tree's file agrees (size, mtime)."""
-        rec = self.staged.get(f.relpath)
-        if rec is None or rec[:4] != [f.fid.ino, f.size, f.mtime_ns, f.ctime_ns]:
-            return False
-        try:
-            st = os.stat(name, dir_fd=tree_dir, follow_symlinks=False)
-        except OSError:
-            return False
-        return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (f.size, f.mtime_ns)
-
-    def close(self) -> None:
-        if self._committer is not None:
-            self._committer.shutdown(wait=True)
-        for fd in self._dirs.values():
-            os.close(fd)
-        self._dirs.clear()
-        os.close(self.tree_fd)
-        self.target.close()
 
 
 class Backup:
-    """The backup task (see the module docstring)."""
+    """The backup task's hooks; each forwards to :class:`duet_backup.task.BackupTask`, created on first use."""
 
     def __init__(self) -> None:
-        self._open: dict[int, _Open] = {}
+        self._impl = None
+
+    @property
+    def impl(self):
+        if self._impl is None:
+            from duet_backup.task import BackupTask
+
+            self._impl = BackupTask()
+        return self._impl
 
     @hookimpl
     def duet_task(self) -> TaskSpec:
@@ -184,122 +38,23 @@ class Backup:
                         options=(TaskOption("target", "path", required=True,
                                             help="where snapshots go: TARGET/snapshots/<UTC time>/"),))
 
-    def _hold(self, run) -> _Open:
-        """Open, check and lock the target once per run."""
-        held = self._open.get(run.run_id)
-        if held is None:
-            try:
-                target = Target(run.options["target"], scope=run.root)
-            except OSError as exc:    # read-only, gone, not ours to write: the run is refused in one line
-                raise DuetError(f"cannot use the backup target {run.options['target']}: {exc.strerror or exc}",
-                                hint="a backup target must be a writable directory") from None
-            try:
-                target.lock()
-                latest = target.latest()
-                held = _Open(target, target.open_tree(), latest, latest.manifest.get("files", {}) if latest else {},
-                             target.journal())
-            except OSError as exc:
-                target.close()
-                raise DuetError(f"cannot use the backup target {target.path}: {exc.strerror or exc}",
-                                hint="a backup target must be a writable directory") from None
-            except BaseException:
-                target.close()
-                raise
-            self._open[run.run_id] = held
-        return held
-
     @hookimpl
     def duet_check(self, root, options):
+        from duet_backup.target import check_target
+
         check_target(options["target"], scope=root)   # bad input refuses the run before anything is written
 
     @hookimpl
     def duet_plan(self, run, files):
-        held = self._hold(run)
-        return [f.id for f in files if not held.current(f)]
+        return self.impl.plan(run, files)
 
     @hookimpl
     def duet_process(self, ctx):
-        held = self._hold(ctx.run)
-        f = ctx.file
-        reldir, _, name = f.relpath.rpartition("/")
-        tree_dir = held.tree_dir(reldir)
-        if held.staged_in_tree(f, tree_dir, name):
-            # Copied by an earlier run of this round that was killed before its progress was committed.
-            return ItemResult(counters={"already_copied": 1})
-        if held.broken is not None:
-            return ItemResult(done=False)      # left for the next run: the target failed (said once, below)
-        try:
-            copied = copy_file(ctx.fd, tree_dir, name, durable=False)
-        except OSError as exc:
-            if not held.target_failed(exc):
-                raise
-            return ItemResult(done=False, message=held.broken_message())
-        record = [*copied.sig, copied.blake3]
-        held.add(_Pending(reldir, copied.tmp, name, f.relpath, record, copied.nbytes))
-        ctx.progress.advance(copied.nbytes)   # holes are not read
-        counters = {"copied": 1, "copied_bytes": copied.nbytes}
-        if copied.changed:
-            counters["changed_during_backup"] = 1
-            return ItemResult(counters=counters, message="changed while being copied: the copy may mix versions")
-        ino, size, mtime_ns, ctime_ns = copied.sig
-        if ino == f.fid.ino:
-            ctx.shared.put(FileInfo(f.id, f.fid, f.relpath, size, mtime_ns, ctime_ns), "blake3", copied.blake3)
-        return ItemResult(counters=counters)
+        return self.impl.process(ctx)
 
     @hookimpl
     def duet_finish(self, run, report):
-        held = self._hold(run)
-        del self._open[run.run_id]
-        target = held.target
-        try:
-            try:
-                held.flush()
-                if held.broken is None and report.items_done + report.items_failed < report.items_total:
-                    return {"snapshot": None, "target": target.path,
-                            "note": "stopped early: no snapshot published; the next run resumes"}
-                if held.broken is None:
-                    return self._publish(run, report, held)
-            except OSError as exc:
-                if not held.target_failed(exc):
-                    raise
-            # The target failed: nothing is published; the run fails with one line saying why.
-            report.items_failed += 1
-            report.errors.append(held.broken_message())
-            return {"snapshot": None, "target": target.path, "error": held.broken_message()}
-        finally:
-            held.close()
-
-    def _publish(self, run, report, held: _Open) -> dict:
-        target = held.target
-        prev_fd = None
-        if not target.btrfs and held.latest is not None:
-            prev_fd = target.open_snapshot(held.latest.name)
-        src_fd = os.open(run.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            result = TreeSync(src_fd, held.tree_fd, held.staged, held.published, prev_fd,
-                              on_copy=target.journal_add, fatal=held.target_failed).run()
-        finally:
-            os.close(src_fd)
-            if prev_fd is not None:
-                os.close(prev_fd)
-        name = target.new_name()
-        kind = "btrfs" if target.btrfs else "hardlink"
-        manifest = {
-            "format": MANIFEST_FORMAT, "snapshot": name, "scope": run.root, "kind": kind,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "base": held.latest.name if held.latest else None,
-            "files": result.files,
-            "bytes": sum(rec[1] for rec in result.files.values()),
-            "changed_during_backup": result.changed, "special_files": result.special, "errors": result.errors,
-        }
-        target.publish(name, manifest)
-        if result.errors:   # the snapshot is published without these entries: the run reports them and exits 1
-            report.items_failed += len(result.errors)
-            report.errors.extend(result.errors)
-        return {"snapshot": name, "path": os.path.join(target.path, "snapshots", name), "kind": kind,
-                "files": len(result.files), "bytes": manifest["bytes"], "copied_at_finish": result.copied,
-                "linked": result.linked, "vanished": result.vanished,
-                "changed_during_backup": result.changed, "special_files": result.special}
+        return self.impl.finish(run, report)
 
 
 plugin = Backup()

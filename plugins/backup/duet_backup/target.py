@@ -8,6 +8,8 @@ Layout (shared with the gc task, which reads ``snapshots/``)::
         incomplete/    other filesystems: the snapshot being built (hard links to the previous one + new copies)
         manifests/<timestamp>.json             one per snapshot, written and fsynced before it is published
         journal        files copied in the round not yet published (one JSON line each)
+        tree-of        btrfs: the name of the snapshot the mirror still is exactly (gone from a run's first write
+                       to the mirror until the next snapshot is published from it)
         lock           flock: one backup writes to a target at a time
 
 A snapshot's name exists only once it is complete: on btrfs a read-only snapshot of the mirror is created under
@@ -32,6 +34,7 @@ from duet_core.identity import open_beneath
 
 SNAPSHOTS = "snapshots"
 INTERNAL = ".duet"
+TREE_OF = "tree-of"
 NAME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{6}Z$")
 NAME_FORMAT = "%Y-%m-%dT%H%M%SZ"
 BTRFS_SUPER_MAGIC = 0x9123683E
@@ -175,6 +178,25 @@ class Target:
             os.mkdir(self.tree_name, 0o700, dir_fd=self.internal)
         return open_beneath(self.internal, self.tree_name, os.O_RDONLY | os.O_DIRECTORY)
 
+    def mark_tree_changed(self) -> None:
+        """Forget, durably, which snapshot the tree is (before the first write of a run to it): a run killed after
+        that leaves no claim behind, so the next run never takes the tree for a published snapshot."""
+        try:
+            os.unlink(TREE_OF, dir_fd=self.internal)
+        except FileNotFoundError:
+            return
+        os.fsync(self.internal)
+
+    def tree_is(self, name: str) -> bool:
+        """Whether the tree is still exactly the published snapshot ``name``: it was published from the tree, and
+        nothing was written to the tree since (btrfs; a hard-link tree is renamed to its snapshot)."""
+        try:
+            fd = open_beneath(self.internal, TREE_OF)
+        except FileNotFoundError:
+            return False
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read() == name.encode()
+
     # -- snapshots ---------------------------------------------------------------------------------------------
     def snapshot_names(self) -> list[str]:
         if self.snapshots < 0:
@@ -232,6 +254,17 @@ class Target:
             os.rename(self.tree_name, name, src_dir_fd=self.internal, dst_dir_fd=self.snapshots)
         os.fsync(self.snapshots)
         self.clear_journal()
+        if self.btrfs:
+            # The mirror is this snapshot until the next write to it. Not fsynced: lost in a crash, it only costs
+            # the next run its no-change shortcut (and an older name left in its place does not match the newest).
+            tmp = f".{TREE_OF}.tmp.{os.getpid()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=self.internal)
+            try:
+                os.write(fd, name.encode())
+            finally:
+                os.close(fd)
+            os.rename(tmp, TREE_OF, src_dir_fd=self.internal, dst_dir_fd=self.internal)
 
     # -- journal -----------------------------------------------------------------------------------------------
     def journal_add(self, relpath: str, record: Record) -> None:

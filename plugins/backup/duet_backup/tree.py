@@ -11,6 +11,10 @@ A regular file's copy is trusted when a record says which source version ``(inod
 made from and the tree's file still has that size and mtime: ``staged`` (the journal of copies made since the last
 snapshot) or ``published`` (the last snapshot's manifest). With ``prev_fd`` (hard-link snapshots on filesystems
 other than btrfs) an unchanged file is linked from the previous snapshot instead of being copied.
+
+The pass records the version of every other entry too (directories, symlinks, special files: ``entries``), so the
+next run can tell with :func:`unchanged` — one ``stat`` per entry, no directory listing — that nothing at all
+changed since, and skip this pass (see ``BackupTask._publish``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ class SyncResult:
     """What the pass found and did; ``files`` is the manifest of regular files: relpath -> Record."""
 
     files: dict[str, Record] = field(default_factory=dict)
+    # relpath -> [inode, mtime ns, ctime ns] of every directory ("" is the root), symlink and special file, as
+    # stat'ed before it was listed or copied: what :func:`unchanged` compares with.
+    entries: dict[str, list[int]] = field(default_factory=dict)
     copied: int = 0
     copied_bytes: int = 0
     linked: int = 0
@@ -54,6 +61,7 @@ class SyncResult:
     changed: list[str] = field(default_factory=list)    # changed while copied (copy kept, flagged)
     special: list[str] = field(default_factory=list)    # fifos, sockets, devices (recreated, never opened)
     errors: list[str] = field(default_factory=list)
+    unchanged: bool = False   # no pass was needed: nothing changed since the last snapshot (BackupTask._unchanged)
 
 
 @dataclass
@@ -84,7 +92,9 @@ class TreeSync:
         self._groups: dict[tuple[int, int], list[_Member]] = {}
 
     def run(self) -> SyncResult:
-        self._dirs.append(("", os.fstat(self.src_fd)))
+        root = os.fstat(self.src_fd)
+        self._dirs.append(("", root))
+        self.result.entries[""] = entry_sig(root)
         stack = [""]
         while stack:
             reldir = stack.pop()
@@ -128,9 +138,11 @@ class TreeSync:
                             os.mkdir(name, 0o700, dir_fd=tree_dir)
                         self._dirs.append((rel, st))
                         self.result.dirs += 1
+                        self.result.entries[rel] = entry_sig(st)
                         stack.append(rel)
                     elif stat.S_ISLNK(st.st_mode):
                         self._sync_symlink(src_dir, tree_dir, name, st)
+                        self.result.entries[rel] = entry_sig(st)
                     elif stat.S_ISREG(st.st_mode):
                         if st.st_nlink > 1:
                             self._groups.setdefault((st.st_dev, st.st_ino), []).append(_Member(reldir, name, st))
@@ -138,6 +150,7 @@ class TreeSync:
                             self._sync_file(src_dir, tree_dir, prev_dir, reldir, name, st, name in have)
                     else:
                         self._sync_special(tree_dir, name, st)
+                        self.result.entries[rel] = entry_sig(st)
                         if len(self.result.special) < MAX_LISTED:
                             self.result.special.append(rel)
                 except FileNotFoundError:
@@ -328,6 +341,48 @@ class _Dirs:
         for fd in self.fds:
             if fd >= 0:
                 os.close(fd)
+
+
+def entry_sig(st: os.stat_result) -> list[int]:
+    """The version of a directory, symlink or special file as :func:`unchanged` compares it."""
+    return [st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def unchanged(src_fd: int, files: dict[str, Record], entries: dict[str, list[int]]) -> bool:
+    """Whether the tree below ``src_fd`` is still exactly what a sync pass recorded (``SyncResult.files`` and
+    ``.entries``): every directory, symlink, special file and regular file has the same version.
+
+    One ``stat`` per entry, by name below its directory (opened without following any symlink); no directory is
+    listed. A directory's mtime and ctime change whenever a name is added to it, removed or renamed, and any entry's
+    ctime changes with its contents, owner, mode, xattrs or link count: so when every directory is unchanged, the
+    recorded names are all the names there are, and when every entry is unchanged, a new pass would find nothing
+    to do. Any difference, or any error, answers False (the caller then runs the full pass)."""
+    names: dict[str, list[tuple[str, list]]] = {"": []}   # the root is checked even when it is empty
+    for rel, rec in files.items():
+        reldir, _, name = rel.rpartition("/")
+        names.setdefault(reldir, []).append((name, [rec[0], rec[2], rec[3], rec[1]]))
+    for rel, rec in entries.items():
+        if rel:
+            reldir, _, name = rel.rpartition("/")
+            names.setdefault(reldir, []).append((name, rec))
+    if names.keys() - entries.keys():
+        return False      # a name in a directory the record does not know: not a record to trust
+    try:
+        for reldir, members in names.items():   # an empty directory is checked as a member of its parent
+            fd = open_beneath(src_fd, reldir or ".", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                if entry_sig(os.fstat(fd)) != entries[reldir]:
+                    return False
+                for name, want in members:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    have = entry_sig(st) if len(want) == 3 else [*entry_sig(st), st.st_size]
+                    if have != want:
+                        return False
+            finally:
+                os.close(fd)
+    except OSError:
+        return False
+    return True
 
 
 def _same_kind(entry: os.DirEntry, kind: int) -> bool:
