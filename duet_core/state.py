@@ -379,6 +379,12 @@ class StateStore:
             yield FileId(d, s, i), file_id
 
     def all_ids(self, scope_id: int) -> BitMap:
+        """The ids of the scope's files. Ids are handed out in order and never reused, so they are often one run
+        (no file ever removed): then three aggregates answer it without reading a row per file."""
+        lo, hi, n = self.db.execute("SELECT MIN(id), MAX(id), COUNT(*) FROM files WHERE scope_id=?",
+                                    (scope_id,)).fetchone()
+        if n and hi - lo + 1 == n:
+            return BitMap(range(lo, hi + 1))
         return BitMap(r[0] for r in self.db.execute("SELECT id FROM files WHERE scope_id=?", (scope_id,)))
 
     def dataset_bytes(self, scope_id: int) -> int:

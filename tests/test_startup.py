@@ -130,6 +130,7 @@ def test_the_first_scan_is_stored_in_scan_order_and_later_scans_keep_the_ids(ext
     store.sync_files(sid, first)
     ids = {f.relpath: f.id for f in store.files(sid)}
     assert list(ids) == [f.relpath for f in first] and list(ids.values()) == list(range(5))
+    assert list(store.all_ids(sid)) == list(range(5))
     stored = {f.relpath: (f.fid, f.size) for f in store.files(sid)}
     assert stored == {f.relpath: (f.fid, f.size) for f in first}
 
@@ -139,4 +140,5 @@ def test_the_first_scan_is_stored_in_scan_order_and_later_scans_keep_the_ids(ext
     store.sync_files(sid, Scope(root).scan())
     again = {f.relpath: f.id for f in store.files(sid)}
     assert again == {**{r: i for r, i in ids.items() if r != gone}, "d0/new": 5}
+    assert list(store.all_ids(sid)) == sorted(again.values())   # no longer one run of ids
     store.close()
