@@ -16,7 +16,6 @@ import logging
 import os
 import time
 from array import array
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +25,7 @@ from duet_core import residency
 from duet_core.errors import BpfUnavailable, DuetError
 from duet_core.events import EVENTS, STATES, Batch, Event, FileId
 from duet_core.identity import file_id
-from duet_core.scope import ScannedFile, Scope
+from duet_core.scope import Scope
 from duet_core.sources import BpfSource, Changes, PollSource, Source, kernel_mask
 
 log = logging.getLogger("duet.engine")
@@ -138,9 +137,9 @@ class Engine:
         """Watch ``path`` for the events/states in ``mask``; files already cached are reported as EXISTS.
 
         ``scope``: a Scope of ``path`` the caller has already scanned (duet run records the scan in its state).
-        ``snapshot``: the ``(fid, relpath)`` pairs whose residency to read now (default: every file of the scope).
-        A caller that only cares about some files (duet run: those a task still needs) or that took the snapshot
-        during the walk (:meth:`scan`) names fewer; cached files the engine knows of already are reported either way.
+        ``snapshot``: the ``(fid, relpath)`` pairs whose residency to read now (default: every file of the scope) —
+        fewer when the caller cares only about some files (duet run: those a task still needs; none for a second
+        registration of a scope read already). Cached files the engine knows of are reported either way.
         """
         mask = Event(mask)
         if not mask & (EVENTS | STATES):
@@ -166,17 +165,6 @@ class Engine:
         if reg.mask & STATES:
             reg.touched.update(fid for fid in self.files if fid in scope.files)
         return reg
-
-    def scan(self, scope: Scope, mask: Event | int) -> Iterator[ScannedFile]:
-        """Walk ``scope`` for the first time (:meth:`Scope.scan`) and take the start-up snapshot on the way.
-
-        Each (dev, subvol) pair is put in the kernel filter — with ``mask``, the mask of the registration to come —
-        before the walk examines any file on it, and each file's residency is read as the walk opens it, so a page
-        cached between the snapshot and the registration is not missed (its event waits in the kernel until the
-        first drain after :meth:`register`, which then needs ``snapshot=()``). Events lost meanwhile (a kernel map
-        full during a long walk) are noticed at that first drain and the scope's residency is read again.
-        """
-        return scope.scan(_SnapshotProbe(self, kernel_mask(Event(mask))))
 
     def unregister(self, reg: Registration) -> None:
         self.regs.pop(reg.id, None)
@@ -217,29 +205,24 @@ class Engine:
                 except OSError:
                     continue
                 try:
-                    self._record(fid, fd, state_regs)
+                    counts = residency.cachestat(fd)
+                    if counts is not None and counts.nr_cache == 0:
+                        pages = BitMap()
+                    else:
+                        pages = residency.resident_pages(fd, os.fstat(fd).st_size)
+                except OSError:
+                    continue
                 finally:
                     os.close(fd)
-
-    def _record(self, fid: FileId, fd: int, state_regs) -> None:
-        """Read one open file's residency into the shared state (a file that cannot be read is left as it was)."""
-        try:
-            counts = residency.cachestat(fd)
-            if counts is not None and counts.nr_cache == 0:
-                pages = BitMap()
-            else:
-                pages = residency.resident_pages(fd, os.fstat(fd).st_size)
-        except OSError:
-            return
-        st = self.files.get(fid)
-        if st is None:
-            if not pages:
-                return
-            st = self.files[fid] = FileState()
-        st.exists = BitMap(pages)
-        st.modified &= st.exists
-        for reg in state_regs:
-            reg.touched.add(fid)
+                st = self.files.get(fid)
+                if st is None:
+                    if not pages:
+                        continue
+                    st = self.files[fid] = FileState()
+                st.exists = BitMap(pages)
+                st.modified &= st.exists
+                for reg in state_regs:
+                    reg.touched.add(fid)
 
     # -- fetching --------------------------------------------------------------------------------------------------
     def pump(self, force: bool = False) -> None:
@@ -517,23 +500,6 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class _SnapshotProbe:
-    """The start-up snapshot taken during a scope's walk (:meth:`Engine.scan`): the filter first, then residency."""
-
-    def __init__(self, engine: Engine, kmask: int):
-        self.engine = engine
-        self.kmask = kmask
-
-    def pair(self, key: tuple[int, int]) -> None:
-        engine = self.engine
-        if key not in engine._kernel_pairs:
-            engine.source.set_scope(key[0], key[1], self.kmask, True)   # partial until the walk is complete
-            engine._kernel_pairs.add(key)
-
-    def file(self, fid: FileId, fd: int) -> None:
-        self.engine._record(fid, fd, ())
 
 
 def _runs(parts: list[tuple[Event, BitMap]]):

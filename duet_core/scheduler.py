@@ -47,7 +47,6 @@ PREFETCH_MAX = 64 << 20       # no file larger than this is read ahead
 PREFETCH_BYTES = 32 << 20     # read ahead at most this much ...
 PREFETCH_FILES = 64           # ... in at most this many files
 ID_CACHE = 1 << 16     # FileId <-> file id pairs kept in memory (the store has them all)
-RUN_EVENTS = Event.EXISTS | Event.MODIFIED   # the run's state registration (what is cached, what is dirty)
 BULK_LOOKUP = 2000     # more touched files than this at once: map them to file ids in one pass over the store
 
 # Exit codes of `duet run` / `duet watch` (docs/cli.md).
@@ -202,32 +201,7 @@ class Runner:
         self.scope_id = store.scope_id(self.root)
         self.run_id = store.start_run(self.scope_id, [t.name for t in self.tasks])
         scope = Scope(self.root, one_file_system=self.opts.one_file_system)
-        self.engine: Engine | None = None
-        try:
-            if not store.has_files(self.scope_id):
-                # A scope's first scan: every file is new to every task, so the start-up snapshot of what is cached
-                # rides on the walk (one open per file) instead of a second pass once planning is done.
-                self.engine = self._open_engine()
-                store.sync_files(self.scope_id, self.engine.scan(scope, RUN_EVENTS))
-                snapshot = ()
-            else:
-                store.sync_files(self.scope_id, scope.scan())
-                snapshot = None
-            return self._run_scanned(started, io_start, scope, snapshot)
-        finally:
-            self._close_engine()
-
-    def _open_engine(self) -> Engine:
-        return Engine(source=self.opts.source, skip_own_reads=True)
-
-    def _close_engine(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
-
-    def _run_scanned(self, started: float, io_start: int, scope: Scope, snapshot) -> dict:
-        """The run once the scope is scanned; ``snapshot`` is ``()`` if the engine read residency during the walk."""
-        store = self.store
+        store.sync_files(self.scope_id, scope.scan())
         phases = {"scan_s": time.monotonic() - started}
         if scope.skipped:   # unreadable, too deep for PATH_MAX, or gone while the walk ran: said, not hidden
             self.ui.message(f"{scope.skipped} director(ies) or entries of the scope could not be read and were "
@@ -248,10 +222,7 @@ class Runner:
         for r in self.runs:
             self._todo |= r.progress.pending
         if self._todo or self.opts.mode == "watch":
-            if snapshot is None:   # the snapshot: only the files some task still needs
-                snapshot = self._pending_files()
-                self.engine = self._open_engine()
-            source, engine_stats = self._run_engine(started, phases, dataset_bytes, snapshot)
+            source, engine_stats = self._run_engine(started, phases, dataset_bytes)
         else:   # nothing to do: no BPF program to load, no snapshot to take
             source, engine_stats = "none", {}
             self.ui.started({r.name: r.report for r in self.runs}, dataset_bytes, source)
@@ -286,19 +257,19 @@ class Runner:
         self.ui.finished(summary)
         return summary
 
-    def _run_engine(self, started: float, phases: dict, dataset_bytes: int, snapshot) -> tuple[str, dict]:
-        """The processing loop, with the page-cache engine watching the scope; returns its source and counters.
-
-        ``snapshot``: the files whose residency the registration reads (``()``: read during the walk already)."""
-        with self.engine as engine:   # closed when the loop ends
+    def _run_engine(self, started: float, phases: dict, dataset_bytes: int) -> tuple[str, dict]:
+        """The processing loop, with the page-cache engine watching the scope; returns its source and counters."""
+        with Engine(source=self.opts.source, skip_own_reads=True) as engine:
+            self.engine = engine
             if engine.source_warning:
                 self.ui.message(engine.source_warning)
             engine.on_rescan = self._on_rescan
             t0 = time.monotonic()
             # State (what is cached, what is dirty) is read from the engine's shared file states; only range tasks
             # that count foreground reads need page events, through a second registration.
-            self.reg = engine.register("duet-run", RUN_EVENTS, self.root, self.opts.one_file_system,
-                                       scope=self.scope, snapshot=snapshot)
+            # The start-up snapshot reads only the files some task still needs (a resumed round: a few).
+            self.reg = engine.register("duet-run", Event.EXISTS | Event.MODIFIED, self.root,
+                                       self.opts.one_file_system, scope=self.scope, snapshot=self._pending_files())
             self.reg_added = None
             if any(r.spec.granularity == "range" and r.spec.events & Event.ADDED for r in self.runs):
                 self.reg_added = engine.register("duet-run-reads", Event.ADDED | Event.DIRTIED, self.root,

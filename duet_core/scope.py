@@ -27,7 +27,7 @@ import stat
 import time
 from array import array
 from collections.abc import Callable, Iterator, Mapping
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import numpy as np
 
@@ -55,30 +55,13 @@ def open_regular(root_fd: int, relpath: str) -> int:
         mode = os.fstat(pfd).st_mode
         if not stat.S_ISREG(mode):
             raise OSError(errno.EINVAL, f"not a regular file (mode {stat.filemode(mode)})", relpath)
-        return _reopen(pfd)
+        proc = f"/proc/self/fd/{pfd}"
+        try:
+            return os.open(proc, os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
+        except PermissionError:   # O_NOATIME needs the file's owner or CAP_FOWNER
+            return os.open(proc, os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(pfd)
-
-
-def _reopen(pfd: int) -> int:
-    """The file behind an ``O_PATH`` descriptor (checked to be a regular file), opened for reading: the same inode,
-    whatever its name points to meanwhile."""
-    proc = f"/proc/self/fd/{pfd}"
-    try:
-        return os.open(proc, os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
-    except PermissionError:   # O_NOATIME needs the file's owner or CAP_FOWNER
-        return os.open(proc, os.O_RDONLY | os.O_CLOEXEC)
-
-
-class Probe(Protocol):
-    """What :meth:`Scope.scan` tells while it walks (the engine's start-up snapshot)."""
-
-    def pair(self, key: tuple[int, int]) -> None:
-        """The walk is about to examine files of this (superblock dev, subvol) pair (called again for each
-        directory on it)."""
-
-    def file(self, fid: FileId, fd: int) -> None:
-        """A regular file of the scope, open for reading (closed again after the call)."""
 
 
 class ScannedFile(NamedTuple):
@@ -239,7 +222,6 @@ class Scope:
         self._dirs: dict[str, _Dir] = {}
         self._changed = False   # the last walk changed some directory: rebuild the index
         self._devmap = DevMap()
-        self._probe: Probe | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -291,29 +273,19 @@ class Scope:
         finally:
             os.close(root_fd)
 
-    def scan(self, probe: Probe | None = None) -> Iterator[ScannedFile]:
+    def scan(self) -> Iterator[ScannedFile]:
         """Walk the whole tree afresh, yielding ``(fid, relpath, size, ...)`` per regular file (each file once).
 
         The index (``files``, ``devs()``) is complete once the iterator is exhausted.
-
-        ``probe``, if given, is told of each (superblock dev, subvol) pair before any file on it is examined
-        (``probe.pair(key)``) and is handed every regular file found, open for reading (``probe.file(fid, fd)``):
-        the engine's start-up snapshot rides on the walk that way, one open per file instead of a second pass. The
-        file is opened as :func:`open_regular` does (``O_PATH``, then reopened through ``/proc/self/fd`` only if it
-        is a regular file), relative to its directory, which the walk opened beneath the root.
         """
         self._dirs = {}
-        self._probe = probe
         linked: set[FileId] = set()   # files with more than one link, seen once already
-        try:
-            for change in self._walk():
-                if change.nlink > 1:
-                    if change.fid in linked:
-                        continue
-                    linked.add(change.fid)
-                yield change
-        finally:
-            self._probe = None
+        for change in self._walk():
+            if change.nlink > 1:
+                if change.fid in linked:
+                    continue
+                linked.add(change.fid)
+            yield change
         self.files = FileIndex(self._dirs)
 
     def rescan(self) -> ScanDiff:
@@ -390,8 +362,6 @@ class Scope:
                 yield from self._drop(rel)  # a second view of a directory (bind mount), or another filesystem
                 return
             seen.add((st.st_dev, st.st_ino))
-            if self._probe is not None:
-                self._probe.pair((info.dev, info.subvol))
             if old and (old.st_dev, old.st_ino, old.mtime_ns) == (st.st_dev, st.st_ino, st.st_mtime_ns):
                 stack.extend(_join(rel, name) for name in old.subdirs)
                 return
@@ -431,7 +401,7 @@ class Scope:
                     fid = FileId(dev, subvol, entry.inode())
                     if known.get(entry.name) != fid:
                         relpath = _join(rel, entry.name)
-                        fid, fst = self._new_file(entry, st.st_dev, fid, root_fd, relpath, fd, key)
+                        fid, fst = self._new_file(entry, st.st_dev, fid, root_fd, relpath)
                         yield ScannedFile(fid, relpath, fst.st_size, fst.st_mtime_ns, fst.st_ctime_ns, fst.st_nlink)
                 except OSError as exc:
                     self._skip(_join(rel, entry.name), exc)  # vanished while we looked
@@ -454,37 +424,18 @@ class Scope:
         stack.extend(_join(rel, name) for name in subdirs)
 
     def _new_file(
-        self, entry: os.DirEntry, dir_dev: int, fid: FileId, root_fd: int, relpath: str, dir_fd: int,
-        key: tuple[int, int],
+        self, entry: os.DirEntry, dir_dev: int, fid: FileId, root_fd: int, relpath: str
     ) -> tuple[FileId, os.stat_result]:
         """``lstat`` a file not seen before for its size and times, and check the id guessed from its directory entry.
 
         A file that is itself a mount point (a bind mount onto a file) has another device and inode than its
-        directory entry says; it then gets its own id. With a probe (:meth:`scan`), the file is opened ``O_PATH``
-        and ``fstat``-ed instead of ``lstat``-ed (the same answer: neither follows a symlink), and a regular file
-        of the directory's own (dev, subvol) is handed to the probe.
+        directory entry says; it then gets its own id.
         """
-        if self._probe is None:
-            st = entry.stat(follow_symlinks=False)
-            pfd = -1
-        else:
-            pfd = os.open(entry.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            if pfd >= 0:
-                st = os.fstat(pfd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.ESTALE, "replaced while being examined", relpath)
-            if (st.st_dev, st.st_ino) != (dir_dev, fid.ino):
-                fid = self._devmap.file_id(st.st_dev, st.st_ino, relpath, root_fd)
-            if pfd >= 0 and (fid.dev, fid.subvol) == key:
-                fd = _reopen(pfd)
-                try:
-                    self._probe.file(fid, fd)
-                finally:
-                    os.close(fd)
-        finally:
-            if pfd >= 0:
-                os.close(pfd)
+        st = entry.stat(follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.ESTALE, "replaced while being examined", relpath)
+        if (st.st_dev, st.st_ino) != (dir_dev, fid.ino):
+            fid = self._devmap.file_id(st.st_dev, st.st_ino, relpath, root_fd)
         return fid, st
 
     def _skip(self, rel: str, exc: OSError) -> None:

@@ -1,22 +1,18 @@
-"""A run's start-up (issue #3): the start-up snapshot taken during a scope's first walk, the snapshot of a resumed
-round limited to the files still pending, and the first scan written straight into the state store.
-
-Everything on real loop filesystems with the real BPF programs; cached pages are checked against mincore's truth.
-"""
+"""A run's start-up (issue #3): the start-up snapshot limited to the files some task still needs, and a scope's
+first scan written straight into the state store. On real loop filesystems with the real BPF programs."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
-from fsimage import btrfs_subvol
 from plugin_dist import evict_tree, make_dataset, read_log
 from test_engine import cold_read, evict, write_file
 from test_framework import M, direct_fs, registry, run_tasks, scan_order  # noqa: F401 - direct_fs is a fixture
 
 from duet_core import residency
 from duet_core.engine import Engine
-from duet_core.events import Event, FileId
+from duet_core.events import PAGE_SIZE, Event
 from duet_core.identity import file_id
 from duet_core.scheduler import EXIT_OK, EXIT_STOPPED
 from duet_core.scope import Scope
@@ -32,72 +28,6 @@ def truth(path: str) -> set[int]:
         return set(residency.resident_pages(fd, os.fstat(fd).st_size))
     finally:
         os.close(fd)
-
-
-class Recorder:
-    """A probe that records what :meth:`Scope.scan` tells it, and what it was handed."""
-
-    def __init__(self):
-        self.calls: list[tuple] = []
-
-    def pair(self, key):
-        self.calls.append(("pair", key))
-
-    def file(self, fid, fd):
-        st = os.fstat(fd)
-        self.calls.append(("file", fid, st.st_ino, os.readlink(f"/proc/self/fd/{fd}")))
-
-
-def test_a_probed_walk_hands_over_each_regular_file_once_after_its_pair(btrfs_fs):
-    m = btrfs_fs.mnt
-    root = f"{m}/root"
-    os.makedirs(root)
-    write_file(f"{root}/a", 4096)
-    btrfs_subvol(f"{root}/sub")
-    write_file(f"{root}/sub/b", 4096)
-    os.link(f"{root}/a", f"{root}/a-link")          # one file, two names: handed over once
-    os.makedirs(f"{m}/outside")
-    write_file(f"{m}/outside/secret", 4096)
-    os.symlink(f"{m}/outside/secret", f"{root}/to-secret")
-    os.symlink(f"{m}/outside", f"{root}/to-outside")
-    os.mkfifo(f"{root}/fifo")
-
-    probe = Recorder()
-    scanned = list(Scope(root).scan(probe))
-    files = [c for c in probe.calls if c[0] == "file"]
-    got = {c[1] for c in files}
-    assert got == {f.fid for f in scanned} == {file_id(f"{root}/a"), file_id(f"{root}/sub/b")}
-    # Each was handed over open on the right inode, at a path inside the scope, and after its pair was announced.
-    for _, fid, ino, where in files:
-        assert ino == fid.ino and where.startswith(root + "/")
-        first_file = probe.calls.index(next(c for c in files if c[1] == fid))
-        assert ("pair", (fid.dev, fid.subvol)) in probe.calls[:first_file]
-    assert not any("outside" in c[3] for c in files)   # symlinks out of the scope are never opened
-
-
-def test_the_walk_s_snapshot_misses_no_page_cached_before_or_while_it_ran(ext4_fs, bpf_required):
-    root = os.path.join(ext4_fs.mnt, "data")
-    os.makedirs(root)
-    paths = [os.path.join(root, f"f{i}") for i in range(6)]
-    for p in paths:
-        write_file(p, 256 << 10)
-        evict(p)
-    cold_read(paths[0])                        # cached before the run
-    with Engine(source="bpf") as engine:
-        scope = Scope(root)
-        walked = [found.relpath for found in engine.scan(scope, Event.EXISTS)]
-        later = os.path.join(root, next(r for r in walked if os.path.join(root, r) != paths[0]))
-        cold_read(later)                       # after the walk read its residency, before the registration
-        reg = engine.register("t", Event.EXISTS, root, scope=scope, snapshot=())
-        engine.pump(force=True)
-        batch = engine.fetch(reg)
-    exists: dict[FileId, set[int]] = {}
-    for it in batch.items:
-        if it.flags & Event.EXISTS:
-            exists.setdefault(it.fid, set()).update(range(it.index, it.index + it.count))
-    expect = {file_id(p): truth(p) for p in {paths[0], later}}
-    assert all(expect.values()), "the reads left nothing cached"
-    assert exists == expect
 
 
 @pytest.mark.usefixtures("bpf_required")
@@ -142,3 +72,31 @@ def test_the_first_scan_is_stored_in_scan_order_and_later_scans_keep_the_ids(ext
     assert again == {**{r: i for r, i in ids.items() if r != gone}, "d0/new": 5}
     assert list(store.all_ids(sid)) == sorted(again.values())   # no longer one run of ids
     store.close()
+
+
+def exists_pages(batch) -> dict:
+    out: dict = {}
+    for it in batch.items:
+        if it.flags & Event.EXISTS:
+            out.setdefault(it.fid, set()).update(range(it.index, it.index + it.count))
+    return out
+
+
+def test_a_registration_reads_the_files_it_names_and_reports_all_it_knows(ext4_fs, bpf_required):
+    root = os.path.join(ext4_fs.mnt, "data")
+    os.makedirs(root)
+    a, b = os.path.join(root, "a"), os.path.join(root, "b")
+    for p in (a, b):
+        write_file(p, 1 << 20)
+        evict(p)
+        cold_read(p, 64 * PAGE_SIZE)
+    assert truth(a) and truth(b), "the reads left nothing cached"
+    with Engine(source="bpf") as engine:
+        scope = Scope(root)
+        for _ in scope.scan():
+            pass
+        first = engine.register("t", Event.EXISTS, root, scope=scope, snapshot=[(file_id(a), "a")])
+        assert exists_pages(engine.fetch(first)) == {file_id(a): truth(a)}   # b was not named: not read
+        # A second state registration that reads nothing is still told of what the engine knows is cached.
+        second = engine.register("u", Event.EXISTS, root, scope=scope, snapshot=())
+        assert exists_pages(engine.fetch(second)) == {file_id(a): truth(a)}
