@@ -291,11 +291,13 @@ class Runner:
             return engine.source_name, stats
 
     def _pending_files(self):
-        """``(fid, relpath)`` of the files some task still needs (``_todo``), streamed from the state store."""
+        """``(fid, relpath)`` of the files some task still needs (``_todo``), streamed from the state store; None
+        when that is every file of the scope (a new round), which the engine reads faster from the scope itself."""
         todo = self._todo
-        for f in self.store.files(self.scope_id, todo if len(todo) < 1000 else None):
-            if f.id in todo:
-                yield f.fid, f.relpath
+        if len(todo) >= len(self.scope.files):
+            return None
+        return ((f.fid, f.relpath) for f in self.store.files(self.scope_id, todo if len(todo) < 1000 else None)
+                if f.id in todo)
 
     def _file_id(self, fid: FileId) -> int | None:
         """The scope's compact id of ``fid``, or None if it is not a file of the scope (yet)."""

@@ -100,3 +100,29 @@ def test_a_registration_reads_the_files_it_names_and_reports_all_it_knows(ext4_f
         # A second state registration that reads nothing is still told of what the engine knows is cached.
         second = engine.register("u", Event.EXISTS, root, scope=scope, snapshot=())
         assert exists_pages(engine.fetch(second)) == {file_id(a): truth(a)}
+
+
+def test_the_whole_scope_pass_opens_only_the_regular_files_the_walk_saw(ext4_fs):
+    m = ext4_fs.mnt
+    root = os.path.join(m, "scope")
+    for d in ("d", "e"):
+        os.makedirs(os.path.join(root, d))
+    names = ["d/a", "d/b", "d/c", "e/f", "e/g"]
+    for rel in names:
+        write_file(os.path.join(root, rel), 4096, sync=False)
+    write_file(os.path.join(m, "secret"), 4096, sync=False)
+    scope = Scope(root)
+    walked = {f.relpath: f.fid for f in scope.scan()}
+    # Between the walk and the pass: b becomes a symlink out of the scope, c a fifo, f another file, g is gone.
+    os.unlink(os.path.join(root, "d/b"))
+    os.symlink(os.path.join(m, "secret"), os.path.join(root, "d/b"))
+    os.unlink(os.path.join(root, "d/c"))
+    os.mkfifo(os.path.join(root, "d/c"))
+    write_file(os.path.join(root, "e/f.new"), 4096, sync=False)
+    os.rename(os.path.join(root, "e/f.new"), os.path.join(root, "e/f"))
+    os.unlink(os.path.join(root, "e/g"))
+    opened = []
+    for fid, fd in scope.open_all():
+        st = os.fstat(fd)
+        opened.append((fid, st.st_ino, os.readlink(f"/proc/self/fd/{fd}")))
+    assert opened == [(walked["d/a"], walked["d/a"].ino, os.path.join(root, "d/a"))]
