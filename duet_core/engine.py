@@ -133,10 +133,13 @@ class Engine:
 
     # -- registrations ---------------------------------------------------------------------------------------------
     def register(self, name: str, mask: Event | int, path: str, one_file_system: bool = False,
-                 scope: Scope | None = None) -> Registration:
+                 scope: Scope | None = None, snapshot=None) -> Registration:
         """Watch ``path`` for the events/states in ``mask``; files already cached are reported as EXISTS.
 
         ``scope``: a Scope of ``path`` the caller has already scanned (duet run records the scan in its state).
+        ``snapshot``: the ``(fid, relpath)`` pairs whose residency to read now (default: every file of the scope) —
+        fewer when the caller cares only about some files (duet run: those a task still needs; none for a second
+        registration of a scope read already). Cached files the engine knows of are reported either way.
         """
         mask = Event(mask)
         if not mask & (EVENTS | STATES):
@@ -158,7 +161,9 @@ class Engine:
         self.regs[reg.id] = reg
         self._sync_kernel_scopes()
         # Snapshot after the kernel filter is in place, so nothing falls between the two.
-        self._snapshot(scope, scope.files.items(), [reg])
+        self._snapshot(scope, snapshot, [reg])
+        if reg.mask & STATES:
+            reg.touched.update(fid for fid in self.files if fid in scope.files)
         return reg
 
     def unregister(self, reg: Registration) -> None:
@@ -187,12 +192,18 @@ class Engine:
         self._kernel_pairs = set(want)
 
     def _snapshot(self, scope: Scope, files, regs: list[Registration]) -> None:
-        """Read the residency of ``files``, ``(fid, relpath)`` pairs, (cachestat, then mincore) into the shared state.
+        """Read the residency of ``files``, ``(fid, relpath)`` pairs (None: every file of the scope), (cachestat, then
+        mincore) into the shared state.
 
-        One ``open`` + ``cachestat`` + ``close`` per file (the scope's root stays open for the pass); only a file
-        with pages in the cache is ``fstat``-ed and, if partly cached, checked page by page.
+        One ``open`` + ``cachestat`` + ``close`` per file; only a file with pages in the cache is ``fstat``-ed and,
+        if partly cached, checked page by page. The whole scope is opened directory by directory
+        (:meth:`Scope.open_all`), named files beneath the scope's root, which stays open for the pass.
         """
         state_regs = [reg for reg in regs if reg.mask & STATES]
+        if files is None:
+            for fid, fd in scope.open_all():
+                self._record(fid, fd, state_regs)
+            return
         with scope.opener() as open_file:
             for fid, rel in files:
                 try:
@@ -200,24 +211,29 @@ class Engine:
                 except OSError:
                     continue
                 try:
-                    counts = residency.cachestat(fd)
-                    if counts is not None and counts.nr_cache == 0:
-                        pages = BitMap()
-                    else:
-                        pages = residency.resident_pages(fd, os.fstat(fd).st_size)
-                except OSError:
-                    continue
+                    self._record(fid, fd, state_regs)
                 finally:
                     os.close(fd)
-                st = self.files.get(fid)
-                if st is None:
-                    if not pages:
-                        continue
-                    st = self.files[fid] = FileState()
-                st.exists = BitMap(pages)
-                st.modified &= st.exists
-                for reg in state_regs:
-                    reg.touched.add(fid)
+
+    def _record(self, fid: FileId, fd: int, state_regs: list[Registration]) -> None:
+        """One open file's residency into the shared state (left as it was if it cannot be read)."""
+        try:
+            counts = residency.cachestat(fd)
+            if counts is not None and counts.nr_cache == 0:
+                pages = BitMap()
+            else:
+                pages = residency.resident_pages(fd, os.fstat(fd).st_size)
+        except OSError:
+            return
+        st = self.files.get(fid)
+        if st is None:
+            if not pages:
+                return
+            st = self.files[fid] = FileState()
+        st.exists = BitMap(pages)
+        st.modified &= st.exists
+        for reg in state_regs:
+            reg.touched.add(fid)
 
     # -- fetching --------------------------------------------------------------------------------------------------
     def pump(self, force: bool = False) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
+if TYPE_CHECKING:   # numpy is imported where it is used: the CLI's light commands never load it
+    import numpy as np
 
 
 class Event(enum.IntFlag):
@@ -100,6 +101,8 @@ class Batch:
 
     @classmethod
     def empty(cls, resync: bool = False) -> "Batch":
+        import numpy as np  # lazily: `duet status` and `duet --help` import this module and never need numpy
+
         z = np.empty(0, np.int64)
         return cls([], z, z, z, z, resync)
 
@@ -116,6 +119,8 @@ class Batch:
 
     def pages(self, flag: Event) -> dict[FileId, int]:
         """Pages per file whose run has ``flag`` set."""
+        import numpy as np
+
         sel = (self.flags & int(flag)) != 0
         if not sel.any():
             return {}

@@ -17,12 +17,14 @@ import ctypes
 import errno
 import mmap
 import os
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
 from pyroaring import BitMap
 
 from duet_core.events import PAGE_SIZE
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -101,6 +103,8 @@ def cachestat(fd: int, off: int = 0, length: int = 0) -> CacheStat | None:
 
 def _mincore_window(fd: int, first: int, count: int, vec: ctypes.Array) -> np.ndarray:
     """Indexes (relative to ``first``) of the resident pages among ``count`` pages from page ``first``."""
+    import numpy as np  # here: the CLI imports this module for commands that never map a file
+
     length = count * PAGE_SIZE
     addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, first * PAGE_SIZE)
     if addr == MAP_FAILED:
@@ -121,6 +125,8 @@ def mincore_pages(fd: int, size: int) -> BitMap:
     The file is mapped read-only and shared, one window at a time, and never touched, so nothing is faulted in.
     Pages past a shrunken end of file are simply reported absent.
     """
+    import numpy as np
+
     npages = file_pages(size)
     if npages > MAX_PAGES:
         raise OSError(errno.EFBIG, f"file of {size} bytes has more pages than a 32-bit BitMap can index")

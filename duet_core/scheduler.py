@@ -273,12 +273,13 @@ class Runner:
             t0 = time.monotonic()
             # State (what is cached, what is dirty) is read from the engine's shared file states; only range tasks
             # that count foreground reads need page events, through a second registration.
+            # The start-up snapshot reads only the files some task still needs (a resumed round: a few).
             self.reg = engine.register("duet-run", Event.EXISTS | Event.MODIFIED, self.root,
-                                       self.opts.one_file_system, scope=self.scope)
+                                       self.opts.one_file_system, scope=self.scope, snapshot=self._pending_files())
             self.reg_added = None
             if any(r.spec.granularity == "range" and r.spec.events & Event.ADDED for r in self.runs):
                 self.reg_added = engine.register("duet-run-reads", Event.ADDED | Event.DIRTIED, self.root,
-                                                 self.opts.one_file_system, scope=self.scope)
+                                                 self.opts.one_file_system, scope=self.scope, snapshot=())
             # Files every task is done with have their events dropped in the kernel — unless a task wants to hear
             # of writes to them (MODIFIED puts them back in the round).
             self._wants_modified = any(r.spec.events & Event.MODIFIED for r in self.runs)
@@ -294,6 +295,15 @@ class Runner:
                 if reg:
                     engine.unregister(reg)
             return engine.source_name, stats
+
+    def _pending_files(self):
+        """``(fid, relpath)`` of the files some task still needs (``_todo``), streamed from the state store; None
+        when that is every file of the scope (a new round), which the engine reads faster from the scope itself."""
+        todo = self._todo
+        if len(todo) >= len(self.scope.files):
+            return None
+        return ((f.fid, f.relpath) for f in self.store.files(self.scope_id, todo if len(todo) < 1000 else None)
+                if f.id in todo)
 
     def _file_id(self, fid: FileId) -> int | None:
         """The scope's compact id of ``fid``, or None if it is not a file of the scope (yet)."""

@@ -55,13 +55,19 @@ def open_regular(root_fd: int, relpath: str) -> int:
         mode = os.fstat(pfd).st_mode
         if not stat.S_ISREG(mode):
             raise OSError(errno.EINVAL, f"not a regular file (mode {stat.filemode(mode)})", relpath)
-        proc = f"/proc/self/fd/{pfd}"
-        try:
-            return os.open(proc, os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
-        except PermissionError:   # O_NOATIME needs the file's owner or CAP_FOWNER
-            return os.open(proc, os.O_RDONLY | os.O_CLOEXEC)
+        return _reopen(pfd)
     finally:
         os.close(pfd)
+
+
+def _reopen(pfd: int) -> int:
+    """The regular file behind an ``O_PATH`` descriptor, opened for reading: the same inode, whatever its name
+    points to meanwhile."""
+    proc = f"/proc/self/fd/{pfd}"
+    try:
+        return os.open(proc, os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
+    except PermissionError:   # O_NOATIME needs the file's owner or CAP_FOWNER
+        return os.open(proc, os.O_RDONLY | os.O_CLOEXEC)
 
 
 class ScannedFile(NamedTuple):
@@ -116,6 +122,28 @@ def _pack_names(names: list[str]) -> tuple[str, array]:
         starts.append(pos)
         pos += len(name) + 1
     return "\0".join(names), starts
+
+
+def _open_entries(dir_fd: int, d: _Dir) -> Iterator[tuple[FileId, int]]:
+    """:meth:`Scope.open_all` for one directory."""
+    for name, fid in d.entries():
+        try:
+            pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:
+            continue   # gone since the walk
+        try:
+            st = os.fstat(pfd)
+            if not stat.S_ISREG(st.st_mode) or st.st_ino != fid.ino:
+                continue   # replaced since the walk (by a symlink, a device, another file)
+            fd = _reopen(pfd)
+        except OSError:
+            continue
+        finally:
+            os.close(pfd)
+        try:
+            yield fid, fd
+        finally:
+            os.close(fd)
 
 
 class _Lost(NamedTuple):
@@ -270,6 +298,30 @@ class Scope:
 
         try:
             yield open_file
+        finally:
+            os.close(root_fd)
+
+    def open_all(self) -> Iterator[tuple[FileId, int]]:
+        """Every file of the index, open for reading: ``(fid, fd)``, the fd closed when the iteration moves on.
+
+        For a pass over the whole scope (the engine's start-up snapshot): each directory is opened once beneath the
+        root, and each file relative to it by its one-component name, as :func:`open_regular` does (``O_PATH``, no
+        symlink followed, reopened only if it is a regular file and still the inode the walk saw) — without a path
+        to build and resolve per file. A file with several names in the scope may come once per name.
+        """
+        root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for rel, d in self._dirs.items():
+                if not d.inos:
+                    continue
+                try:
+                    dir_fd = open_beneath(root_fd, rel or ".", os.O_RDONLY | os.O_DIRECTORY)
+                except OSError:
+                    continue
+                try:
+                    yield from _open_entries(dir_fd, d)
+                finally:
+                    os.close(dir_fd)
         finally:
             os.close(root_fd)
 

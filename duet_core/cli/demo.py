@@ -17,11 +17,8 @@ import time
 import typer
 
 from duet_core import residency
-from duet_core.bench.together import MIN_SIZE, run_together
 from duet_core.cli.bench import parse_size, render_together
-from duet_core.cli.events import run_view
 from duet_core.cli.output import console, err_console, note
-from duet_core.engine import Engine
 from duet_core.errors import DuetError
 from duet_core.events import EVENTS, PAGE_SIZE
 from duet_core.loopfs import loop_fs
@@ -89,6 +86,11 @@ def demo(
       duet demo --seconds 20 --source poll
       duet demo --together-size 0
     """
+    # Imported here, not at the top: every duet command imports this module to build the command line.
+    from duet_core.bench.together import MIN_SIZE
+    from duet_core.cli.events import run_view
+    from duet_core.engine import Engine
+
     if os.geteuid() != 0:
         raise DuetError("the demo mounts a loop image and needs root")
     size = parse_size(together_size)
@@ -134,6 +136,8 @@ def demo(
 
 def _together(size: int) -> None:
     """A short ``duet bench together``: what sharing one device read saves, on a fresh data set."""
+    from duet_core.bench.together import run_together
+
     console.print(f"\n[bold]duet bench together --size {size >> 20}M[/]: backup, scrub, defrag and gc over one data "
                   "set, page cache capped at a quarter of it — each alone in turn, then in one duet run")
     with err_console.status("starting") as status:

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Group
@@ -15,9 +16,11 @@ from rich.text import Text
 
 from duet_core import residency
 from duet_core.cli.output import console, emit_json, is_tty, note
-from duet_core.engine import Engine
 from duet_core.errors import DuetError, printable
 from duet_core.events import EVENTS, Batch, Event, FileId
+
+if TYPE_CHECKING:   # the engine (numpy, BPF) is imported by the command that uses it
+    from duet_core.engine import Engine
 
 COLUMNS = (("added", Event.ADDED), ("removed", Event.REMOVED), ("dirtied", Event.DIRTIED), ("flushed", Event.FLUSHED))
 
@@ -97,6 +100,8 @@ def events(
     if not os.path.isdir(path):
         raise DuetError(f"not a directory: {path}")
     signal.signal(signal.SIGTERM, _sigterm)
+    from duet_core.engine import Engine
+
     with Engine(source=source) as engine:
         if engine.source_warning:
             note(engine.source_warning)

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -16,9 +17,11 @@ from duet_core.cli.output import console, emit_json, is_tty, note
 from duet_core.config import Config, load_config
 from duet_core.errors import DuetError, printable
 from duet_core.plugins import TaskRegistry, load_plugins
-from duet_core.scheduler import Runner, RunOptions, resolve_options
 from duet_core.state import DEFAULT_STATE_DIR, StateStore
 from duet_core.tasks import TaskReport
+
+if TYPE_CHECKING:   # the scheduler (numpy, the engine, BPF) is imported by the commands that run: see _execute_runs
+    from duet_core.scheduler import Runner
 
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 log = logging.getLogger("duet.cli")
@@ -276,6 +279,8 @@ def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget
              idle_io: bool | None, cache_hygiene: bool | None, one_file_system: bool | None, json_out: bool,
              config_path: str | None, state_dir_opt: str | None, source: str, opts: list[str], mode: str,
              quiet: bool, metrics_dir: str | None, reload: Reload | None = None) -> None:
+    from duet_core.scheduler import Runner, RunOptions, resolve_options
+
     tasks, extra = split_args(list(tasks) + list(ctx.args))
     config = load_config(config_path)
     metrics_dir = metrics_dir or config.metrics_dir
