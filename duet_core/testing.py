@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -89,11 +90,18 @@ class ScratchFs:
 
 
 def evict_file(path: str) -> None:
-    """Write back and drop from the page cache the file at ``path`` (never followed if a symlink)."""
+    """Write back and drop from the page cache the file at ``path`` (never followed if a symlink).
+
+    One ``fadvise(DONTNEED)`` can leave a few pages (still in a per-CPU LRU batch, or locked for a moment on a busy
+    machine): it is tried again, briefly, until none is left."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.fsync(fd)
-        residency.evict(fd)
+        for _ in range(50):
+            residency.evict(fd)
+            if residency.resident_count(fd) == 0:
+                return
+            time.sleep(0.02)
     finally:
         os.close(fd)
 
