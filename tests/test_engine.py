@@ -16,6 +16,7 @@ from duet_core import residency
 from duet_core.engine import Engine
 from duet_core.events import EVENTS, PAGE_SIZE, Event, FileId
 from duet_core.identity import file_id
+from duet_core.testing import evict_file
 
 pytestmark = pytest.mark.bpf
 
@@ -28,20 +29,7 @@ def write_file(path: str, size: int, sync: bool = True) -> None:
             os.fsync(fh.fileno())
 
 
-def evict(path: str) -> None:
-    """Drop every page of ``path`` from the cache. One fadvise(DONTNEED) can leave a few pages (still in a
-    per-CPU LRU batch, or locked for a moment on a busy machine): try again until none is left."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        for _ in range(50):
-            residency.evict(fd)
-            if residency.resident_count(fd) == 0:
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"{path}: pages still cached after 50 evictions")
-    finally:
-        os.close(fd)
+evict = evict_file   # every page, tried again briefly while one is left
 
 
 def cold_read(path: str, length: int | None = None) -> None:
