@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import blake3
 
+from duet_core.filesystems import remove_tree_at
 from duet_core.identity import open_beneath
 
 CHUNK = 1 << 20
@@ -73,7 +74,7 @@ def open_dir(root_fd: int, reldir: str, create: bool = False) -> int:
                 if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                     raise
                 if exc.errno != errno.ENOENT:
-                    remove(fd, name)
+                    remove_tree_at(fd, name)
                 try:
                     os.mkdir(name, 0o700, dir_fd=fd)
                 except FileExistsError:   # made meanwhile by the thread committing copies
@@ -85,26 +86,6 @@ def open_dir(root_fd: int, reldir: str, create: bool = False) -> int:
     except BaseException:
         os.close(fd)
         raise
-
-
-def remove(dir_fd: int, name: str) -> None:
-    """Remove the entry ``name`` of an open directory, a whole tree if it is a directory (never following links)."""
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=dir_fd)
-        return
-    fd = open_beneath(dir_fd, name, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with os.scandir(fd) as it:
-            names = [e.name for e in it]
-        for child in names:
-            remove(fd, child)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)
 
 
 # ------------------------------------------------------------------------------------------------------ metadata
@@ -171,12 +152,12 @@ def replace(dir_fd: int, tmp: str, name: str) -> None:
     try:
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except IsADirectoryError:
-        remove(dir_fd, name)
+        remove_tree_at(dir_fd, name)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
-        remove(dir_fd, name)
+        remove_tree_at(dir_fd, name)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 

@@ -19,7 +19,6 @@ snapshots as they were, and the next run continues with ``mirror``/``incomplete`
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
 import fcntl
 import json
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 
 from duet_backup.fsops import syncfs
 from duet_core.errors import DuetError
+from duet_core.filesystems import BTRFS_SUPER_MAGIC, fs_magic
 from duet_core.identity import open_beneath
 
 SNAPSHOTS = "snapshots"
@@ -37,7 +37,6 @@ INTERNAL = ".duet"
 TREE_OF = "tree-of"
 NAME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{6}Z$")
 NAME_FORMAT = "%Y-%m-%dT%H%M%SZ"
-BTRFS_SUPER_MAGIC = 0x9123683E
 
 # A file version as manifests and the journal record it: [inode, size, mtime ns, ctime ns, blake3 hex].
 Record = list
@@ -47,16 +46,6 @@ class TargetBusy(DuetError):
     """Another backup is writing to this target."""
 
     exit_code = 4
-
-
-def fs_type(fd: int) -> int:
-    """``f_type`` of ``fstatfs`` on an open fd (the filesystem's magic number)."""
-    buf = ctypes.create_string_buffer(120)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.fstatfs(fd, buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def inside(path: str, parent: str) -> bool:
@@ -112,7 +101,7 @@ class Target:
         real = check_target(path, scope)
         self.path = real
         self.fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self.btrfs = fs_type(self.fd) == BTRFS_SUPER_MAGIC
+        self.btrfs = fs_magic(self.fd) == BTRFS_SUPER_MAGIC
         self.tree_name = "mirror" if self.btrfs else "incomplete"
         self._lock_fd: int | None = None
         if create:

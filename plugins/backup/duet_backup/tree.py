@@ -25,7 +25,8 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from duet_backup.fsops import copy_file, copy_xattrs, open_dir, remove, replace, sig, tmp_name
+from duet_backup.fsops import copy_file, copy_xattrs, open_dir, replace, sig, tmp_name
+from duet_core.filesystems import remove_tree_at
 from duet_core.identity import open_beneath
 
 Record = list   # [inode, size, mtime ns, ctime ns, blake3 hex]
@@ -129,7 +130,7 @@ class TreeSync:
             kinds = {name: stat.S_IFMT(st.st_mode) for name, st in entries}
             for name, e in have.items():
                 if name not in kinds or not _same_kind(e, kinds[name]):
-                    remove(tree_dir, name)
+                    remove_tree_at(tree_dir, name)
             for name, st in entries:
                 rel = join(reldir, name)
                 try:

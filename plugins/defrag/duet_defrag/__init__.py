@@ -24,6 +24,7 @@ from typing import Any
 
 from duet_core import Event, ItemResult, TaskOption, TaskSpec, hookimpl
 from duet_core.errors import DuetError
+from duet_core.filesystems import fs_name
 from duet_core.identity import file_id, open_beneath
 from duet_defrag import fiemap, rewrite
 
@@ -102,7 +103,7 @@ class Defrag:
         state = self._state(ctx.run)
         opts = ctx.options
         f = ctx.file
-        fstype = rewrite.fstype_of(ctx.fd)
+        fstype = fs_name(ctx.fd)
         lay = fiemap.layout(fiemap.extents(ctx.fd), fstype or "ext4", opts["allow_unshare"])
         known = state.files.get(f.id)
         if known is not None:

@@ -13,7 +13,6 @@ Every function takes descriptors the caller opened safely (``open_beneath``) and
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -22,11 +21,6 @@ import subprocess
 
 from duet_core.errors import DuetError
 from duet_defrag import fiemap
-
-BTRFS_SUPER_MAGIC = 0x9123683E
-EXT4_SUPER_MAGIC = 0xEF53          # ext2 and ext3 share it; EXT4_IOC_MOVE_EXT refuses non-extent files itself
-XFS_SUPER_MAGIC = 0x58465342
-FSTYPES = {BTRFS_SUPER_MAGIC: "btrfs", EXT4_SUPER_MAGIC: "ext4", XFS_SUPER_MAGIC: "xfs"}
 
 # struct btrfs_ioctl_defrag_range_args {u64 start, len, flags; u32 extent_thresh, compress_type, unused[4];}
 BTRFS_DEFRAG_ARGS = struct.Struct("=QQQII16x")
@@ -37,20 +31,9 @@ BTRFS_DEFRAG_RANGE_START_IO = 0x2            # start writing the rewritten range
 EXT4_MOVE_EXTENT = struct.Struct("=IIQQQQ")
 EXT4_IOC_MOVE_EXT = 0xC028660F               # _IOWR('f', 15, struct move_extent)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 class NotImproved(Exception):
     """The filesystem could not find a better layout (free space too fragmented); nothing was changed."""
-
-
-def fstype_of(fd: int) -> str | None:
-    """'btrfs', 'ext4' or 'xfs' for a file on one of them (``fstatfs``'s magic), else None: report only."""
-    buf = ctypes.create_string_buffer(120)           # struct statfs; f_type is its first field (a long)
-    if _libc.fstatfs(fd, buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return FSTYPES.get(struct.unpack_from("=q", buf.raw)[0] & 0xFFFFFFFF)
 
 
 def btrfs_defrag(fd: int, runs: tuple[tuple[int, int], ...]) -> None:

@@ -31,6 +31,7 @@ from pyroaring import BitMap
 
 from duet_core import Event, ItemResult, TaskOption, TaskSpec, hookimpl, residency
 from duet_core.errors import DuetError
+from duet_core.filesystems import fs_magic
 from duet_core.identity import file_id, open_beneath
 from duet_core.scheduler import runs_of
 from duet_core.units import format_bytes
@@ -184,7 +185,7 @@ class Gc:
                 ctx.state.put(key, _version(f))  # changed since it was hashed: never dedupe against it
                 out["stale_representatives"] += 1
                 return out
-            kind = extents.DEDUPE_FILESYSTEMS.get(extents.fs_type(ctx.fd))
+            kind = extents.DEDUPE_FILESYSTEMS.get(fs_magic(ctx.fd))
             if kind is None:
                 out["duplicate_files"] += 1
                 out["reclaimable_bytes"] += f.size

@@ -8,12 +8,12 @@ changes nothing. It never copies data. btrfs and xfs (reflink=1) implement it; b
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import struct
 
 from duet_core.fiemap import Extent, extents
+from duet_core.filesystems import BTRFS_SUPER_MAGIC, XFS_SUPER_MAGIC
 
 FIDEDUPERANGE = 0xC0189436          # _IOWR(0x94, 54, struct file_dedupe_range)
 FILE_DEDUPE_RANGE_DIFFERS = 1
@@ -23,17 +23,7 @@ _RANGE = struct.Struct("=QQHHI")               # src_offset, src_length, dest_co
 _RANGE_INFO = struct.Struct("=qQQiI")          # dest_fd, dest_offset, bytes_deduped, status, reserved
 
 # Filesystems (statfs f_type) whose FIDEDUPERANGE duet uses; elsewhere gc only reports.
-DEDUPE_FILESYSTEMS = {0x9123683E: "btrfs", 0x58465342: "xfs"}
-
-
-def fs_type(fd: int) -> int:
-    """``f_type`` of the filesystem holding ``fd`` (fstatfs)."""
-    buf = ctypes.create_string_buffer(128)      # struct statfs is 120 bytes on x86_64; f_type comes first
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.fstatfs(fd, buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int.from_bytes(buf.raw[:8], "little")
+DEDUPE_FILESYSTEMS = {BTRFS_SUPER_MAGIC: "btrfs", XFS_SUPER_MAGIC: "xfs"}
 
 
 def fiemap(fd: int, size: int) -> list[Extent]:

@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from duet_core.errors import DuetError
-from duet_gc.extents import fs_type
+from duet_core.filesystems import BTRFS_SUPER_MAGIC, fs_magic, remove_tree_at
+from duet_core.identity import BTRFS_FIRST_FREE_OBJECTID
 
 NAME_FORMAT = "%Y-%m-%dT%H%M%SZ"
 NAME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{6}Z$")
-BTRFS_SUPER_MAGIC = 0x9123683E
-BTRFS_FIRST_FREE_OBJECTID = 256     # the inode number of every btrfs subvolume's root directory
 
 RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -220,37 +219,6 @@ class Target:
                             hint="gc renames a snapshot into the trash, which needs one filesystem")
 
 
-def remove_tree_at(parent_fd: int, name: str, dev: int) -> None:
-    """Remove ``name`` below the directory ``parent_fd`` and everything in it, through file descriptors only.
-
-    Never follows a symlink (they are unlinked as entries), never leaves the filesystem ``dev`` (a mount point or
-    a btrfs subvolume inside is an error, not something to empty — except a btrfs subvolume, which is deleted as
-    a whole), so nothing outside the tree can be reached, whatever was planted inside it.
-    """
-    try:
-        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=parent_fd)
-        return
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
-    try:
-        here = os.fstat(fd)
-        if here.st_dev != dev:
-            if fs_type(fd) == BTRFS_SUPER_MAGIC and here.st_ino == BTRFS_FIRST_FREE_OBJECTID:
-                import btrfsutil
-
-                btrfsutil.delete_subvolume(f"/proc/self/fd/{parent_fd}/{name}")
-                return
-            raise DuetError(f"refusing to remove {name!r}: another filesystem is mounted there")
-        for entry in os.listdir(fd):
-            remove_tree_at(fd, entry, dev)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=parent_fd)
-
-
 def _is_subvolume(path: str) -> bool:
     """Whether ``path`` (not followed if a symlink) is the root of a btrfs subvolume."""
     st = os.lstat(path)
@@ -258,7 +226,7 @@ def _is_subvolume(path: str) -> bool:
         return False
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        return fs_type(fd) == BTRFS_SUPER_MAGIC
+        return fs_magic(fd) == BTRFS_SUPER_MAGIC
     finally:
         os.close(fd)
 
