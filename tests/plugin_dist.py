@@ -273,6 +273,22 @@ class CliRunner:
                 proc.kill()
             proc.communicate(timeout=30)
 
+    @classmethod
+    def fixture(cls):
+        """A ``duet`` pytest fixture: one runner of this class per test (BPF required), the processes it started
+        killed afterwards. In a test module: ``duet = Duet.fixture()``."""
+        import pytest
+
+        @pytest.fixture(name="duet")
+        def duet(tmp_path, bpf_required):
+            runner = cls(tmp_path)
+            try:
+                yield runner
+            finally:
+                runner.cleanup()
+
+        return duet
+
 
 @dataclass(frozen=True)
 class LogLine:

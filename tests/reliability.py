@@ -124,14 +124,7 @@ def tree_snapshot(root: str | os.PathLike) -> dict[bytes, tuple]:
     return out
 
 
-@pytest.fixture
-def duet(tmp_path, bpf_required):
-    """:class:`RDuet` for one test; the processes it started are killed afterwards."""
-    d = RDuet(tmp_path)
-    try:
-        yield d
-    finally:
-        d.cleanup()
+duet = RDuet.fixture()
 
 
 @pytest.fixture

@@ -41,13 +41,7 @@ class Duet(plugin_dist.CliRunner):
         return rep
 
 
-@pytest.fixture
-def duet(tmp_path, bpf_required):
-    d = Duet(tmp_path)
-    try:
-        yield d
-    finally:
-        d.cleanup()
+duet = Duet.fixture()
 
 
 @pytest.fixture

@@ -92,13 +92,7 @@ class Duet(plugin_dist.CliRunner):
         return json.loads(proc.stdout)["tasks"]["defrag"], proc.stderr
 
 
-@pytest.fixture
-def duet(tmp_path, bpf_required):
-    d = Duet(tmp_path)
-    try:
-        yield d
-    finally:
-        d.cleanup()
+duet = Duet.fixture()
 
 
 @pytest.fixture(params=["btrfs", "ext4"])

@@ -58,13 +58,7 @@ class Duet(plugin_dist.CliRunner):
         return super().__call__(*args, timeout=timeout, env=env)
 
 
-@pytest.fixture
-def duet(tmp_path, bpf_required):
-    d = Duet(tmp_path)
-    try:
-        yield d
-    finally:
-        d.cleanup()
+duet = Duet.fixture()
 
 
 @pytest.fixture
