@@ -479,13 +479,12 @@ class Runner:
             return
         self._kept_bytes -= sum(c for _, c in runs) * PAGE_SIZE
         try:
-            fd = open_regular(self._root_fd, f.relpath)
+            fd = open_regular(self._root_fd, f.relpath, f.fid.ino)
         except OSError:
-            return
+            return      # gone or replaced: its pages went with it
         try:
-            if os.fstat(fd).st_ino == f.fid.ino:
-                for first, count in runs:
-                    residency.evict(fd, first * PAGE_SIZE, count * PAGE_SIZE)
+            for first, count in runs:
+                residency.evict(fd, first * PAGE_SIZE, count * PAGE_SIZE)
         finally:
             os.close(fd)
 

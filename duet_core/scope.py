@@ -42,19 +42,26 @@ RACY_NS = 2_000_000_000
 BTRFS_SUBVOL_ROOT_INO = 256
 
 
-def open_regular(root_fd: int, relpath: str) -> int:
-    """Open ``relpath`` beneath ``root_fd`` for reading, only if it is a regular file (OSError otherwise).
+def open_regular(root_fd: int, relpath: str, ino: int | None = None) -> int:
+    """Open ``relpath`` beneath ``root_fd`` for reading, only if it is a regular file (OSError otherwise) — and,
+    given ``ino``, only if it is still that inode (ESTALE otherwise: replaced since it was seen).
 
     A name the scan saw as a regular file may be a fifo, a socket or a device by the time it is opened (renamed
     over it meanwhile). Opening a fifo for reading blocks until a writer comes, and opening a device can act on
     it (a tape rewinds), so the name is first opened with ``O_PATH`` — which opens nothing — and only a regular file
     is then reopened for reading through ``/proc/self/fd``, the same inode, whatever the name points to meanwhile.
+    A one-component name (an entry of ``root_fd`` itself) needs no ``openat2``: ``O_NOFOLLOW`` is enough there.
     """
-    pfd = open_beneath(root_fd, relpath, os.O_PATH)
+    if "/" in relpath or relpath in (".", ".."):
+        pfd = open_beneath(root_fd, relpath, os.O_PATH)
+    else:
+        pfd = os.open(relpath, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
     try:
-        mode = os.fstat(pfd).st_mode
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, f"not a regular file (mode {stat.filemode(mode)})", relpath)
+        st = os.fstat(pfd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file (mode {stat.filemode(st.st_mode)})", relpath)
+        if ino is not None and st.st_ino != ino:
+            raise OSError(errno.ESTALE, "replaced since it was seen", relpath)
         return _reopen(pfd)
     finally:
         os.close(pfd)
@@ -128,18 +135,9 @@ def _open_entries(dir_fd: int, d: _Dir) -> Iterator[tuple[FileId, int]]:
     """:meth:`Scope.open_all` for one directory."""
     for name, fid in d.entries():
         try:
-            pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            fd = open_regular(dir_fd, name, fid.ino)
         except OSError:
-            continue   # gone since the walk
-        try:
-            st = os.fstat(pfd)
-            if not stat.S_ISREG(st.st_mode) or st.st_ino != fid.ino:
-                continue   # replaced since the walk (by a symlink, a device, another file)
-            fd = _reopen(pfd)
-        except OSError:
-            continue
-        finally:
-            os.close(pfd)
+            continue   # gone, or replaced since the walk (by a symlink, a device, another file)
         try:
             yield fid, fd
         finally:
