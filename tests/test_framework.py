@@ -633,18 +633,34 @@ def _covered(ranges) -> set[int]:
     return {p for first, count in ranges for p in range(first, first + count)}
 
 
-@excused_by_cache_drops
-def test_a_range_task_counts_pages_foreground_reads_brought_in_as_done(direct_fs, tmp_path):
-    scope, files = make_dataset(direct_fs.mnt, n=8, sizes=(256 << 10,))
+def _ranger_with_a_reader(fs, evict_after: bool = False):
+    """A data set, a RangeTask, and an application that reads pages 0-31 of the last file (no readahead) once the
+    task has done two files — then evicts the data set again if ``evict_after``. Returns (scope, files, target,
+    task, the running application thread)."""
+    scope, files = make_dataset(fs.mnt, n=8, sizes=(256 << 10,))
     target = scan_order(scope)[-1]
     task = RangeTask(sleep=0.15)
 
     def app():
         wait_for(lambda: task.items >= 2, what="two files done")
-        foreground_read(os.path.join(scope, target), length=32 * PAGE_SIZE)   # pages 0-31, no readahead
+        foreground_read(os.path.join(scope, target), length=32 * PAGE_SIZE)
+        if evict_after:
+            evict_tree(scope)
 
     bg = Background(app)
     bg.start()
+    return scope, files, target, task, bg
+
+
+def _every_page_done_once(task, files) -> None:
+    """Every page of every file is done: by processing or by observation."""
+    for rel, size in files.items():
+        assert _covered(task.processed.get(rel, [])) | _covered(task.observed.get(rel, [])) == set(range(pages(size)))
+
+
+@excused_by_cache_drops
+def test_a_range_task_counts_pages_foreground_reads_brought_in_as_done(direct_fs, tmp_path):
+    scope, files, target, task, bg = _ranger_with_a_reader(direct_fs)
     summary, code = run_tasks(tmp_path / "state", registry(task), ["ranger"], scope)
     bg.join()
     assert code == EXIT_OK
@@ -654,25 +670,14 @@ def test_a_range_task_counts_pages_foreground_reads_brought_in_as_done(direct_fs
     assert rep["items_done"] == len(files)
     assert rep["counters"]["pages_observed"] >= 32
     assert rep["bytes_from_cache"] >= 32 * PAGE_SIZE
-    # Every page of every file is done, once: by processing or by observation.
-    for rel, size in files.items():
-        assert _covered(task.processed.get(rel, [])) | _covered(task.observed.get(rel, [])) == set(range(pages(size)))
+    _every_page_done_once(task, files)
 
 
 @excused_by_cache_drops
 def test_pages_observed_before_a_stop_are_not_read_by_the_next_run(direct_fs, tmp_path):
     """A run stopped before it reached a file keeps the pages others read of it: the next run reads only the rest."""
-    scope, files = make_dataset(direct_fs.mnt, n=8, sizes=(256 << 10,))
-    target = scan_order(scope)[-1]
-    task = RangeTask(sleep=0.15)
-
-    def app():
-        wait_for(lambda: task.items >= 2, what="two files done")
-        foreground_read(os.path.join(scope, target), length=32 * PAGE_SIZE)
-        evict_tree(scope)    # read and gone again: the run is told of the read, but has no cached file to take now
-
-    bg = Background(app)
-    bg.start()
+    # Read and gone again: the run is told of the read, but has no cached file to take now.
+    scope, files, target, task, bg = _ranger_with_a_reader(direct_fs, evict_after=True)
     first, code = run_tasks(tmp_path / "state", registry(task), ["ranger"], scope, budget_s=0.6)
     bg.join()
     assert code == EXIT_STOPPED
@@ -682,8 +687,7 @@ def test_pages_observed_before_a_stop_are_not_read_by_the_next_run(direct_fs, tm
     second, code = run_tasks(tmp_path / "state", registry(task), ["ranger"], scope)
     assert code == EXIT_OK
     assert task.processed[target] == [(32, 32)], "pages read before the stop were read again"
-    for rel, size in files.items():   # every page of every file done once, over the two runs
-        assert _covered(task.processed.get(rel, [])) | _covered(task.observed.get(rel, [])) == set(range(pages(size)))
+    _every_page_done_once(task, files)     # over the two runs
 
 
 @excused_by_cache_drops
