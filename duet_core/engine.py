@@ -107,6 +107,8 @@ class Engine:
         self.counters = {"drains": 0, "records": 0, "pages_added": 0, "pages_removed": 0, "pages_dirtied": 0,
                          "pages_flushed": 0, "flushes_partial": 0, "resyncs": 0, "unknown_ignored": 0}
         self.source: Source = self._open_source(source, merge_entries, skip_own_reads)
+        # True when every ADDED page this engine reports was brought in by another process (polling cannot tell).
+        self.own_reads_skipped = skip_own_reads and isinstance(self.source, BpfSource)
 
     # -- source ----------------------------------------------------------------------------------------------------
     def _open_source(self, kind: str, merge_entries: int, skip_own_reads: bool) -> Source:

@@ -50,6 +50,9 @@ KEEP_BYTES = 32 << 20         # pages kept cached for tasks that will read a fil
 ID_CACHE = 1 << 16     # FileId <-> file id pairs kept in memory (the store has them all)
 INFO_BATCH = 256       # the run looks its next files up in the store this many at a time
 BULK_LOOKUP = 2000     # more touched files than this at once: map them to file ids in one pass over the store
+FOREGROUND_QUIET_S = 0.5   # idle I/O: the foreground counts as reading until it has added no page for this long
+YIELD_POLL_S = 0.05        # ... while it reads, the run looks for newly cached work this often
+YIELD_MAX_S = 600.0        # ... and holds its own device reads back for at most this long in all
 
 # Exit codes of `duet run` / `duet watch` (docs/cli.md).
 EXIT_OK = 0            # every task finished its round
@@ -62,7 +65,7 @@ EXIT_DAMAGE = 6        # a task found damage in the data (e.g. scrub: corruption
 class RunOptions:
     budget_s: float | None = None          # stop cleanly after this many seconds
     rate_limit: float | None = None        # device bytes per second, for the whole run
-    idle_io: bool = True                   # ioprio idle class
+    idle_io: bool = True                   # ioprio idle class, and uncached files wait while others read the scope
     cache_hygiene: bool = True             # evict what the run itself brought into the cache
     one_file_system: bool = False
     source: str = "auto"
@@ -289,6 +292,8 @@ class Runner:
             self._absorb()
             phases["startup_s"] = time.monotonic() - started
             self._loop(started)
+            if self._yielded_s:
+                phases["foreground_wait_s"] = self._yielded_s   # files not cached waited for other readers
             stats = {k: v for k, v in engine.stats().items()
                      if k.startswith(("kernel_lost", "resyncs", "kernel_ignored", "kernel_pages"))}
             for reg in (self.reg, self.reg_added):
@@ -508,12 +513,21 @@ class Runner:
         self._prefetch_window = min(PREFETCH_BYTES, self.store.dataset_bytes(self.scope_id) // 16)
         self._last_read_device = False             # prefetch only once tasks are seen reading what is not cached
         self._item_started_ns = 0
+        self._foreground_added = 0          # pages others brought in since the engine attached (_foreground_reading)
+        self._foreground_at = -FOREGROUND_QUIET_S
+        self._yielded_s = 0.0
+        self._cached_only = self.opts.mode == "watch"   # process only what needs no device read (watch, yielding)
         while self.stop_reason is None:
             if self.opts.budget_s is not None and time.monotonic() - started >= self.opts.budget_s:
                 self.stop_reason = "budget"
                 break
+            yielding = self.opts.mode == "run" and self._foreground_reading()
+            self._cached_only = yielding or self.opts.mode == "watch"
             pick = self._pick_cached()
             cached_pass = pick is not None
+            if pick is None and yielding:
+                self._yield_wait()
+                continue
             if pick is None and self.opts.mode == "run":
                 pick = self._pick_uncached()
             if pick is None:
@@ -552,8 +566,9 @@ class Runner:
         self._todo.add(file_id)
 
     def _ready(self, file_id: int, resident: int) -> bool:
-        """Watch mode processes only what needs no device read: whole cached files, or cached pages."""
-        if self.opts.mode != "watch":
+        """Watch mode, and a run while others read the scope, process only what needs no device read: whole
+        cached files, or cached pages."""
+        if not self._cached_only:
             return True
         f = self._info(file_id)
         if f is None:
@@ -684,6 +699,33 @@ class Runner:
             self._commit()
             self.ui.advanced({r.name: r.report for r in self.runs})
 
+    def _foreground_reading(self) -> bool:
+        """Idle I/O, done where the kernel cannot: while other processes bring pages of the scope into the cache,
+        the run reads nothing uncached itself. It works on what they cache (whole cached files for whole-file
+        tasks, cached pages for range tasks: data it would otherwise read itself later) and leaves them the device.
+        The ioprio idle class alone does not do this on most set-ups (no I/O scheduler, a loop or network device, a
+        RAID or dm layer in between). The engine does not report the run's own reads (``skip_own_reads``), so every
+        ADDED page it counts is someone else's. At most YIELD_MAX_S in all: a foreground that never pauses delays
+        the run, but does not stall it."""
+        if not self.opts.idle_io or not self.engine.own_reads_skipped or self._yielded_s >= YIELD_MAX_S:
+            return False
+        added = self.engine.counters["pages_added"]
+        now = time.monotonic()
+        if added != self._foreground_added:
+            self._foreground_added, self._foreground_at = added, now
+        return now - self._foreground_at < FOREGROUND_QUIET_S
+
+    def _yield_wait(self) -> None:
+        if not self._yielded_s:
+            log.info("other processes are reading the scope: files not cached wait while they do (idle I/O)")
+        t0 = time.monotonic()
+        time.sleep(YIELD_POLL_S)
+        self._absorb()
+        self._yielded_s += time.monotonic() - t0
+        if time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
+            self._commit()
+            self.ui.advanced({r.name: r.report for r in self.runs})
+
     def _throttle(self, started: float) -> None:
         rate = self.opts.rate_limit
         if rate:
@@ -751,7 +793,7 @@ class Runner:
                 gen = inode_generation(fd)
                 if gen is not None:
                     self.engine.drop(f.fid, gen)
-            brought = residency.resident_pages(fd, f.size) - pre
+            brought = residency.resident_pages(fd, f.size) - pre - self._foreign(f.fid)
             if not cached_pass:
                 self._last_read_device = bool(brought) or not f.size
             if self.opts.cache_hygiene and brought:
@@ -764,6 +806,16 @@ class Runner:
                         residency.evict(fd, first * PAGE_SIZE, count * PAGE_SIZE)
         finally:
             os.close(fd)
+
+    def _foreign(self, fid: FileId) -> BitMap:
+        """Pages of ``fid`` other processes brought into the cache (the engine does not report the run's own), as
+        far as the engine has seen: not the run's to evict. Only looked at while someone reads the scope, when a
+        reader may be reading this very file alongside the tasks."""
+        if time.monotonic() - self._foreground_at >= FOREGROUND_QUIET_S:
+            return BitMap()
+        self.engine.pump(force=True)
+        st = self.engine.files.get(fid)
+        return st.exists if st else BitMap()
 
     def _still_at(self, ahead: "_Ahead") -> bool:
         """The file read ahead is still the one at its path (not renamed over since): one fstatat, no open."""
@@ -794,16 +846,18 @@ class Runner:
         if resident is None:
             resident = residency.resident_pages(fd, f.size)
         if r.spec.granularity == "file":
-            if self.opts.mode == "watch" and len(resident) < f.pages:
+            if self._cached_only and len(resident) < f.pages:
                 return None
             ranges = [(0, f.pages)] if f.pages else []
         else:
             todo = BitMap(range(f.pages)) - self._range_done(r, f.id)
-            if cached_pass and self.opts.mode == "watch":
-                todo &= resident
+            if not todo:
+                self._mark_done(r, f.id)
+                return None
+            if cached_pass and self._cached_only:
+                todo &= resident     # none cached: nothing to do now, the rest waits
             ranges = runs_of(todo)
             if not ranges:
-                self._mark_done(r, f.id)
                 return None
         return ItemContext(r.run, f, os.path.join(self.root, f.relpath), fd, ranges, runs_of(resident),
                            r.run.state, r.run.shared, fresh=runs_of(resident - pre))

@@ -704,6 +704,50 @@ def test_a_range_task_is_not_told_of_the_run_s_own_reads(direct_fs, tmp_path):
     assert [rel for rel in files if resident(os.path.join(scope, rel))] == []
 
 
+def trickle_read(paths: list[str], pause: float) -> subprocess.Popen:
+    """An application reading ``paths`` in another process, a page at a time (no readahead), ``pause`` s apart, a
+    page of each file in turn (so it is still reading the others when one is taken from it)."""
+    code = ("import os, sys, time\n"
+            "fds = [os.open(p, os.O_RDONLY) for p in sys.argv[2:]]\n"
+            "for fd in fds: os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)\n"
+            "for off in range(0, max(os.fstat(fd).st_size for fd in fds), 4096):\n"
+            "    for fd in fds:\n"
+            "        os.pread(fd, 4096, off)\n"
+            "        time.sleep(float(sys.argv[1]))\n")
+    return subprocess.Popen([sys.executable, "-c", code, str(pause), *paths])
+
+
+def loop_read_bytes(loopdev: str) -> int:
+    with open(f"/sys/block/{os.path.basename(loopdev)}/stat") as fh:
+        return int(fh.read().split()[2]) * 512
+
+
+@excused_by_cache_drops
+def test_a_run_leaves_the_device_to_an_application_reading_the_scope(direct_fs, tmp_path):
+    """Idle I/O where ioprio does nothing (a loop device has no I/O scheduler): while another process reads files
+    of the scope, the run reads nothing that is not cached; it takes what that process cached, and reads the rest
+    once it has stopped — so each page comes from the device once, for both."""
+    scope, files = make_dataset(direct_fs.mnt, n=8, sizes=(128 << 10,))
+    order = scan_order(scope)
+    theirs = order[4:]      # the files the run, in scan order, would come to last
+    device_before = loop_read_bytes(direct_fs.loopdev)
+    app = trickle_read([os.path.join(scope, rel) for rel in theirs], pause=0.02)   # ~2.6 s for its 128 pages
+    try:
+        wait_for(lambda: resident(os.path.join(scope, theirs[0])), what="the application reading")
+        # A slow task (0.1 s a file), so the run hears of the application before it has read everything.
+        summary, code = run_tasks(tmp_path / "state", registry(M.ReaderTask("reader", sleep=0.1)), ["reader"], scope)
+        assert app.wait(timeout=30) == 0
+    finally:
+        app.kill()
+        app.wait()
+    assert code == EXIT_OK and summary["tasks"]["reader"]["items_done"] == len(files)
+    assert summary["phases"]["foreground_wait_s"] > 0.5
+    mine = sum(files[rel] for rel in order[:4])
+    # Its own half, and at most one of the application's files (taken before the run had heard of the application).
+    assert mine <= summary["tasks"]["reader"]["bytes_from_device"] <= mine + (128 << 10)
+    assert loop_read_bytes(direct_fs.loopdev) - device_before <= sum(files.values()) + (1 << 20)   # + metadata
+
+
 @excused_by_cache_drops
 def test_duet_observe_is_only_for_range_tasks_that_ask_for_added(direct_fs, tmp_path):
     class FileObserver(M.ReaderTask):
