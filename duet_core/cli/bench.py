@@ -346,7 +346,8 @@ def scrub(
                       f"{report['duet_cold_device_read_bytes'] / ds:.2f}")
         table.add_row("cat of every file, one after the other, cold", f"{report['plain_read_wall_s']:.2f}",
                       "", "")
-        table.add_row("duet run scrub, half read by a foreground reader", f"{report['foreground_wall_s']:.2f}",
+        table.add_row(f"duet run scrub, {report['foreground_reader_bytes'] / ds:.0%} read by a foreground reader",
+                      f"{report['foreground_wall_s']:.2f}",
                       f"scrub: {report['foreground_scrub_device_share']:.0%}",
                       f"{report['foreground_total_device_ratio']:.2f} (all)")
         console.print(table)
