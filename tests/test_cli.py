@@ -40,6 +40,24 @@ def test_unknown_option_is_a_usage_error():
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("args", [["run", "--help"], ["-v", "--log-format", "json", "status", "--help"],
+                                  ["--log-format=text", "bench", "--help"], ["restore", "--help"]])
+def test_a_command_s_help_is_the_same_when_only_it_is_loaded(args):
+    """`duet CMD` loads only CMD's module (start-up time); its help and options are those of the whole app."""
+    from typer.testing import CliRunner
+
+    from duet_core.cli.main import app, invoked_command
+
+    proc = duet(*args)
+    assert proc.returncode == 0, proc.stderr
+    whole = CliRunner().invoke(app, args, prog_name="duet", terminal_width=80)
+    cmd = next(a for a in args if not a.startswith("-") and a not in ("json", "text"))
+    assert invoked_command(args) == (None if cmd == "restore" else cmd)   # a plugin's command needs them all
+    if cmd != "restore":
+        alone = proc.stdout.replace("python -m duet_core.cli.main", "duet")
+        assert whole.exit_code == 0 and alone.split("Usage:")[1].split() == whole.output.split("Usage:")[1].split()
+
+
 def test_version():
     proc = duet("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("duet ")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sqlite3
 import sys
@@ -10,25 +11,62 @@ from importlib.metadata import entry_points
 import typer
 
 from duet_core import __version__
-from duet_core.cli import bench, demo, doctor, events, install_units, logs, plugins, run, state, status
+from duet_core.cli import logs
 from duet_core.errors import DuetError, printable
 
-app = typer.Typer(
-    name="duet",
-    no_args_is_help=True,
-    add_completion=True,
-    pretty_exceptions_enable=False,
-)
-app.command("doctor")(doctor.doctor)
-app.command("events")(events.events)
-app.command("demo")(demo.demo)
-app.add_typer(bench.app, name="bench")
-app.command("run", context_settings=run.EXTRA)(run.run)
-app.command("watch", context_settings=run.EXTRA)(run.watch)
-app.command("status")(status.status)
-app.add_typer(plugins.app, name="plugins")
-app.command("install-units")(install_units.install_units)
-app.add_typer(state.app, name="state")
+# The core's commands, in the order help lists them: name -> (module under duet_core.cli, attribute, how it is
+# added). A command imports its module only when it is added, and `duet run` adds only itself (see main()), so a
+# run does not pay for importing bench, demo and the rest.
+COMMANDS = {
+    "doctor": ("doctor", "doctor", "command"),
+    "events": ("events", "events", "command"),
+    "demo": ("demo", "demo", "command"),
+    "bench": ("bench", "app", "group"),
+    "run": ("run", "run", "extra"),
+    "watch": ("run", "watch", "extra"),
+    "status": ("status", "status", "command"),
+    "plugins": ("plugins", "app", "group"),
+    "install-units": ("install_units", "install_units", "command"),
+    "state": ("state", "app", "group"),
+}
+ROOT_OPTIONS_WITH_VALUE = ("--log-format",)
+
+
+def build(only: str | None = None) -> typer.Typer:
+    """The ``duet`` app with every core command, or with the core command ``only`` alone."""
+    app = typer.Typer(name="duet", no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False)
+    app.callback()(_root)
+    for name, (module, attr, kind) in COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        mod = importlib.import_module(f"duet_core.cli.{module}")
+        if kind == "group":
+            app.add_typer(getattr(mod, attr), name=name)
+        else:
+            extra = {"context_settings": mod.EXTRA} if kind == "extra" else {}
+            app.command(name, **extra)(getattr(mod, attr))
+    return app
+
+
+def invoked_command(argv: list[str]) -> str | None:
+    """The core command ``argv`` (without the program) asks for, or None: no command, a plugin's command, or
+    shell completion — which need every command."""
+    if any(k.startswith("_DUET_COMPLETE") for k in os.environ):
+        return None
+    args = iter(argv)
+    for arg in args:
+        if arg in ROOT_OPTIONS_WITH_VALUE:
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def __getattr__(name: str):
+    """``duet_core.cli.main.app``: the whole app (the CLI reference and tests read it)."""
+    if name == "app":
+        return build()
+    raise AttributeError(name)
 
 
 def _version(value: bool) -> None:
@@ -37,7 +75,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True,
@@ -108,7 +145,10 @@ def main() -> None:
     expected failure too: one line, exit 2, and the way out.
     """
     _working_directory_off_path()
-    add_plugin_commands(app)   # after the working directory is off the path: installed packages only
+    only = invoked_command(sys.argv[1:])
+    app = build(only)
+    if only is None:
+        add_plugin_commands(app)   # after the working directory is off the path: installed packages only
     try:
         app()
     except DuetError as exc:
