@@ -32,6 +32,7 @@ from plugin_dist import (
 )
 
 from duet_core import Event, ItemResult, TaskOption, TaskSpec, hookimpl
+from duet_core.bench.share import loop_read_bytes
 from duet_core.cli.status import collect
 from duet_core.errors import DuetError
 from duet_core.events import PAGE_SIZE
@@ -715,11 +716,6 @@ def trickle_read(paths: list[str], pause: float) -> subprocess.Popen:
             "        os.pread(fd, 4096, off)\n"
             "        time.sleep(float(sys.argv[1]))\n")
     return subprocess.Popen([sys.executable, "-c", code, str(pause), *paths])
-
-
-def loop_read_bytes(loopdev: str) -> int:
-    with open(f"/sys/block/{os.path.basename(loopdev)}/stat") as fh:
-        return int(fh.read().split()[2]) * 512
 
 
 @excused_by_cache_drops
