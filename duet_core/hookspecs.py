@@ -107,11 +107,12 @@ def duet_process(ctx: ItemContext) -> ItemResult | None:
 
     :param ctx: the item: ``ctx.file`` (id, FileId, size, times), ``ctx.path``, ``ctx.fd`` (open read-only, never
         through a symlink, inside the scope), ``ctx.ranges`` to process, ``ctx.cached`` (resident ranges),
-        ``ctx.fresh`` (those of them this run read from the device for this item), ``ctx.state`` (the task's own
-        store), ``ctx.shared`` (results per file version) and ``ctx.progress``
+        ``ctx.fresh`` (those of them this run read from the device for this item), ``ctx.cached_only`` (read
+        nothing from the device now: ``duet watch``, or a run waiting while other programs read the scope),
+        ``ctx.state`` (the task's own store), ``ctx.shared`` (results per file version) and ``ctx.progress``
         (``advance(nbytes, from_device=None)``).
     :returns: None when the item is done, or an :class:`~duet_core.tasks.ItemResult` (``done=False`` to retry it in
-        a later round; counters for the report; ``damaged=True`` when the task found damage in the data, e.g. a
+        a later round — or, for a ``cached_only`` item, later in this run, when more is cached; counters for the report; ``damaged=True`` when the task found damage in the data, e.g. a
         scrub's corruption, which makes ``duet run`` exit 6; ``keep_cached=True`` when the task will read this
         file again later in the run — the pages the run brought in then stay cached, within a bound, until
         ``run.release_cached(file id)`` or the end of the run). Stops at the first non-None result.

@@ -293,7 +293,7 @@ class Runner:
             phases["startup_s"] = time.monotonic() - started
             self._loop(started)
             if self._yielded_s:
-                phases["foreground_wait_s"] = self._yielded_s   # files not cached waited for other readers
+                phases["foreground_wait_s"] = self._yielded_s   # files not cached waited for other programs
             stats = {k: v for k, v in engine.stats().items()
                      if k.startswith(("kernel_lost", "resyncs", "kernel_ignored", "kernel_pages"))}
             for reg in (self.reg, self.reg_added):
@@ -860,7 +860,7 @@ class Runner:
             if not ranges:
                 return None
         return ItemContext(r.run, f, os.path.join(self.root, f.relpath), fd, ranges, runs_of(resident),
-                           r.run.state, r.run.shared, fresh=runs_of(resident - pre))
+                           r.run.state, r.run.shared, fresh=runs_of(resident - pre), cached_only=self._cached_only)
 
     def _call(self, r: _TaskRun, ctx: ItemContext) -> tuple[object, bool]:
         """Run ``duet_process``; returns (result, failed)."""
@@ -882,6 +882,8 @@ class Runner:
     def _account(self, r: _TaskRun, ctx: ItemContext, result: object, device_share: int) -> int:
         """Count one processed item in the task's report and progress; returns the device bytes charged to it."""
         f, ranges = ctx.file, ctx.ranges
+        if isinstance(result, ItemResult) and not result.done and ctx.cached_only:
+            return 0    # "not with only what is cached": still pending in this run, as if not handed over
         nbytes = ctx.progress.processed or min(f.size, sum(c for _, c in ranges) * PAGE_SIZE)
         device = ctx.progress.from_device
         if device is None:

@@ -137,6 +137,10 @@ class ItemContext:
     # task handed the file before this one): read from the device moments ago, so as good as a device read (a
     # checksumming filesystem verified them) — unlike pages that were cached before, perhaps long ago.
     fresh: list[tuple[int, int]] = field(default_factory=list)
+    # True: read nothing from the device for this item now — `duet watch`, or a run waiting while other programs
+    # read the scope (idle I/O). ``ranges`` are then cached pages only (range tasks), or a wholly cached file. A task
+    # that cannot do its work on them alone returns ItemResult(done=False): not now, and the item stays pending.
+    cached_only: bool = False
 
     @property
     def options(self) -> dict[str, Any]:

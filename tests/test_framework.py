@@ -745,6 +745,31 @@ def test_a_run_leaves_the_device_to_an_application_reading_the_scope(direct_fs, 
 
 
 @excused_by_cache_drops
+def test_a_task_that_needs_more_than_is_cached_waits_for_it_within_the_run(require_root, bpf_required, tmp_path):
+    """While the run waits for an application, items hold cached pages only (``ctx.cached_only``). A scrub of ext4
+    hashes whole files: it declines a partly cached one (``done=False``), which then stays pending in this run —
+    it is hashed once, when it can be, not once per cached page nor left for the next run."""
+    with fsimage.loop_fs("ext4", direct_io=True) as fs:
+        scope, files = make_dataset(fs.mnt, n=8, sizes=(128 << 10,))
+        theirs = scan_order(scope)[4:]
+        app = trickle_read([os.path.join(scope, rel) for rel in theirs], pause=0.02)
+        try:
+            wait_for(lambda: resident(os.path.join(scope, theirs[0])), what="the application reading")
+            reg = load_plugins()
+            reg.add(M.ReaderTask("reader", sleep=0.1))    # a slow companion: the run hears of the application
+            summary, code = run_tasks(tmp_path / "state", reg, ["scrub", "reader"], scope,
+                                      task_options={"scrub": {"every": "0"}})
+            assert app.wait(timeout=30) == 0
+        finally:
+            app.kill()
+            app.wait()
+    assert code == EXIT_OK and summary["phases"]["foreground_wait_s"] > 0.5
+    scrub = summary["tasks"]["scrub"]
+    assert scrub["items_done"] == len(files) and "deferred" not in scrub["counters"]
+    assert scrub["bytes_processed"] == sum(files.values())    # every file hashed once
+
+
+@excused_by_cache_drops
 def test_duet_observe_is_only_for_range_tasks_that_ask_for_added(direct_fs, tmp_path):
     class FileObserver(M.ReaderTask):
         calls = 0

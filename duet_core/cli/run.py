@@ -190,6 +190,9 @@ def _print_summary(summary: dict) -> None:
             console.print(f"{name}: damage found in {t['items_damaged']} file(s) (listed above; exit code 6)")
     console.print(f"data set {units.format_bytes(summary['dataset_bytes'])}, read from the device by this run: "
                   f"{units.format_bytes(summary['device_read_bytes'])}, {summary['wall_s']:.1f} s")
+    waited = summary.get("phases", {}).get("foreground_wait_s")
+    if waited:
+        console.print(f"waited {waited:.1f} s in all while other programs were reading the scope (idle I/O)")
 
 
 def _log_fields(summary: dict, code: int, mode: str) -> str:
@@ -197,6 +200,8 @@ def _log_fields(summary: dict, code: int, mode: str) -> str:
     fields = {"scope": summary["scope"], "mode": mode, "result": summary["result"], "exit": code,
               "source": summary["source"], "wall_s": summary["wall_s"],
               "device_read_bytes": summary["device_read_bytes"]}
+    if summary.get("phases", {}).get("foreground_wait_s"):
+        fields["foreground_wait_s"] = summary["phases"]["foreground_wait_s"]
     for name, t in summary["tasks"].items():
         fields[f"{name}.done"] = f"{t['items_done']}/{t['items_total']}"
         fields[f"{name}.failed"] = t["items_failed"]

@@ -266,8 +266,9 @@ class Scrub:
 
     # -- btrfs: the kernel verifies checksums on every read ------------------------------------------------------------
     def _scrub_checksummed(self, ctx: ItemContext) -> ItemResult | None:
-        if ctx.run.mode == "watch":
-            # Watch reads nothing from the device: the file is done only if everything left was read by others.
+        if ctx.cached_only:
+            # Nothing from the device now (watch, or a run waiting for other programs): the item is done only if
+            # everything left of it was read by others.
             want = _pages(ctx.ranges)
             if want - confirm_cached(ctx.fd, runs_of(want & self._fresh.get(ctx.file.id, BitMap()))):
                 return ItemResult(done=False)
@@ -289,8 +290,8 @@ class Scrub:
         fresh = self._fresh.pop(f.id, BitMap())
         if fresh:
             fresh &= resident_pages(fd, f.size)
-        if ctx.run.mode == "watch" and len(fresh) < f.pages:
-            return ItemResult(done=False)      # watch hashes only files read whole by someone else
+        if ctx.cached_only and len(fresh) < f.pages:
+            return ItemResult(done=False)      # a hash needs the whole file: only when others read it all
         before = os.fstat(fd)
         hasher = Hasher()
         with self._reader(fd) as rd:
