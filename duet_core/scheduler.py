@@ -684,7 +684,7 @@ class Runner:
                 if pre:   # partly cached: someone may be reading it right now; let them bring the rest
                     os.close(fd)
                     continue
-                os.posix_fadvise(fd, 0, f.size, os.POSIX_FADV_WILLNEED)
+                residency.prefetch(fd, 0, f.size)
             except OSError:
                 os.close(fd)
                 continue
