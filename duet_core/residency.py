@@ -170,19 +170,3 @@ def evict(fd: int, off: int = 0, length: int = 0) -> None:
     Dirty pages and pages under writeback stay: fsync first to evict everything.
     """
     os.posix_fadvise(fd, off, length, os.POSIX_FADV_DONTNEED)
-
-
-WILLNEED_CHUNK = 1 << 20   # one POSIX_FADV_WILLNEED at most this long (see prefetch)
-
-
-def prefetch(fd: int, off: int, length: int) -> None:
-    """Start reading ``[off, off + length)`` into the page cache, without waiting for it.
-
-    One ``POSIX_FADV_WILLNEED`` reads only the first max(read-ahead window, largest device request) of its range
-    (``force_page_cache_ra`` caps it: 4 MiB of a 32 MiB file on btrfs here, 128 KiB-1.25 MiB on a typical disk),
-    so a larger range is asked for piece by piece.
-    """
-    end = off + length
-    while off < end:
-        os.posix_fadvise(fd, off, min(WILLNEED_CHUNK, end - off), os.POSIX_FADV_WILLNEED)
-        off += WILLNEED_CHUNK

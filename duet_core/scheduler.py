@@ -684,7 +684,7 @@ class Runner:
                 if pre:   # partly cached: someone may be reading it right now; let them bring the rest
                     os.close(fd)
                     continue
-                residency.prefetch(fd, 0, f.size)
+                os.posix_fadvise(fd, 0, f.size, os.POSIX_FADV_WILLNEED)
             except OSError:
                 os.close(fd)
                 continue

@@ -186,25 +186,3 @@ def test_open_noatime_keeps_atime(ext4_fs):
     finally:
         os.close(fd)
     assert os.stat(path).st_atime == 1_000_000
-
-
-@pytest.mark.parametrize("fs_name", ["btrfs_fs", "ext4_fs"])
-def test_prefetch_reads_a_large_file_whole(request, fs_name):
-    """One POSIX_FADV_WILLNEED reads only the head of a large range (the kernel caps it at its read-ahead window);
-    residency.prefetch asks piece by piece, so every page of a 32 MiB file is on its way into the cache."""
-    fs = request.getfixturevalue(fs_name)
-    path, size = f"{fs.mnt}/large", 32 << 20
-    with open(path, "wb") as f:
-        f.write(os.urandom(size))
-    for whole in (False, True):
-        drop_file_cache(path)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if whole:
-                residency.prefetch(fd, 0, size)
-            else:
-                os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
-            got = resident_count(fd)    # pages are in the cache as soon as their read is submitted
-        finally:
-            os.close(fd)
-        assert (got == size // PAGE_SIZE) == whole, (whole, got)

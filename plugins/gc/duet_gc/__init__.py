@@ -203,7 +203,7 @@ class Gc:
                 return out
             before = residency.resident_pages(rep_fd, f.size)
             # The kernel's compare reads what is not cached one page at a time; read ahead in large I/Os instead.
-            residency.prefetch(rep_fd, 0, f.size)
+            os.posix_fadvise(rep_fd, 0, f.size, os.POSIX_FADV_WILLNEED)
             try:
                 deduped, differs = extents.dedupe(rep_fd, ctx.fd, f.size)
             except OSError as exc:
