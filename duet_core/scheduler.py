@@ -517,11 +517,13 @@ class Runner:
         self._foreground_at = -FOREGROUND_QUIET_S
         self._yielded_s = 0.0
         self._cached_only = self.opts.mode == "watch"   # process only what needs no device read (watch, yielding)
+        self._yielding = False
+        self._offered: dict[int, BitMap] = {}   # file id -> its cached pages when last offered while yielding
         while self.stop_reason is None:
             if self.opts.budget_s is not None and time.monotonic() - started >= self.opts.budget_s:
                 self.stop_reason = "budget"
                 break
-            yielding = self.opts.mode == "run" and self._foreground_reading()
+            yielding = self._yielding = self.opts.mode == "run" and self._foreground_reading()
             self._cached_only = yielding or self.opts.mode == "watch"
             pick = self._pick_cached()
             cached_pass = pick is not None
@@ -551,12 +553,17 @@ class Runner:
         return [r for r in self.runs if file_id in r.progress.relevant and file_id not in r.progress.done
                 and file_id not in r.failed]
 
-    def _resident(self, file_id: int) -> int:
+    def _file_state(self, file_id: int):
+        """The engine's state of a file (what is cached, what is dirty), or None: nothing of it cached."""
         fid = self._fid(file_id)
-        st = self.engine.files.get(fid) if fid else None
+        return self.engine.files.get(fid) if fid else None
+
+    def _resident(self, file_id: int) -> int:
+        st = self._file_state(file_id)
         return len(st.exists) if st else 0
 
     def _requeue(self, r: _TaskRun, file_id: int) -> None:
+        self._offered.pop(file_id, None)   # written since: new content to offer
         if file_id in r.progress.done:
             r.report.items_done -= 1
         r.progress.done.discard(file_id)
@@ -640,6 +647,14 @@ class Runner:
                 heapq.heappush(self._heap, (-n, file_id))   # stale count: requeue with the current one
                 continue
             if n and self._ready(file_id, n):
+                if self._yielding:
+                    # Offered while waiting for others, with these pages cached, and still pending: again only once
+                    # more is cached (each of their reads would otherwise hand it over again).
+                    st = self._file_state(file_id)
+                    cached = BitMap(st.exists) if st else BitMap()
+                    if file_id in self._offered and cached <= self._offered[file_id]:
+                        continue
+                    self._offered[file_id] = cached
                 return file_id
         return None
 
@@ -768,7 +783,9 @@ class Runner:
             self._item_started_ns = time.monotonic_ns()
             # One task after the other on the same open file: the first reads from the device, the rest find the
             # pages cached. (Running them in threads at once was measured slower here: see docs/benchmarks.md.)
-            whole = None    # every page of the file, once a count after a task found them all resident
+            # The resident pages the next task's item can use without counting again: those just counted for a
+            # file not read ahead (the first task), or every page once a count after a task found them all.
+            whole = None if ahead else pre
             keep = False    # a task will read the file again later in the run
             for i, r in enumerate(needs):
                 ctx = self._item(r, f, fd, cached_pass, pre, resident=whole)
@@ -813,7 +830,7 @@ class Runner:
         reader may be reading this very file alongside the tasks."""
         if time.monotonic() - self._foreground_at >= FOREGROUND_QUIET_S:
             return BitMap()
-        self.engine.pump(force=True)
+        self.engine.pump()   # as of the last drain, at most the engine interval old: a forced drain costs ~1 ms
         st = self.engine.files.get(fid)
         return st.exists if st else BitMap()
 
