@@ -156,6 +156,16 @@ def resident_pages(fd: int, size: int) -> BitMap:
     return mincore_pages(fd, size)
 
 
+def cached_pages(fd: int) -> BitMap:
+    """The pages of an open file in the page cache now, for a snapshot of many files: one ``cachestat`` answers
+    "none" (the common case), and only a file with cached pages is ``fstat``-ed for its size and looked at closer
+    (:func:`resident_pages`)."""
+    counts = cachestat(fd)
+    if counts is not None and counts.nr_cache == 0:
+        return BitMap()
+    return resident_pages(fd, os.fstat(fd).st_size)
+
+
 def resident_count(fd: int) -> int:
     """How many pages of ``fd`` are in the page cache (cachestat, or mincore where cachestat is missing)."""
     counts = cachestat(fd)

@@ -220,10 +220,16 @@ class FileIndex(Mapping):
             for ino in self._ino[lo:hi].tolist():
                 yield FileId(dev, subvol, ino)
 
-    def items(self):   # a generator, not a view: no per-file lookups
-        for (dev, subvol), (lo, hi) in self._slices.items():
+    def items(self, pairs=None):   # a generator, not a view: no per-file lookups
+        """``(fid, relpath)`` of every file, or of the files on ``pairs`` (an iterable of (dev, subvol))."""
+        for pair in self._slices if pairs is None else pairs:
+            lo, hi = self._slices.get(pair, (0, 0))
             for ino, i in zip(self._ino[lo:hi].tolist(), range(lo, hi)):
-                yield FileId(dev, subvol, ino), self._path(i)
+                yield FileId(pair[0], pair[1], ino), self._path(i)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """The (dev, subvol) pairs the files are on."""
+        return list(self._slices)
 
     def values(self):
         for _, path in self.items():
