@@ -175,11 +175,12 @@ def snapshot_tree(root: str | bytes, pairs: set[tuple[int, int]], one_file_syste
                     continue
                 seen.add((st.st_dev, st.st_ino))
                 covered = (info.dev, info.subvol) in pairs
+                subdirs = []
                 with os.scandir(dir_fd) as entries:
                     for entry in entries:
                         try:
                             if entry.is_dir(follow_symlinks=False):
-                                stack.append(f"{rel}/{entry.name}" if rel else entry.name)
+                                subdirs.append(f"{rel}/{entry.name}" if rel else entry.name)
                                 continue
                             if not covered or not entry.is_file(follow_symlinks=False):
                                 continue
@@ -198,6 +199,10 @@ def snapshot_tree(root: str | bytes, pairs: set[tuple[int, int]], one_file_syste
                             blob = pages.serialize()
                             out.write(RECORD.pack(info.dev, info.subvol, entry.inode(), len(blob)))
                             out.write(blob)
+                # The scan visits the last subdirectory listed first; this walk the first: the two processes start
+                # at opposite ends of the tree, each reading cold inodes the other will then find cached, instead
+                # of both waiting on the same ones.
+                stack.extend(reversed(subdirs))
             except OSError:
                 continue
             finally:
