@@ -29,7 +29,7 @@ from pyroaring import BitMap
 
 from duet_core import residency
 from duet_core.engine import Engine
-from duet_core.errors import BpfUnavailable, DuetError, printable
+from duet_core.errors import DuetError, printable
 from duet_core.events import PAGE_SIZE, Event, FileId
 from duet_core.identity import inode_generation
 from duet_core.lock import ScopeLock
@@ -277,7 +277,7 @@ class Runner:
             return
         try:
             engine = Engine(source="bpf", skip_own_reads=True)
-        except BpfUnavailable:
+        except DuetError:   # BPF unavailable, or its object cannot be built: said later, if some task has work
             return
         self._early = engine, engine.start_snapshot(self.root, Event.EXISTS | Event.MODIFIED,
                                                     self.opts.one_file_system)
