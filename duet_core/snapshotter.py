@@ -17,8 +17,8 @@ Why it is still exact:
   :func:`~duet_core.scope.open_regular` — the same rules as :meth:`~duet_core.scope.Scope.open_all`.
 - It reports only files with cached pages: (dev, subvol, inode) as the kernel and the state store key them, and
   the cached pages as a serialized Roaring bitmap, into an anonymous file (``memfd``) the parent passed — nothing
-  blocks on a full pipe while the parent is busy. An END record closes a complete result; a child that failed,
-  was killed or left no END record gives the parent nothing (it then reads residency itself).
+  blocks on a full pipe while the parent is busy. An END record closes a complete result; after a child that
+  failed, was killed or left no END record, the parent reads residency itself.
 - The child dies with the parent (``PR_SET_PDEATHSIG``), and :meth:`SnapshotChild.close` kills and reaps it in
   every path.
 """
@@ -26,7 +26,6 @@ Why it is still exact:
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import signal
 import struct
@@ -37,8 +36,6 @@ from collections.abc import Generator, Iterator
 from pyroaring import BitMap
 
 from duet_core.events import FileId
-
-log = logging.getLogger("duet.snapshot")
 
 RECORD = struct.Struct("<QQQI")    # dev, subvol, ino, length of the serialized page bitmap that follows
 END = (1 << 64) - 1                # dev = subvol = ino = END: the last record; its length field is unused
@@ -55,16 +52,16 @@ class SnapshotChild:
     """
 
     def __init__(self, root: str, pairs: set[tuple[int, int]], one_file_system: bool = False):
-        self.root = root
         self.pairs = frozenset(pairs)
         self.error: str | None = None
         self.complete = False
         self.files_read = self.files_cached = 0
         self._out = os.memfd_create("duet-snapshot", os.MFD_CLOEXEC)
+        # This very duet_core, first; -P: not the current directory (duet runs as root, anywhere).
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
-        argv = [sys.executable, "-m", "duet_core.snapshotter", str(self._out), str(os.getpid()),
+        argv = [sys.executable, "-P", "-m", "duet_core.snapshotter", str(self._out), str(os.getpid()),
                 "1" if one_file_system else "0", os.fsencode(root),
                 *(f"{dev}:{subvol}" for dev, subvol in sorted(self.pairs))]
         try:
@@ -114,12 +111,6 @@ class SnapshotChild:
         if self._out >= 0:
             os.close(self._out)
             self._out = -1
-
-    def __enter__(self) -> "SnapshotChild":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _read_records(fd: int) -> Generator[tuple[FileId, BitMap], None, tuple[int, int] | None]:

@@ -118,7 +118,7 @@ def test_the_child_opens_only_regular_files_of_the_scope(ext4_fs, engine):
     child.close()
     assert child.complete, child.error
     assert found == {file_id(inside): truth}
-    assert child.files_read == 1
+    assert (child.files_read, child.files_cached) == (1, 1)
 
 
 def test_a_killed_child_is_reaped_and_the_engine_reads_residency_itself(ext4_fs, engine):
@@ -193,3 +193,16 @@ def test_runs_leave_no_child_and_a_run_with_nothing_to_do_stops_it(ext4_fs, bpf_
     assert noop["source"] == "none" and noop["result"] == "complete"
     assert all(t["items_total"] == 0 for t in noop["tasks"].values())
     assert children() == before
+
+
+def test_the_child_never_imports_code_from_the_current_directory(ext4_fs, bpf_required, tmp_path, monkeypatch):
+    planted = tmp_path / "duet_core"
+    planted.mkdir()
+    marker = tmp_path / "ran"
+    (planted / "__init__.py").write_text("")
+    (planted / "snapshotter.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)   # duet runs as root from wherever its user stands
+    child = SnapshotChild(ext4_fs.mnt, set())
+    assert list(child.results(timeout=60)) == [] and child.complete, child.error
+    child.close()
+    assert not marker.exists()
