@@ -24,8 +24,9 @@ from pyroaring import BitMap
 from duet_core import residency
 from duet_core.errors import BpfUnavailable, DuetError
 from duet_core.events import EVENTS, STATES, Batch, Event, FileId
-from duet_core.identity import file_id
+from duet_core.identity import DevMap, file_id
 from duet_core.scope import Scope
+from duet_core.snapshotter import SnapshotChild
 from duet_core.sources import BpfSource, Changes, PollSource, Source, kernel_mask
 
 log = logging.getLogger("duet.engine")
@@ -141,7 +142,9 @@ class Engine:
         ``scope``: a Scope of ``path`` the caller has already scanned (duet run records the scan in its state).
         ``snapshot``: the ``(fid, relpath)`` pairs whose residency to read now (default: every file of the scope) —
         fewer when the caller cares only about some files (duet run: those a task still needs; none for a second
-        registration of a scope read already). Cached files the engine knows of are reported either way.
+        registration of a scope read already) — or the :class:`SnapshotChild` that :meth:`start_snapshot` started
+        for this scope, whose findings are recorded instead. Cached files the engine knows of are reported either
+        way.
         """
         mask = Event(mask)
         if not mask & (EVENTS | STATES):
@@ -176,6 +179,32 @@ class Engine:
                           if any(fid in s.files for s in self.scopes.values())}
         self._sync_kernel_scopes()
 
+    def start_snapshot(self, path: str, mask: Event | int, one_file_system: bool = False) -> SnapshotChild | None:
+        """Start reading what is cached under ``path`` in a child process now, before the caller scans the scope and
+        registers it with ``snapshot=`` the child (duet run scans, syncs and plans meanwhile).
+
+        The kernel filter is given the pair of ``path`` itself first (watched for ``mask``, the mask of the
+        registration to come), so every change after the child reads a file is an event; the child reads only
+        files on that pair. None when the source is not BPF (a poll source has no such ordering to keep) or the
+        child cannot be started: the registration then reads residency itself, as without this call.
+        """
+        if self.source.name != "bpf":
+            return None
+        root = os.path.realpath(path)
+        try:
+            info = DevMap().info(os.stat(root).st_dev, root)
+        except (OSError, DuetError) as exc:
+            log.info("start-up snapshot stays in-process: %s", exc)
+            return None
+        pair = (info.dev, info.subvol)
+        self.source.set_scope(*pair, kernel_mask(Event(mask)), True)   # partial: nothing is ignored yet anyway
+        self._kernel_pairs.add(pair)
+        try:
+            return SnapshotChild(root, {pair}, one_file_system)
+        except OSError as exc:
+            log.info("start-up snapshot stays in-process: cannot start its process: %s", exc)
+            return None
+
     def _sync_kernel_scopes(self) -> None:
         """Give the source the union of every registration's (dev, subvol) pairs and event masks."""
         want: dict[tuple[int, int], list] = {}
@@ -195,13 +224,16 @@ class Engine:
 
     def _snapshot(self, scope: Scope, files, regs: list[Registration]) -> None:
         """Read the residency of ``files``, ``(fid, relpath)`` pairs (None: every file of the scope), (cachestat, then
-        mincore) into the shared state.
+        mincore) into the shared state — or record what a :class:`SnapshotChild` read.
 
         One ``open`` + ``cachestat`` + ``close`` per file; only a file with pages in the cache is ``fstat``-ed and,
         if partly cached, checked page by page. The whole scope is opened directory by directory
         (:meth:`Scope.open_all`), named files beneath the scope's root, which stays open for the pass.
         """
         state_regs = [reg for reg in regs if reg.mask & STATES]
+        if isinstance(files, SnapshotChild):
+            self._take_snapshot(scope, files, state_regs)
+            return
         if files is None:
             for fid, fd in scope.open_all():
                 self._record(fid, fd, state_regs)
@@ -217,16 +249,33 @@ class Engine:
                 finally:
                     os.close(fd)
 
+    def _take_snapshot(self, scope: Scope, child: SnapshotChild, state_regs: list[Registration]) -> None:
+        """Record what the child found cached (files of the scope only), then read in-process the files on pairs
+        it did not cover; if it failed, read the whole scope in-process instead."""
+        try:
+            for fid, pages in child.results():
+                if fid in scope.files:
+                    self._record_pages(fid, pages, state_regs)
+        finally:
+            child.close()
+        if not child.complete:
+            log.warning("the start-up snapshot's process failed (%s); reading residency in-process", child.error)
+            self._snapshot(scope, None, state_regs)
+            return
+        rest = [pair for pair in scope.files.pairs() if pair not in child.pairs]
+        if rest:
+            self._snapshot(scope, scope.files.items(rest), state_regs)
+
     def _record(self, fid: FileId, fd: int, state_regs: list[Registration]) -> None:
         """One open file's residency into the shared state (left as it was if it cannot be read)."""
         try:
-            counts = residency.cachestat(fd)
-            if counts is not None and counts.nr_cache == 0:
-                pages = BitMap()
-            else:
-                pages = residency.resident_pages(fd, os.fstat(fd).st_size)
+            pages = residency.cached_pages(fd)
         except OSError:
             return
+        self._record_pages(fid, pages, state_regs)
+
+    def _record_pages(self, fid: FileId, pages: BitMap, state_regs: list[Registration]) -> None:
+        """A file's cached pages, as a snapshot read them, into the shared state."""
         st = self.files.get(fid)
         if st is None:
             if not pages:

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+# cachestat runs once per file of a snapshot: its own prototype lets ctypes convert the arguments without wrappers.
+_cachestat_call = _libc["syscall"]
+_cachestat_call.restype = ctypes.c_long
+_cachestat_call.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -90,9 +94,7 @@ def cachestat(fd: int, off: int = 0, length: int = 0) -> CacheStat | None:
     """
     rng = _CachestatRange(off, length)
     out = _Cachestat()
-    rc = _libc.syscall(
-        ctypes.c_long(SYS_CACHESTAT), ctypes.c_long(fd), ctypes.byref(rng), ctypes.byref(out), ctypes.c_long(0)
-    )
+    rc = _cachestat_call(SYS_CACHESTAT, fd, ctypes.addressof(rng), ctypes.addressof(out), 0)
     if rc < 0:
         err = ctypes.get_errno()
         if err in (errno.ENOSYS, errno.EPERM):
@@ -154,6 +156,16 @@ def resident_pages(fd: int, size: int) -> BitMap:
         if counts.nr_cache >= npages:
             return BitMap(range(npages))
     return mincore_pages(fd, size)
+
+
+def cached_pages(fd: int) -> BitMap:
+    """The pages of an open file in the page cache now, for a snapshot of many files: one ``cachestat`` answers
+    "none" (the common case), and only a file with cached pages is ``fstat``-ed for its size and looked at closer
+    (:func:`resident_pages`)."""
+    counts = cachestat(fd)
+    if counts is not None and counts.nr_cache == 0:
+        return BitMap()
+    return resident_pages(fd, os.fstat(fd).st_size)
 
 
 def resident_count(fd: int) -> int:

@@ -35,6 +35,7 @@ from duet_core.identity import inode_generation
 from duet_core.lock import ScopeLock
 from duet_core.plugins import LoadedTask, TaskRegistry
 from duet_core.scope import Scope, open_regular
+from duet_core.snapshotter import SnapshotChild
 from duet_core.state import StateStore, TaskProgress
 from duet_core.tasks import FileInfo, ItemContext, ItemResult, RunInfo, SharedResults, TaskReport, TaskState
 
@@ -184,6 +185,7 @@ class Runner:
         self.stop_reason: str | None = None
         self._item_started_ns = 0       # when the current item started; also read by the first _absorb
         self.options = {t.name: resolve_options(t, self.opts.task_options.get(t.name, {})) for t in self.tasks}
+        self._early: tuple[Engine, SnapshotChild | None] | None = None   # see _start_early_engine
 
     # -- the run ---------------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -192,6 +194,7 @@ class Runner:
             try:
                 return self._run()
             finally:
+                self._close_early_engine()
                 for s, h in old.items():
                     signal.signal(s, h)
 
@@ -207,8 +210,10 @@ class Runner:
         self.scope_id = store.scope_id(self.root)
         self.run_id = store.start_run(self.scope_id, [t.name for t in self.tasks])
         scope = Scope(self.root, one_file_system=self.opts.one_file_system)
+        self._start_early_engine()
+        phases = {"engine_load_s": time.monotonic() - started}
         store.sync_files(self.scope_id, scope.scan())
-        phases = {"scan_s": time.monotonic() - started}
+        phases["scan_s"] = time.monotonic() - started
         if scope.skipped:   # unreadable, too deep for PATH_MAX, or gone while the walk ran: said, not hidden
             self.ui.message(f"{scope.skipped} director(ies) or entries of the scope could not be read and were "
                             "skipped (run with -v for each)")
@@ -232,7 +237,8 @@ class Runner:
             self._todo |= r.progress.pending
         if self._todo or self.opts.mode == "watch":
             source, engine_stats = self._run_engine(started, phases, dataset_bytes)
-        else:   # nothing to do: no BPF program to load, no snapshot to take
+        else:   # nothing to do: no snapshot to wait for, no engine to keep
+            self._close_early_engine()
             source, engine_stats = "none", {}
             self.ui.started({r.name: r.report for r in self.runs}, dataset_bytes, source)
             phases["startup_s"] = time.monotonic() - started
@@ -266,9 +272,32 @@ class Runner:
         self.ui.finished(summary)
         return summary
 
+    def _start_early_engine(self) -> None:
+        """Load the BPF programs before the scan and start the start-up snapshot in a child process, which reads
+        residency while this process scans, syncs and plans (:meth:`Engine.start_snapshot`). Without BPF (polling,
+        or BPF failing to load) the engine is made only once some task has work, as before."""
+        if self.opts.source == "poll":
+            return
+        try:
+            engine = Engine(source="bpf", skip_own_reads=True)
+        except DuetError:   # BPF unavailable, or its object cannot be built: said later, if some task has work
+            return
+        self._early = engine, engine.start_snapshot(self.root, Event.EXISTS | Event.MODIFIED,
+                                                    self.opts.one_file_system)
+
+    def _close_early_engine(self) -> None:
+        """Stop the start-up snapshot's child (if still running) and unload the early engine, if not used."""
+        early, self._early = self._early, None
+        if early:
+            engine, child = early
+            if child is not None:
+                child.close()
+            engine.close()
+
     def _run_engine(self, started: float, phases: dict, dataset_bytes: int) -> tuple[str, dict]:
         """The processing loop, with the page-cache engine watching the scope; returns its source and counters."""
-        with Engine(source=self.opts.source, skip_own_reads=True) as engine:
+        engine, child = self._early or (Engine(source=self.opts.source, skip_own_reads=True), None)
+        with engine:
             self.engine = engine
             if engine.source_warning:
                 self.ui.message(engine.source_warning)
@@ -276,9 +305,11 @@ class Runner:
             t0 = time.monotonic()
             # State (what is cached, what is dirty) is read from the engine's shared file states; only range tasks
             # that count foreground reads need page events, through a second registration.
-            # The start-up snapshot reads only the files some task still needs (a resumed round: a few).
+            # The start-up snapshot is what the child started before the scan read (_start_early_engine), or else
+            # read now: only the files some task still needs (a resumed round: a few).
             self.reg = engine.register("duet-run", Event.EXISTS | Event.MODIFIED, self.root,
-                                       self.opts.one_file_system, scope=self.scope, snapshot=self._pending_files())
+                                       self.opts.one_file_system, scope=self.scope,
+                                       snapshot=child or self._pending_files())
             self.reg_added = None
             if any(r.spec.granularity == "range" and r.spec.events & Event.ADDED for r in self.runs):
                 self.reg_added = engine.register("duet-run-reads", Event.ADDED | Event.DIRTIED, self.root,

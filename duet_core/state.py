@@ -287,7 +287,7 @@ class StateStore:
             return self.db.execute("INSERT INTO scopes (root, next_file_id) VALUES (?, 0)", (root,)).lastrowid
 
     def sync_files(self, scope_id: int, scanned: Iterable) -> None:
-        """Record a full scan: (fid, relpath, size, mtime_ns, ctime_ns) per file. Known files keep their id.
+        """Record a full scan: a :class:`~duet_core.scope.ScannedFile` per file. Known files keep their id.
 
         The scan streams into a temporary table and is reconciled with ``files`` in SQL: rows that did not change
         are not written, and no per-file Python objects are kept (a million-file scope stays small in memory).
@@ -303,8 +303,9 @@ class StateStore:
                 next_id = db.execute("SELECT next_file_id FROM scopes WHERE id=?", (scope_id,)).fetchone()[0]
                 count = itertools.count(next_id)
                 db.executemany("INSERT INTO files VALUES (?,?,?,?,?,?,?,?,?,?)",
-                               ((scope_id, next(count), f.fid.dev, f.fid.subvol, f.fid.ino, db_path(f.relpath),
-                                 f.size, f.mtime_ns, f.ctime_ns, stamp) for f in scanned))
+                               ((scope_id, next(count), *fid, relpath if relpath.isascii() else db_path(relpath),
+                                 size, mtime_ns, ctime_ns, stamp)
+                                for fid, relpath, size, mtime_ns, ctime_ns, _nlink in scanned))
                 db.execute("UPDATE scopes SET next_file_id=? WHERE id=?", (next(count), scope_id))
             return
         db.execute("CREATE TEMP TABLE IF NOT EXISTS scan (dev INTEGER, subvol INTEGER, ino INTEGER, relpath TEXT, "

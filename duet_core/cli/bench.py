@@ -212,13 +212,15 @@ def scale(
         first, noop = report["first_run"], report["noop_run"]
         table = Table(title=f"duet bench scale — {report['files']:,} files, {len(report['tasks'])} tasks",
                       title_justify="left")
-        for col in ("", "wall s", "scan+sync s", "plan s", "snapshot s", "start-up s", "peak RSS"):
+        for col in ("", "wall s", "scan+sync s", "plan s", "snapshot s", "start-up s", "CPU s (+child)",
+                    "peak RSS (+child)"):
             table.add_column(col, justify="left" if not col else "right")
         for name, r in (("first run", first), ("no-op run", noop)):
             ph = r["phases"]
             table.add_row(name, f"{r['wall_s']:.1f}", f"{ph['scan_s']:.1f}", f"{ph['plan_s']:.1f}",
                           f"{ph.get('snapshot_s', 0):.1f}", f"{ph.get('startup_s', 0):.1f}",
-                          units.format_bytes(r["max_rss_bytes"]))
+                          f"{r['cpu_s']:.1f} (+{r['child_cpu_s']:.1f})",
+                          f"{units.format_bytes(r['max_rss_bytes'])} (+{units.format_bytes(r['child_max_rss_bytes'])})")
         console.print(table)
         console.print(f"start-up rate {report['scan_files_per_s']:,} files/s; duet status {report['status_s']:.2f} s")
         for name, ok in report["targets"].items():
