@@ -38,7 +38,8 @@ CHUNK_SHIFT = 6
 CHUNK_PAGES = 1 << CHUNK_SHIFT
 SCOPE_CHECK_IGNORE = 0x100
 STATS = ("events", "pages", "lost_map", "lost_folio", "lost_ring", "flushes", "ignored", "retries")
-CTL_ACTIVE, CTL_INFLIGHT0, CTL_INFLIGHT1 = 0, 1, 2
+CTL_ACTIVE = 0
+INFLIGHT0 = 0   # per-CPU in-flight counter of merge buffer 0; INFLIGHT0 + 1: buffer 1
 
 
 class FileKey(Structure):
@@ -226,7 +227,7 @@ class PageCacheBpf:
                 raise _fail(f"attach {prog}")
             self._links.append(link)
         self.fd = {name: lib.bpf_map__fd(self._map(name))
-                   for name in ("merge0", "merge1", "scopes", "ignore", "lost", "flushes", "stats", "ctl")}
+                   for name in ("merge0", "merge1", "scopes", "ignore", "lost", "flushes", "stats", "ctl", "inflight")}
         self._ncpu = lib.libbpf_num_possible_cpus()
         self._ring_cb = _RING_CB(self._on_flush)  # keep a reference: libbpf calls it later
         self._rb = lib.ring_buffer__new(self.fd["flushes"], self._ring_cb, None, None)
@@ -280,10 +281,11 @@ class PageCacheBpf:
             lib.bpf_map_delete_elem(fd, byref(k))
 
     # -- draining --------------------------------------------------------------------------------------------------
-    def _ctl(self, slot: int) -> int:
-        key, val = c_uint32(slot), c_uint32()
-        self._lib.bpf_map_lookup_elem(self.fd["ctl"], byref(key), byref(val))
-        return val.value
+    def _inflight(self, buffer: int) -> int:
+        """Programs still updating merge buffer ``buffer``, summed over the CPUs."""
+        key, vals = c_uint32(INFLIGHT0 + buffer), (c_uint64 * self._ncpu)()
+        self._lib.bpf_map_lookup_elem(self.fd["inflight"], byref(key), vals)
+        return sum(vals)
 
     def switch(self, timeout_s: float = 1.0) -> int:
         """Make programs write the other merge buffer; return the old one once no program is still in it."""
@@ -294,7 +296,7 @@ class PageCacheBpf:
         self._active = new
         deadline = time.monotonic() + timeout_s
         time.sleep(0.0005)  # let the store reach every CPU before trusting the in-flight count
-        while self._ctl(CTL_INFLIGHT0 + old):
+        while self._inflight(old):
             if time.monotonic() > deadline:
                 raise _fail("drain: a program stayed in the old buffer", errno.ETIMEDOUT)
             time.sleep(0.0002)

@@ -86,6 +86,15 @@ struct {
 	__type(value, __u32);
 } ctl SEC(".maps");
 
+/* Per CPU, so that every event does not bounce one cache line between the CPUs (a program runs on one CPU from
+ * start to end: its increment and decrement meet the same counter). User space sums them over the CPUs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, INFLIGHT_NR);
+	__type(key, __u32);
+	__type(value, __u64);
+} inflight SEC(".maps");
+
 static __always_inline void stat_add(__u32 which, __u64 n)
 {
 	__u64 *v = bpf_map_lookup_elem(&stats, &which);
@@ -190,16 +199,16 @@ __noinline int update_chunk(const struct chunk_key *k, __u64 bits, __u32 ev)
 		return -1;
 	for (attempt = 0; attempt < 2; attempt++) {
 		__u32 idx = *(volatile __u32 *)active & 1;
-		__u32 islot = CTL_INFLIGHT0 + idx;
-		__u32 *inflight = bpf_map_lookup_elem(&ctl, &islot);
+		__u32 islot = INFLIGHT0 + idx;
+		__u64 *busy = bpf_map_lookup_elem(&inflight, &islot);
 
-		if (!inflight)
+		if (!busy)
 			return -1;
-		__sync_fetch_and_add(inflight, 1);
+		__sync_fetch_and_add(busy, 1);
 		if ((*(volatile __u32 *)active & 1) != idx) {
 			/* User space switched buffers between our read and our increment: it may already be
 			 * draining `idx`, so write the new one instead. */
-			__sync_fetch_and_sub(inflight, 1);
+			__sync_fetch_and_sub(busy, 1);
 			stat_add(STAT_RETRIES, 1);
 			continue;
 		}
@@ -207,7 +216,7 @@ __noinline int update_chunk(const struct chunk_key *k, __u64 bits, __u32 ev)
 			err = update_map(&merge1, k, bits, ev);
 		else
 			err = update_map(&merge0, k, bits, ev);
-		__sync_fetch_and_sub(inflight, 1);
+		__sync_fetch_and_sub(busy, 1);
 		break;
 	}
 	return err;

@@ -37,9 +37,14 @@ enum duet_stat {
 /* Control array slots. */
 enum duet_ctl {
 	CTL_ACTIVE,           /* which merge buffer (0 or 1) programs write to; user space flips it */
-	CTL_INFLIGHT0,        /* programs currently updating buffer 0 */
-	CTL_INFLIGHT1,        /* programs currently updating buffer 1 */
 	CTL_NR,
+};
+
+/* Slots of the per-CPU in-flight counters: programs currently updating merge buffer 0 / 1, on this CPU. */
+enum duet_inflight {
+	INFLIGHT0,
+	INFLIGHT1,
+	INFLIGHT_NR,
 };
 
 struct file_key {
