@@ -112,10 +112,11 @@ def duet_process(ctx: ItemContext) -> ItemResult | None:
         ``ctx.state`` (the task's own store), ``ctx.shared`` (results per file version) and ``ctx.progress``
         (``advance(nbytes, from_device=None)``).
     :returns: None when the item is done, or an :class:`~duet_core.tasks.ItemResult` (``done=False`` to retry it in
-        a later round — or, for a ``cached_only`` item, later in this run, when more is cached; counters for the report; ``damaged=True`` when the task found damage in the data, e.g. a
-        scrub's corruption, which makes ``duet run`` exit 6; ``keep_cached=True`` when the task will read this
-        file again later in the run — the pages the run brought in then stay cached, within a bound, until
-        ``run.release_cached(file id)`` or the end of the run). Stops at the first non-None result.
+        a later round — or, for a ``cached_only`` item, later in this run, when more is cached; counters for the
+        report; ``damaged=True`` when the task found damage in the data, e.g. a scrub's corruption, which makes
+        ``duet run`` exit 6; ``keep_cached=True`` when the task will read this file again later in the run — the
+        pages the run brought in then stay cached, within a bound, until ``run.release_cached(file id)`` or the end
+        of the run). Stops at the first non-None result.
 
     Called once per item. Items with the most cached pages come first; an item that must be read from the device
     is handed to every task that needs it, one after the other, while it is in the cache. An exception fails this

@@ -737,9 +737,9 @@ class Runner:
             self._ahead[nxt] = _Ahead(f, fd, pre)   # kept open: processing it needs no second open
             in_flight += f.size
 
-    def _idle_wait(self) -> None:
-        """Watch mode (or nothing cached): wait for the page cache to bring work."""
-        time.sleep(self.opts.watch_interval)
+    def _idle_wait(self, seconds: float | None = None) -> None:
+        """Watch mode (or nothing cached), or waiting for other programs: wait for the page cache to bring work."""
+        time.sleep(self.opts.watch_interval if seconds is None else seconds)
         self._absorb()
         if time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
             self._commit()
@@ -756,21 +756,20 @@ class Runner:
         if not self.opts.idle_io or not self.engine.own_reads_skipped or self._yielded_s >= YIELD_MAX_S:
             return False
         added = self.engine.counters["pages_added"]
-        now = time.monotonic()
         if added != self._foreground_added:
-            self._foreground_added, self._foreground_at = added, now
-        return now - self._foreground_at < FOREGROUND_QUIET_S
+            self._foreground_added, self._foreground_at = added, time.monotonic()
+        return self._foreground_recent()
+
+    def _foreground_recent(self) -> bool:
+        """Other programs added pages of the scope within the last FOREGROUND_QUIET_S (as last looked at)."""
+        return time.monotonic() - self._foreground_at < FOREGROUND_QUIET_S
 
     def _yield_wait(self) -> None:
         if not self._yielded_s:
             log.info("other processes are reading the scope: files not cached wait while they do (idle I/O)")
         t0 = time.monotonic()
-        time.sleep(YIELD_POLL_S)
-        self._absorb()
+        self._idle_wait(YIELD_POLL_S)
         self._yielded_s += time.monotonic() - t0
-        if time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
-            self._commit()
-            self.ui.advanced({r.name: r.report for r in self.runs})
 
     def _throttle(self, started: float) -> None:
         rate = self.opts.rate_limit
@@ -816,11 +815,11 @@ class Runner:
             # pages cached. (Running them in threads at once was measured slower here: see docs/benchmarks.md.)
             # The resident pages the next task's item can use without counting again: those just counted for a
             # file not read ahead (the first task), or every page once a count after a task found them all.
-            whole = None if ahead else pre
+            known = None if ahead else pre
             keep = False    # a task will read the file again later in the run
             for i, r in enumerate(needs):
-                ctx = self._item(r, f, fd, cached_pass, pre, resident=whole)
-                whole = None
+                ctx = self._item(r, f, fd, cached_pass, pre, resident=known)
+                known = None
                 if ctx is None:
                     continue
                 result, failed = self._call(r, ctx)
@@ -835,7 +834,7 @@ class Runner:
                     share = max(0, after - self._attributed) * PAGE_SIZE
                     self._attributed = max(self._attributed, after)
                     if after >= f.pages:   # whole file cached: the next task's item needs no second look
-                        whole = BitMap(range(f.pages))
+                        known = BitMap(range(f.pages))
                 self._account(r, ctx, result, device_share=share)
             if not self._needs(f.id) and not self._wants_modified:
                 gen = inode_generation(fd)
@@ -859,7 +858,7 @@ class Runner:
         """Pages of ``fid`` other processes brought into the cache (the engine does not report the run's own), as
         far as the engine has seen: not the run's to evict. Only looked at while someone reads the scope, when a
         reader may be reading this very file alongside the tasks."""
-        if time.monotonic() - self._foreground_at >= FOREGROUND_QUIET_S:
+        if not self._foreground_recent():
             return BitMap()
         self.engine.pump()   # as of the last drain, at most the engine interval old: a forced drain costs ~1 ms
         st = self.engine.files.get(fid)
@@ -988,7 +987,7 @@ class Runner:
         # until there are as many done as relevant — once or twice a round, not once per file.
         p = r.progress
         if len(p.done) >= len(p.relevant) and p.relevant <= p.done:
-            r.progress.complete = True
+            p.complete = True
         if not self._needs(file_id):
             self._todo.discard(file_id)
 

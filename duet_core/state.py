@@ -161,6 +161,13 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
+_FILE_ROW = "SELECT id, dev, subvol, ino, relpath, size, mtime_ns, ctime_ns FROM files"   # what _file_info takes
+
+
+def _file_info(r) -> FileInfo:
+    return FileInfo(r[0], FileId(r[1], r[2], r[3]), py_path(r[4]), r[5], r[6], r[7])
+
+
 def _blob(bm: BitMap) -> bytes:
     return bm.serialize()
 
@@ -359,26 +366,21 @@ class StateStore:
 
     def files(self, scope_id: int, ids: Iterable[int] | None = None) -> Iterator[FileInfo]:
         if ids is None:
-            cur = self.db.execute("SELECT id, dev, subvol, ino, relpath, size, mtime_ns, ctime_ns FROM files "
-                                  "WHERE scope_id=? ORDER BY id", (scope_id,))
-            for r in cur:
-                yield FileInfo(r[0], FileId(r[1], r[2], r[3]), py_path(r[4]), r[5], r[6], r[7])
+            for r in self.db.execute(f"{_FILE_ROW} WHERE scope_id=? ORDER BY id", (scope_id,)):
+                yield _file_info(r)
             return
         for file_id in ids:
-            r = self.db.execute("SELECT id, dev, subvol, ino, relpath, size, mtime_ns, ctime_ns FROM files "
-                                "WHERE scope_id=? AND id=?", (scope_id, file_id)).fetchone()
+            r = self.db.execute(f"{_FILE_ROW} WHERE scope_id=? AND id=?", (scope_id, file_id)).fetchone()
             if r:
-                yield FileInfo(r[0], FileId(r[1], r[2], r[3]), py_path(r[4]), r[5], r[6], r[7])
+                yield _file_info(r)
 
     def file(self, scope_id: int, file_id: int) -> FileInfo | None:
         return next(self.files(scope_id, [file_id]), None)
 
     def files_from(self, scope_id: int, first_id: int, limit: int) -> list[FileInfo]:
         """Up to ``limit`` files with ids from ``first_id`` on, in id order: one query for a run's next files."""
-        return [FileInfo(r[0], FileId(r[1], r[2], r[3]), py_path(r[4]), r[5], r[6], r[7])
-                for r in self.db.execute("SELECT id, dev, subvol, ino, relpath, size, mtime_ns, ctime_ns FROM files "
-                                         "WHERE scope_id=? AND id>=? ORDER BY id LIMIT ?",
-                                         (scope_id, first_id, limit))]
+        return [_file_info(r) for r in self.db.execute(f"{_FILE_ROW} WHERE scope_id=? AND id>=? ORDER BY id LIMIT ?",
+                                                       (scope_id, first_id, limit))]
 
     def file_ids(self, scope_id: int) -> Iterator[tuple[FileId, int]]:
         """Every file of the scope as (FileId, file id), streamed."""

@@ -361,7 +361,9 @@ def run(
     path: str = typer.Option(None, "--path", "-p", help="The scope: a directory tree (subvolumes included)."),
     budget: str = typer.Option(None, "--for", help="Stop cleanly after this long (e.g. 2h); the next run resumes."),
     rate_limit: str = typer.Option(None, "--rate-limit", help="Cap device reads, e.g. 50MB/s."),
-    idle_io: bool = typer.Option(None, "--idle-io/--no-idle-io", help="Idle I/O: the idle priority class, and files not cached wait while other programs read the scope (default on)."),
+    idle_io: bool = typer.Option(None, "--idle-io/--no-idle-io",
+                                 help="Idle I/O: the idle priority class, and files not cached wait while other "
+                                      "programs read the scope (default on)."),
     cache_hygiene: bool = typer.Option(None, "--cache-hygiene/--no-cache-hygiene",
                                        help="Evict what the run itself brought into the cache (default on)."),
     one_file_system: bool = typer.Option(None, "--one-file-system/--cross-file-systems", "-x",
