@@ -44,6 +44,8 @@ class TaskSpec:
     events: Event = Event.EXISTS
     granularity: Granularity = "file"
     options: tuple[TaskOption, ...] = ()
+    # The plugin API this task was built for. Left out, it means 1, the first: the default never follows
+    # API_VERSION, so a plugin that omits it is refused, not silently accepted, once the API changes.
     api_version: int = 1
 
 

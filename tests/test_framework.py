@@ -156,6 +156,16 @@ def test_plugin_api_version_mismatch_is_refused_with_a_clear_line():
     assert "'future'" in line and "plugin API 99" in line and "API 1" in line
 
 
+def test_a_plugin_that_leaves_out_its_api_version_is_refused_once_the_api_changes(monkeypatch):
+    from duet_core import hookspecs
+
+    TaskRegistry().add(M.ReaderTask("old"))          # built for API 1 without saying so: fine while duet has API 1
+    monkeypatch.setattr(hookspecs, "API_VERSION", 2)
+    with pytest.raises(DuetError) as err:
+        TaskRegistry().add(M.ReaderTask("old"))
+    assert "'old' was built for duet plugin API 1, this duet has API 2" in str(err.value)
+
+
 def test_a_misspelled_hook_is_rejected():
     class Typo:
         @hookimpl

@@ -96,6 +96,7 @@ def test_hook_is_exercised_by_a_test(name):
 
 def test_what_a_plugin_author_imports_is_the_contract():
     assert duet_core.hookimpl is hookspecs.hookimpl
-    assert duet_core.API_VERSION == hookspecs.API_VERSION == TaskSpec("x", "y").api_version
+    assert duet_core.API_VERSION == hookspecs.API_VERSION
+    assert TaskSpec("x", "y").api_version == 1      # left out: the first API, never the current one
     assert hookspecs.PROJECT == "duet"
     assert "API_VERSION" in hookspecs.__doc__ and "duet.tasks" in hookspecs.__doc__

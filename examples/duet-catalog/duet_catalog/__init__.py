@@ -61,7 +61,8 @@ class Catalog:
     def duet_task(self):
         return TaskSpec("catalog", "SQLite catalog of every file: path, size, mtime, BLAKE3",
                         options=(TaskOption("index", "path", required=True,
-                                            help="the SQLite catalog file (its directory must exist)"),))
+                                            help="the SQLite catalog file (its directory must exist)"),),
+                        api_version=1)
 
     @hookimpl
     def duet_plan(self, run, files):

@@ -36,7 +36,8 @@ class Backup:
     def duet_task(self) -> TaskSpec:
         return TaskSpec("backup", "complete snapshots of the scope at --target (btrfs snapshots or hard-link trees)",
                         options=(TaskOption("target", "path", required=True,
-                                            help="where snapshots go: TARGET/snapshots/<UTC time>/"),))
+                                            help="where snapshots go: TARGET/snapshots/<UTC time>/"),),
+                        api_version=1)
 
     @hookimpl
     def duet_check(self, root, options):

@@ -85,6 +85,7 @@ class Defrag:
                            help="also rewrite extents shared with snapshots or reflinks (takes more space)"),
                 TaskOption("dry_run", "bool", default=False, help="only report fragmentation, change nothing"),
             ),
+            api_version=1,
         )
 
     @hookimpl

@@ -80,7 +80,8 @@ class Gc:
                 *keep,
                 TaskOption("prune", "bool", default=False,
                            help="remove the snapshots the policy drops (default: dry run, list them)"),
-            ))
+            ),
+            api_version=1)
 
     @hookimpl
     def duet_check(self, root, options):

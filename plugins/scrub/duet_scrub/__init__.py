@@ -195,7 +195,8 @@ class Scrub:
             "scrub", "find silent data corruption (btrfs checksums; blake3 manifest elsewhere), cached data first",
             events=Event.EXISTS | Event.ADDED, granularity="range",
             options=(TaskOption("every", "duration", default=DEFAULT_PERIOD,
-                                help="scrub period: a file verified this recently is not read again (e.g. 30d)"),))
+                                help="scrub period: a file verified this recently is not read again (e.g. 30d)"),),
+            api_version=1)
 
     @hookimpl
     def duet_plan(self, run: RunInfo, files) -> list[int]:
