@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -82,8 +81,12 @@ def test_events_json_reports_interval_deltas(bpf_required, btrfs_fs):
         os.fsync(fh.fileno())
     evict_file(path)    # every page: one DONTNEED can leave one, and then the reads add one fewer
 
-    def reader():
-        time.sleep(2.0)   # after the engine has attached (start-up includes loading BPF)
+    proc = subprocess.Popen([sys.executable, "-m", "duet_core.cli.main", "events", "--path", btrfs_fs.mnt,
+                             "--duration", "5", "--interval", "0.5", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()     # "watching ...": attached and registered (however long start-up took)
+        assert first.startswith("duet: watching "), first
         rfd = os.open(path, os.O_RDONLY)
         os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_RANDOM)   # no readahead: exactly the pages read
         os.pread(rfd, 32 * PAGE_SIZE, 0)
@@ -91,13 +94,12 @@ def test_events_json_reports_interval_deltas(bpf_required, btrfs_fs):
         time.sleep(1.2)
         with open(path, "rb") as fh:
             fh.read()
-
-    t = threading.Thread(target=reader)
-    t.start()
-    proc = duet("events", "--path", btrfs_fs.mnt, "--duration", "5", "--interval", "0.5", "--json")
-    t.join()
-    assert proc.returncode == 0, proc.stderr
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, first + err
+    lines = [json.loads(line) for line in out.splitlines()]
     mine = [rec for rec in lines if rec["path"] == path]
     assert len(mine) >= 2, lines          # two reads, in two different intervals
     for rec in mine:
