@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from duet_core.errors import DuetError
+from duet_core.errors import BpfUnavailable
 
 SRC_DIR = Path(__file__).resolve().parent
 SOURCES = (SRC_DIR / "pagecache.bpf.c", SRC_DIR / "pagecache.h")
@@ -45,24 +45,33 @@ def _run(argv: list[str], what: str, stdout=None) -> None:
     try:
         proc = subprocess.run(argv, stdout=stdout, stderr=subprocess.PIPE, text=True, check=False)
     except FileNotFoundError:
-        raise DuetError(f"failed to {what}: {argv[0]} is not installed",
+        raise BpfUnavailable(f"failed to {what}: {argv[0]} is not installed",
                         hint="run scripts/dev, or apt-get install clang llvm libbpf-dev bpftool") from None
     if proc.returncode != 0:
-        raise DuetError(f"failed to {what}: {proc.stderr.strip()[-2000:]}")
+        raise BpfUnavailable(f"failed to {what}: {proc.stderr.strip()[-2000:]}")
 
 
 def build(force: bool = False) -> Path:
-    """Return the path of an up-to-date object, compiling it if needed."""
+    """Return the path of an up-to-date object, compiling it if needed. Any failure is :class:`BpfUnavailable`: with
+    ``--source auto`` the run goes on polling, with ``--source bpf`` it exits 3."""
     obj = object_path()
-    if not force and not is_stale(obj):
-        return obj
+    try:
+        if not force and not is_stale(obj):
+            return obj
+        return _build(obj, force)
+    except OSError as exc:       # the build directory cannot be made or written (a file there, read-only, full)
+        raise BpfUnavailable(f"cannot build the BPF object in {obj.parent}: {exc.strerror or exc}",
+                             hint="set DUET_BPF_DIR to a writable directory, or run scripts/dev setup") from None
+
+
+def _build(obj: Path, force: bool) -> Path:
     out = obj.parent
     out.mkdir(parents=True, exist_ok=True)
     print(f"duet: building the BPF object for this kernel in {out} (once; clang and bpftool needed)", file=sys.stderr)
     vmlinux_h = out / "vmlinux.h"
     if not vmlinux_h.exists() or force:
         if not VMLINUX_BTF.exists():
-            raise DuetError("failed to build the BPF object: this kernel has no BTF (/sys/kernel/btf/vmlinux)",
+            raise BpfUnavailable("failed to build the BPF object: this kernel has no BTF (/sys/kernel/btf/vmlinux)",
                             hint="use a kernel built with CONFIG_DEBUG_INFO_BTF=y")
         bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
         tmp = vmlinux_h.with_suffix(".h.tmp")
@@ -81,7 +90,7 @@ def build(force: bool = False) -> Path:
 def main() -> int:
     try:
         obj = build(force="--force" in sys.argv)
-    except DuetError as exc:
+    except BpfUnavailable as exc:
         print(f"duet: {exc}", file=sys.stderr)
         return 1
     print(f"duet: BPF object ready: {obj}")
