@@ -22,7 +22,7 @@ import numpy as np
 from pyroaring import BitMap
 
 from duet_core import residency
-from duet_core.errors import BpfUnavailable, DuetError
+from duet_core.errors import BpfUnavailable, DuetError, require_directory
 from duet_core.events import EVENTS, STATES, Batch, Event, FileId
 from duet_core.identity import DevMap, file_id
 from duet_core.scope import Scope
@@ -149,9 +149,8 @@ class Engine:
         mask = Event(mask)
         if not mask & (EVENTS | STATES):
             raise DuetError(f"registration {name!r} asks for no events")
+        require_directory(path)
         root = os.path.realpath(path)
-        if not os.path.isdir(root):
-            raise DuetError(f"not a directory: {path}")
         key = (root, one_file_system)
         if scope is not None:
             self.scopes[key] = scope

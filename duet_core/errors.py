@@ -6,6 +6,10 @@ what to do. Only the CLI turns it into a line on stderr and an exit code; everyt
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
+
 
 class DuetError(Exception):
     """An expected failure: bad input, missing tool, unusable kernel feature."""
@@ -25,6 +29,20 @@ class BpfUnavailable(DuetError):
     """The BPF event source cannot be used here (not root, no BTF, object missing, load refused)."""
 
     exit_code = 3
+
+
+def require_directory(path: str) -> None:
+    """Refuse ``path`` in one line unless it is a directory this process can list and enter, saying why when it is
+    not just missing (a name too long, a symlink loop, a parent that may not be searched, no permission)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        why = "" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else f" ({exc.strerror})"
+        raise DuetError(f"not a directory: {path}{why}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise DuetError(f"not a directory: {path}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise DuetError(f"cannot read directory: {path} (permission denied)")
 
 
 def printable(text: str) -> str:

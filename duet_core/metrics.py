@@ -91,10 +91,14 @@ def render(summary: Mapping[str, Any], mode: str, engine: Mapping[str, int] | No
     out.family("duet_run_duration_seconds", "gauge", "How long the run has been going, or went.",
                [(base, summary.get("wall_s", 0.0))])
     if exit_code is not None:
-        out.family("duet_run_exit_code", "gauge", "Exit code of the finished run (0 ok, 1 items failed, "
-                   "5 stopped early; docs/cli.md).", [(base, exit_code)])
+        out.family("duet_run_exit_code", "gauge", "Exit code of the finished run (0 ok, 1 items failed "
+                   "or parts of the scope unreadable, 5 stopped early, 6 damage found; docs/cli.md).",
+                   [(base, exit_code)])
     out.family("duet_run_dataset_bytes", "gauge", "Bytes in the scope's regular files.",
                [(base, summary.get("dataset_bytes", 0))])
+    out.family("duet_run_scan_skipped", "gauge", "Directories or entries of the scope the scan could not read "
+               "(unreadable, deeper than PATH_MAX, gone meanwhile): left out of this run, which exits 1.",
+               [(base, summary.get("scan_skipped", 0))])
     if "device_read_bytes" in summary:
         out.family("duet_run_device_read_bytes", "gauge", "Bytes the run read from storage (/proc/self/io).",
                    [(base, summary["device_read_bytes"])])

@@ -29,7 +29,7 @@ from pyroaring import BitMap
 
 from duet_core import residency
 from duet_core.engine import Engine
-from duet_core.errors import DuetError, printable
+from duet_core.errors import DuetError, printable, require_directory
 from duet_core.events import PAGE_SIZE, Event, FileId
 from duet_core.identity import inode_generation
 from duet_core.lock import ScopeLock
@@ -57,7 +57,7 @@ YIELD_MAX_S = 600.0        # ... and holds its own device reads back for at most
 
 # Exit codes of `duet run` / `duet watch` (docs/cli.md).
 EXIT_OK = 0            # every task finished its round
-EXIT_ITEM_ERRORS = 1   # the run finished, but some items failed (see the report)
+EXIT_ITEM_ERRORS = 1   # the run finished, but some items failed or parts of the scope could not be read
 EXIT_STOPPED = 5       # stopped early (--for budget, SIGTERM/SIGINT); progress saved, the next run resumes
 EXIT_DAMAGE = 6        # a task found damage in the data (e.g. scrub: corruption); wins over the codes above
 
@@ -176,9 +176,8 @@ class Runner:
         if len(set(task_names)) != len(task_names):
             raise DuetError("a task is named twice")
         self.tasks = [registry.get(n) for n in task_names]
+        require_directory(root)
         self.root = os.path.realpath(root)
-        if not os.path.isdir(self.root):
-            raise DuetError(f"not a directory: {root}")
         self.store = store
         self.opts = opts or RunOptions()
         self.ui = ui or QuietUI()
@@ -389,8 +388,8 @@ class Runner:
             return EXIT_DAMAGE
         if summary["result"] not in ("complete",):
             return EXIT_STOPPED
-        if any(t["items_failed"] for t in summary["tasks"].values()):
-            return EXIT_ITEM_ERRORS
+        if any(t["items_failed"] for t in summary["tasks"].values()) or summary.get("scan_skipped"):
+            return EXIT_ITEM_ERRORS     # a part of the scope left out (unreadable, too deep) is a failure too
         return EXIT_OK
 
     # -- rounds ----------------------------------------------------------------------------------------------------

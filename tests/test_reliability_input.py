@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import plugin_dist
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from reliability import RDuet, duet, sha256, tree_snapshot  # noqa: F401 - duet: shared fixtures
 from test_run_cli import one_error, summary_of
 
@@ -55,7 +56,12 @@ CASES = [
     Case("file-as-path", ("run", "hexer", "--path", "{scope}/a"), 2, "not a directory"),
     Case("fifo-as-path", ("run", "hexer", "--path", "{tmp}/fifo"), 2, "not a directory"),
     Case("device-as-path", ("run", "hexer", "--path", "/dev/null"), 2, "not a directory: /dev/null"),
-    Case("symlink-loop-as-path", ("run", "hexer", "--path", "{tmp}/loop1"), 2, "not a directory"),
+    Case("symlink-loop-as-path", ("run", "hexer", "--path", "{tmp}/loop1"), 2,
+         "not a directory: {tmp}/loop1 (Too many levels of symbolic links)"),
+    Case("256-byte-component-path", ("run", "hexer", "--path", "{tmp}/" + "x" * 256), 2,
+         "xxx (File name too long)"),
+    Case("path-over-4096-bytes", ("run", "hexer", "--path", "{tmp}" + "/a" * 2100), 2,
+         "a/a (File name too long)"),
     Case("empty-path", ("run", "hexer", "--path", ""), 2, "--path is empty"),
     Case("control-chars-in-path", ("run", "hexer", "--path", "{tmp}/no\nsuch\x1b[31m"), 2, r"no\nsuch\x1b[31m"),
     Case("non-utf8-path", ("run", "hexer", "--path", "{tmp}/bad\udcff\udcfe"), 2, r"bad\xff\xfe"),
@@ -230,8 +236,9 @@ def test_every_case_is_in_the_table_of_docs_reliability():
     ids = {c.id for c in CASES} | {name for name in HOSTILE}
     assert ids <= documented, sorted(ids - documented)
     for c in CASES:
-        row = re.search(rf"^\| `{c.id}` \|.*\| (\d) \|", doc, re.M)
+        row = re.search(rf"^\| `{c.id}` \|.*\| (\d) \| (.*) \|$", doc, re.M)
         assert row and int(row.group(1)) == c.code, c.id
+        assert _fill(c.needle, "T", "S") in row.group(2).replace("…", ""), (c.id, "the message in the table")
     assert len(CASES) >= 25
 
 
@@ -473,6 +480,57 @@ def checkout_traversable(require_root):
             os.chmod(d, stat.S_IMODE(mode))
 
 
+def test_bpf_that_cannot_be_built_as_root_is_exit_3_or_one_notice_and_polling(duet, tmp_path):
+    """Root, but the BPF object cannot be built (here its directory is a file): --source bpf is one line and exit 3;
+    the default source says so once and polls, and the run does its work."""
+    scope = tmp_path / "scope"
+    scope.mkdir()
+    (scope / "a").write_bytes(b"polled\n")
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    env = {**duet.env, "DUET_BPF_DIR": str(blocker)}
+    argv = duet.argv("run", "hexer", "--path", str(scope))
+    proc = subprocess.run([*argv, "--source", "bpf"], capture_output=True, text=True, timeout=60, env=env)
+    one_error(proc, 3, f"cannot build the BPF object in {blocker}: File exists")
+    assert duet.hex_log() == []
+    proc = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("polling page-cache residency instead") == 1, proc.stderr
+    assert summary_of(proc)["source"] == "poll"
+    assert duet.hex_counts() == {b"a": 1}
+
+
+def test_a_part_of_the_scope_the_scan_cannot_read_makes_the_run_exit_1(duet, ext4_fs, tmp_path):
+    """Nothing failed but a directory beyond PATH_MAX was left out: the run says so and exits 1 (as rsync's 23), and
+    the metrics say how many entries, so a nightly run that silently missed part of the scope is seen."""
+    scope = os.path.join(ext4_fs.mnt, "scope")
+    os.makedirs(scope)
+    with open(os.path.join(scope, "a"), "wb") as fh:
+        fh.write(b"readable\n")
+    fd = _mkdirs_at(scope, ["e" * 249] * 17)
+    _write_at(fd, "too-deep", b"beyond PATH_MAX\n")
+    os.close(fd)
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    proc = subprocess.run(duet.argv("run", "hexer", "--path", scope, "--json", "--metrics-dir", str(prom)),
+                          capture_output=True, text=True, timeout=120, env=duet.env)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    summary = summary_of(proc)
+    rep = summary["tasks"]["hexer"]
+    assert summary["scan_skipped"] == 1
+    assert (rep["items_done"], rep["items_failed"], rep["complete"]) == (1, 0, True)
+    assert [p for _, p, _ in duet.hex_log()] == [b"a"]
+    (line,) = [x for x in proc.stderr.splitlines() if "could not be read" in x]
+    assert line.startswith("duet: 1 director(ies) or entries of the scope could not be read")
+    (name,) = os.listdir(prom)
+    text = (prom / name).read_text()
+    assert "duet_run_scan_skipped{" in text and 'duet_run_exit_code{' in text
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert (samples["duet_run_scan_skipped"], samples["duet_run_exit_code"]) == (1, 1)
+
+
 def test_not_root(duet, world_dir, checkout_traversable):
     """As nobody: the default state directory is refused in one line; with a writable one, the run falls back to
     polling (one notice) and processes what nobody may read; --source bpf is exit 3; unreadable parts are skipped."""
@@ -492,6 +550,9 @@ def test_not_root(duet, world_dir, checkout_traversable):
 
     one_error(as_nobody(duet, world_dir, "run", "hexer", "--path", scope), 2,
               "cannot use state directory /var/lib/duet: Permission denied")
+    private = os.path.join(scope, "private")
+    one_error(as_nobody(duet, world_dir, "run", "hexer", "--path", private, "--state-dir", state), 2,
+              f"cannot read directory: {private} (permission denied)")
     one_error(as_nobody(duet, world_dir, "run", "hexer", "--path", scope, "--state-dir", state, "--source", "bpf"),
               3, "not running as root")
     proc = as_nobody(duet, world_dir, "run", "hexer", "--path", scope, "--state-dir", state, "--json")

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from duet_core import residency
 from duet_core.cli.output import console, emit_json, is_tty, note
-from duet_core.errors import DuetError, printable
+from duet_core.errors import DuetError, printable, require_directory
 from duet_core.events import EVENTS, Batch, Event, FileId
 
 if TYPE_CHECKING:   # the engine (numpy, BPF) is imported by the command that uses it
@@ -97,8 +97,7 @@ def events(
         raise DuetError("bad --mask: choose events from added, removed, dirtied, flushed")
     if interval <= 0 or duration < 0:
         raise DuetError("--interval must be > 0 and --duration >= 0")
-    if not os.path.isdir(path):
-        raise DuetError(f"not a directory: {path}")
+    require_directory(path)
     signal.signal(signal.SIGTERM, _sigterm)
     from duet_core.engine import Engine
 

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from duet_core import metrics, units
 from duet_core.cli.output import console, emit_json, is_tty, note
 from duet_core.config import Config, load_config
-from duet_core.errors import DuetError, printable
+from duet_core.errors import DuetError, printable, require_directory
 from duet_core.plugins import TaskRegistry, load_plugins
 from duet_core.state import DEFAULT_STATE_DIR, StateStore
 from duet_core.tasks import TaskReport
@@ -306,8 +306,7 @@ def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget
         if len(set(names)) != len(names):
             raise DuetError("a task is named twice")
         resolved = {n: resolve_options(registry.get(n), task_args.get(n, {})) for n in names}
-        if not os.path.isdir(root):
-            raise DuetError(f"not a directory: {root}")
+        require_directory(root)
         for n in names:
             registry.get(n).hook.duet_check(root=os.path.realpath(root), options=resolved[n])
     for text, parse in ((budget, units.parse_duration), (rate_limit, units.parse_rate)):
@@ -380,8 +379,8 @@ def run(
     """Run maintenance tasks over a scope: cached files first, one device read shared by all tasks.
 
     Task options may also be given as --KEY VALUE (e.g. --target /mnt/backup). Exit codes: 0 done, 1 some items
-    failed, 2 bad input, 4 another run holds the scope, 5 stopped early (--for, SIGTERM) with progress saved, 6 a task
-    found damage in the data (scrub: corruption).
+    failed or parts of the scope unreadable, 2 bad input, 4 another run holds the scope, 5 stopped early (--for,
+    SIGTERM) with progress saved, 6 a task found damage in the data (scrub: corruption).
 
     Examples:
       duet run backup scrub --path /home --target /mnt/backup
