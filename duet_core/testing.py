@@ -12,10 +12,11 @@ environment where duet is installed can use its fixtures without importing anyth
 
 ``duet_fs`` is a fresh filesystem on a loop device (btrfs by default; ext4 or xfs with
 ``@pytest.mark.duet_fs("ext4")``), unmounted and detached after the test even when it fails; it needs root, and
-the test is skipped without it. ``duet_cli`` runs ``duet run`` / ``duet watch`` / ``duet status`` as a separate process
-with a private state directory and an empty config, and returns its exit code, stderr and parsed ``--json`` summary:
-the task is found through its entry point, exactly as it will be in production, so the test also proves the plugin
-is installed correctly.
+the test is skipped without it (fails instead with ``DUET_REQUIRE_ROOT=1``, for a CI that must run it).
+``duet_cli`` runs ``duet run`` / ``duet watch`` / ``duet status`` as a separate process with a private state
+directory and an empty config, and returns its exit code, stderr and parsed ``--json`` summary: the task is found
+through its entry point, exactly as it will be in production, so the test also proves the plugin is installed
+correctly.
 
 Nothing here is used at import time by the plugin loader: importing this module (pytest does it at start-up)
 costs one import of :mod:`duet_core.loopfs`.
@@ -119,7 +120,10 @@ def resident_pages(path: str) -> int:
 def duet_fs(request: pytest.FixtureRequest) -> Iterator[ScratchFs]:
     """A fresh, empty filesystem on a loop device for this test (``@pytest.mark.duet_fs("ext4")`` to choose)."""
     if os.geteuid() != 0:
-        pytest.skip("duet_fs needs root: it makes a loop device and mounts a filesystem")
+        why = "duet_fs needs root: it makes a loop device and mounts a filesystem"
+        if os.environ.get("DUET_REQUIRE_ROOT") == "1":    # CI that must run these tests: fail, never skip
+            pytest.fail(why + " (DUET_REQUIRE_ROOT=1)")
+        pytest.skip(why)
     marker = request.node.get_closest_marker("duet_fs")
     fstype = marker.args[0] if marker and marker.args else "btrfs"
     size_mb = int(marker.kwargs.get("size_mb", 256)) if marker else 256

@@ -179,6 +179,10 @@ def test_log_lines_as_json_and_with_journald_priorities(env, direct_fs, tmp_path
     scope, _files = make_dataset(direct_fs.mnt, n=2)
     proc = env.run("-v", "--log-format", "json", "run", "reader", "--path", scope, "--quiet", "--fail", "f01")
     assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == ""    # --quiet: no summary table, no progress; the log lines below are all there is
+    loud = env.run("run", "reader", "--path", scope, "--fail", "f01")
+    assert "reader" in loud.stdout and "duet: 1 task(s) over" in loud.stderr    # what --quiet leaves out
+    assert "task(s) over" not in proc.stderr
     records = [json.loads(line) for line in proc.stderr.splitlines()]   # every line is a JSON object
     assert [(r["level"], r["msg"].split(":")[0]) for r in records if r["logger"] == "duet.cli"] == [
         ("warning", "reader"), ("info", "run finished")]

@@ -83,5 +83,8 @@ def test_built_in_plugins_carry_the_core_version():
 
     for project in PACKAGES:
         with open(os.path.join(project, "pyproject.toml"), "rb") as fh:
-            version = tomllib.load(fh)["project"]["version"]
+            meta = tomllib.load(fh)
+        version = meta["project"]["version"]
         assert version == duet_core.__version__, f"{project}: version {version}, core {duet_core.__version__}"
+        # ... and needs exactly that core: a plugin wheel is never installed beside another release's API.
+        assert f"duet=={version}" in meta["project"]["dependencies"], project

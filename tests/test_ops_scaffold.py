@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 from plugin_dist import duet_argv
@@ -56,6 +57,38 @@ def test_new_plugin_installs_lists_and_passes_its_own_test(scaffolded, require_r
     tested = run_pytest(project, env)
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "1 passed" in tested.stdout
+
+
+def test_an_editable_install_as_the_docs_say_is_listed_and_follows_the_source(tmp_path):
+    """``pip install -e`` (what the scaffold's README and docs/plugins.md tell an author to run), in a fresh venv
+    that sees duet's environment: ``duet plugins`` lists the task at once, and an edit of the source shows without
+    reinstalling."""
+    result = duet("plugins", "new", "edit-me", "--dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    project = tmp_path / "duet-edit-me"
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    py = str(venv / "bin" / "python")
+    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    duet_site = sysconfig.get_paths()["purelib"]
+    with open(os.path.join(purelib, "duet-env.pth"), "w") as fh:     # duet, pip and setuptools from duet's venv
+        fh.write(duet_site + "\n")
+    install = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                              "--no-build-isolation", "--no-index", "-e", str(project)],
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr
+
+    def listed() -> dict:
+        proc = subprocess.run([py, "-m", "duet_core.cli.main", "plugins", "--json"], capture_output=True, text=True,
+                              timeout=60, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        assert proc.returncode == 0, proc.stderr
+        return next(t for t in json.loads(proc.stdout)["tasks"] if t["name"] == "edit-me")
+
+    assert listed()["package"] == "duet-edit-me"
+    module = project / "duet_edit_me" / "__init__.py"
+    module.write_text(module.read_text().replace("hash every file with BLAKE3", "edited in place"))
+    assert listed()["description"].startswith("edited in place")
 
 
 def test_the_generated_test_fails_when_the_task_is_broken(scaffolded, require_root):
@@ -121,3 +154,22 @@ def test_generated_files_name_the_task_consistently():
     assert 'name = "duet-img-thumbs"' in files["pyproject.toml"]
     assert 'TaskSpec("img_thumbs"' in files["duet_img_thumbs/__init__.py"]
     assert "def test_img_thumbs_processes_every_file" in files["tests/test_img_thumbs.py"]
+
+
+def test_duet_fs_skips_without_root_unless_ci_requires_it(tmp_path):
+    """A plugin author's test that needs a scratch filesystem skips for a user without root — and fails with
+    DUET_REQUIRE_ROOT=1, so a CI job that lost its root does not pass green. (``unshare --user``: the same process
+    credentials, but geteuid() is no longer 0.)"""
+    test = tmp_path / "test_needs_fs.py"
+    test.write_text("def test_needs_fs(duet_fs):\n    assert duet_fs.root\n")
+
+    def pytest_as_non_root(**env) -> subprocess.CompletedProcess:
+        return subprocess.run(["unshare", "--user", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "-rsf", str(test)], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                              env={**os.environ, **env})
+
+    skipped = pytest_as_non_root()
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout, skipped.stdout
+    assert "duet_fs needs root" in skipped.stdout
+    failed = pytest_as_non_root(DUET_REQUIRE_ROOT="1")
+    assert failed.returncode == 1 and "DUET_REQUIRE_ROOT=1" in failed.stdout, failed.stdout

@@ -32,8 +32,11 @@ def verify(paths: list[str], cwd: str) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
-needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                           reason="systemd-analyze is not installed")
+# scripts/dev setup installs systemd-analyze; only a developer machine without it skips. CI (.ci/run, with
+# DUET_REQUIRE_BPF=1) runs these tests whatever happens, so a set-up that lost it fails instead of passing green.
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None and os.environ.get("DUET_REQUIRE_BPF") != "1",
+    reason="systemd-analyze is not installed (scripts/dev setup installs it)")
 
 
 def unit_caps(unit_text: str) -> list[str]:

@@ -15,8 +15,9 @@ import fsimage
 import plugin_dist
 import pytest
 from plugin_dist import log_counts, make_dataset
+from prometheus_client.parser import text_string_to_metric_families
 
-from duet_core import scheduler
+from duet_core import metrics, scheduler
 from duet_core.engine import Engine
 from duet_core.plugins import TaskRegistry
 from duet_core.scheduler import Runner, RunOptions
@@ -74,6 +75,12 @@ def test_forced_event_loss_is_counted_resynced_and_changes_no_result(fs, tmp_pat
     print(f"forced loss: engine counters {lossy['engine']}")
     assert lossy["engine"]["kernel_lost_map"] > 0, lossy["engine"]
     assert lossy["engine"]["resyncs"] >= 1, lossy["engine"]
+    # ... and the fleet sees it: the run's Prometheus metrics carry the loss and the resyncs.
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(metrics.render(lossy, "run", exit_code=0)) for s in f.samples}
+    lost = {dict(k[1])["where"]: v for k, v in samples.items() if k[0] == "duet_engine_events_lost_total"}
+    assert lost["map"] == lossy["engine"]["kernel_lost_map"] > 0
+    assert [v for k, v in samples.items() if k[0] == "duet_engine_resyncs_total"] == [lossy["engine"]["resyncs"]]
     # The same result as without loss.
     assert log_counts(tmp_path / "lossy.log") == log_counts(tmp_path / "control.log") == {
         ("slow", rel): 1 for rel in files}
