@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from duet_backup.fsops import copy_file, copy_xattrs, open_dir, replace, sig, tmp_name
 from duet_core.filesystems import remove_tree_at
 from duet_core.identity import open_beneath
+from duet_core.scope import open_regular
 
 Record = list   # [inode, size, mtime ns, ctime ns, blake3 hex]
 MAX_LISTED = 100
@@ -37,12 +38,18 @@ def join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
-def open_source(dir_fd: int, name: str) -> int:
-    """Open a source file read-only without touching its atime where allowed, never through a symlink."""
+def open_source(dir_fd: int, name: str, rel: str) -> int:
+    """Open the source file ``name`` (an entry of ``dir_fd`` listed as a regular file) for reading, through
+    :func:`~duet_core.scope.open_regular`: never through a symlink, and never a fifo or a device — the name may have
+    been renamed over since it was listed, and a blocking open of a fifo would hang the run (as root), opening a
+    device could act on it. Anything but a regular file now is FileNotFoundError: gone from under that name, like a
+    deleted file (the next pass finds what replaced it)."""
     try:
-        return open_beneath(dir_fd, name, os.O_RDONLY | os.O_NOATIME)
-    except PermissionError:
-        return open_beneath(dir_fd, name, os.O_RDONLY)
+        return open_regular(dir_fd, name)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:     # open_regular: not a regular file (any more)
+            raise FileNotFoundError(errno.ENOENT, f"replaced since listed: {exc.strerror}", rel) from None
+        raise
 
 
 @dataclass
@@ -200,10 +207,8 @@ class TreeSync:
         rel = join(reldir, name)
         rec = self._trusted(tree_dir, prev_dir, name, rel, st, in_tree)
         if rec is None:
-            fd = open_source(src_dir, name)
+            fd = open_source(src_dir, name, rel)
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise FileNotFoundError(errno.ENOENT, "replaced by something else", rel)
                 copied = copy_file(fd, tree_dir, name)
             finally:
                 os.close(fd)
