@@ -105,11 +105,7 @@ class TreeSync:
         self.result.entries[""] = entry_sig(root)
         stack = [""]
         while stack:
-            reldir = stack.pop()
-            try:
-                self._sync_dir(reldir, stack)
-            except FileNotFoundError:
-                self.result.vanished += 1   # the directory went away while we walked: it is simply not there
+            self._sync_dir(stack.pop(), stack)
         for members in self._groups.values():
             self._sync_links(members)
         for reldir, st in reversed(self._dirs):
@@ -118,7 +114,13 @@ class TreeSync:
 
     # -- one directory -----------------------------------------------------------------------------------------
     def _sync_dir(self, reldir: str, stack: list[str]) -> None:
-        src_dir = open_beneath(self.src_fd, reldir or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            src_dir = open_beneath(self.src_fd, reldir or ".", os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            self._dir_gone(reldir)   # deleted, or replaced by a file, fifo or symlink, since its parent was listed
+            return
         tree_dir = prev_dir = -1
         try:
             tree_dir = open_dir(self.tree_fd, reldir, create=True)
@@ -171,6 +173,21 @@ class TreeSync:
             for fd in (src_dir, tree_dir, prev_dir):
                 if fd >= 0:
                     os.close(fd)
+
+    def _dir_gone(self, reldir: str) -> None:
+        """A directory its parent's listing showed is no longer one: it is left out, like a file deleted since it
+        was listed — its copy in the tree (made from that listing, or by an earlier pass) is removed and it is not
+        recorded, so no snapshot holds it half synced. The next pass finds whatever took its name."""
+        self.result.vanished += 1
+        self.result.dirs -= 1
+        del self.result.entries[reldir]
+        self._dirs = [(rel, st) for rel, st in self._dirs if rel != reldir]
+        parent, _, name = reldir.rpartition("/")
+        tree_parent = open_dir(self.tree_fd, parent)
+        try:
+            remove_tree_at(tree_parent, name)
+        finally:
+            os.close(tree_parent)
 
     def _open_prev(self, reldir: str) -> int:
         if self.prev_fd is None:
