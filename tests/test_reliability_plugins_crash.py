@@ -22,6 +22,8 @@ from reliability_plugins import exact_snapshots, make_source
 from test_backup import Duet, duet, source  # noqa: F401 - duet, source: shared fixtures
 from test_reliability_crash import check_state
 
+from duet_core.state import StateStore
+
 pytestmark = pytest.mark.bpf
 
 KILLS = 20
@@ -63,6 +65,67 @@ def progress(target: str, state: str) -> tuple:
             tuple(bh.snapshot_names(target)) if os.path.isdir(os.path.join(target, "snapshots")) else ())
 
 
+def unfinished(state_dir: str, scope: str, target: str) -> dict[str, dict[str, int]]:
+    """Per task, the files (relpath -> size) whose work is not recorded as done, taken between two runs.
+
+    Backup: the files neither the journal of copies nor the last snapshot holds. The others, from the state store:
+    all files before the task's first round was planned (or before the scan recorded them), those not planned yet
+    or pending in an open round, none after a finished round (the source does not change in this test, so a new
+    round finds nothing to do again)."""
+    on_disk = {}
+    for rel in regular_files(scope):
+        st = os.lstat(os.path.join(scope, rel))
+        on_disk[rel] = (st.st_ino, st.st_size)
+    latest = bh.snapshot_names(target)[-1:] if os.path.isdir(os.path.join(target, "snapshots")) else []
+    published = set(bh.manifest(target, latest[0])["files"]) if latest else set()
+    copied = journal_relpaths(target) | published
+    out = {"backup": {rel: size for rel, (_, size) in on_disk.items() if rel not in copied}}
+    if not os.path.exists(os.path.join(state_dir, "state.db")):    # no run got as far as the store
+        return {**out, **{task: {rel: size for rel, (_, size) in on_disk.items()} for task in TASKS[1:]}}
+    store = StateStore(state_dir)
+    try:
+        sid = {root: i for i, root in store.scopes()}.get(scope)
+        files = {f.id: f for f in store.files(sid)} if sid is not None else {}
+        known = {f.fid.ino for f in files.values()}
+        unknown = {rel: size for rel, (ino, size) in on_disk.items() if ino not in known}
+        for task in TASKS[1:]:
+            p = store.progress(sid, task) if sid is not None else None
+            if p is None or p.round == 0:
+                left = set(files)
+            elif p.complete:
+                left = set()
+            else:
+                left = (set(files) - set(p.planned)) | set(p.pending)
+            out[task] = {**unknown, **{files[i].relpath: files[i].size for i in left if i in files}}
+        return out
+    finally:
+        store.close()
+
+
+def redid_only_unfinished(summary: dict, left: dict[str, dict[str, int]], why: str) -> None:
+    """A run after kills redoes at most what :func:`unfinished` found not done before it: backup copies no file
+    already copied, scrub verifies no byte of a file already verified, gc hashes no file already hashed, defrag
+    rewrites no file already defragmented."""
+    tasks = summary["tasks"]
+    copied = tasks["backup"]["counters"].get("copied", 0) + tasks["backup"]["copied_at_finish"]
+    assert copied <= len(left["backup"]), f"{why}: copied {copied} files, only {len(left['backup'])} were not " \
+                                          "copied before"
+    assert tasks["scrub"]["bytes_processed"] <= sum(left["scrub"].values()), (why, tasks["scrub"], left["scrub"])
+    assert tasks["gc"]["counters"].get("hashed_files", 0) <= len(left["gc"]), (why, tasks["gc"], left["gc"])
+    rewritten = {f["path"] for f in tasks["defrag"]["files"] if f["outcome"] == "defragmented"}
+    assert len(rewritten) == tasks["defrag"]["defragmented"], (why, tasks["defrag"])
+    assert rewritten <= left["defrag"].keys(), (why, tasks["defrag"], left["defrag"])
+
+
+def work_done(summary: dict, left: dict[str, dict[str, int]]) -> str:
+    """What a run did against what was left for it, for the test's report."""
+    tasks = summary["tasks"]
+    copied = tasks["backup"]["counters"].get("copied", 0) + tasks["backup"]["copied_at_finish"]
+    return (f"copied {copied}/{len(left['backup'])}, scrubbed {tasks['scrub']['bytes_processed']}/"
+            f"{sum(left['scrub'].values())} B, hashed {tasks['gc']['counters'].get('hashed_files', 0)}/"
+            f"{len(left['gc'])}, defragmented {tasks['defrag']['defragmented']}/{len(left['defrag'])}")
+
+
 def regular_files(scope: str) -> set[str]:
     out = set()
     for dirpath, _dirs, files in os.walk(scope):
@@ -92,11 +155,13 @@ def kill_series(duet, source, target, seed: int) -> None:
     seen: set[str] = set()
     kills = finished = mid_work = 0
     delays = []
+    redone = []   # what each run that was not killed did
     horizon = FIRST_HORIZON
     for attempt in range(3 * KILLS):
         if kills >= KILLS:
             break
         delay = rng.uniform(0.25, horizon)
+        left = unfinished(state, scope, target.mnt)   # first: opening the store may touch its files
         before = progress(target.mnt, state)
         t0 = time.monotonic()
         proc = duet.start(*argv)
@@ -106,7 +171,10 @@ def kill_series(duet, source, target, seed: int) -> None:
             finished += 1        # it finished before the kill: it must have succeeded
             horizon = max(0.4, 1.1 * (time.monotonic() - t0))
             assert proc.returncode == 0, (why, err)
-            assert json.loads(out)["tasks"]["backup"]["snapshot"], why
+            summary = json.loads(out)
+            assert summary["tasks"]["backup"]["snapshot"], why
+            redid_only_unfinished(summary, left, why)
+            redone.append(work_done(summary, left))
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.communicate(timeout=30)
@@ -121,19 +189,17 @@ def kill_series(duet, source, target, seed: int) -> None:
           f"and checked (delays {delays})")
     assert kills >= KILLS, f"seed {seed}: only {kills} kills"
     assert mid_work >= 5, f"seed {seed}: only {mid_work} kills landed after start-up"
-    # The next run completes, without copying again what the journal or the last snapshot already hold.
-    journal = journal_relpaths(target.mnt)
-    latest = bh.snapshot_names(target.mnt)[-1:] if os.path.isdir(os.path.join(target.mnt, "snapshots")) else []
-    published = set(bh.manifest(target.mnt, latest[0])["files"]) if latest else set()
+    # The next run completes, without redoing what the killed runs finished.
+    left = unfinished(state, scope, target.mnt)
     final = duet(*argv)
     assert final.returncode == 0, (seed, final.stderr)
     assert "Traceback" not in final.stderr
     summary = json.loads(final.stdout)
     assert summary["result"] == "complete", seed
-    rep = summary["tasks"]["backup"]
-    need = regular_files(scope) - journal - published
-    copied = rep["counters"].get("copied", 0) + rep["copied_at_finish"]
-    assert copied <= len(need), f"seed {seed}: copied {copied} files, only {len(need)} were not copied before"
+    redid_only_unfinished(summary, left, f"seed {seed}, the final run")
+    redone.append(work_done(summary, left))
+    print("plugin kill -9 test: what the finished runs and the final one did / what was left before each: "
+          + "; ".join(redone))
     assert summary["tasks"]["scrub"].get("corrupt", []) == [], seed
     snaps = exact_snapshots(scope, target.mnt, f"seed {seed}, after the final run", None)
     assert 1 <= len(snaps) <= 3, f"seed {seed}: --keep-last 3 left {len(snaps)} snapshots"
@@ -143,4 +209,5 @@ def kill_series(duet, source, target, seed: int) -> None:
     assert again["tasks"]["backup"]["counters"].get("copied", 0) == again["tasks"]["backup"]["copied_at_finish"] == 0
     assert again["tasks"]["scrub"]["bytes_processed"] == 0, again["tasks"]["scrub"]
     assert again["tasks"]["gc"]["counters"].get("hashed_files", 0) == 0, again["tasks"]["gc"]
+    assert again["tasks"]["defrag"]["defragmented"] == 0, again["tasks"]["defrag"]
     exact_snapshots(scope, target.mnt, f"seed {seed}, after one more run", None)

@@ -1,13 +1,14 @@
 """Files changing under ``duet run backup scrub defrag gc``: while the run works, a thread keeps modifying,
-truncating, deleting, renaming, and replacing by a symlink or a directory a set of victim files — fragmented (defrag
-rewrites them) and each the twin of a stable file (gc dedupes them against it).
+truncating, deleting, renaming, and replacing by a symlink, a directory or a fifo a set of victim files — fragmented
+(defrag rewrites them) and each the twin of a stable file (gc dedupes them against it).
 
 What must hold, on btrfs and ext4: scrub reports no corruption (every change is a legitimate write); no file's bytes
 are ever changed by defrag or gc (the stable files are byte for byte what they were, and every victim holds one of
 the versions the thread wrote); the snapshot holds each stable file exactly and each victim as one of its versions
 (or not at all, or as what replaced it) — a mixed copy only if backup flagged it ``changed_during_backup``; and once
 the changes stop, the next run's snapshot is exactly the source. The thread's choices are seeded (the seed is
-printed; ``DUET_RACE_SEED=N`` replays the choices, not the timing).
+printed; ``DUET_RACE_SEED=N`` replays the choices, not the timing). A fifo swapped in must never be opened as data:
+a blocking open would hang the root run, so the run is given :data:`RUN_TIMEOUT` and a hang fails the test.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import threading
 import time
 
@@ -29,6 +31,7 @@ pytestmark = pytest.mark.bpf
 
 VICTIMS = 6
 CHUNK = 16 << 10
+RUN_TIMEOUT = 120    # s; a run here takes 5-15 s on a busy machine
 
 
 def sha(data: bytes) -> str:
@@ -80,7 +83,7 @@ class Mutator(threading.Thread):
         rel = self.rng.choice(sorted(self.current))
         path = os.path.join(self.scope, rel)
         data = self.current[rel]
-        op = self.rng.choice(["modify", "truncate", "delete", "rename", "symlink", "directory", "restore"])
+        op = self.rng.choice(["modify", "truncate", "delete", "rename", "symlink", "directory", "fifo", "restore"])
         if data is None or op == "restore":          # make it a regular file again
             self._clear(path)
             self._write(rel, self.rng.randbytes(self.rng.choice((64, 256, 512)) << 10))
@@ -116,6 +119,10 @@ class Mutator(threading.Thread):
             os.mkdir(path)
             with open(os.path.join(path, "inside"), "wb") as fh:
                 fh.write(b"a directory now\n")
+            self._now(rel, None)
+        elif op == "fifo":                            # no writer ever comes: an O_RDONLY open of it blocks forever
+            os.unlink(path)
+            os.mkfifo(path, 0o644)
             self._now(rel, None)
         self.ops.append(op)
 
@@ -167,7 +174,10 @@ def test_files_changing_under_all_four_plugins(fstype, tmp_path, bpf_required, r
                 "--rate-limit", "2MB/s", "--json")
         mutator.start()
         try:
-            proc = duet(*argv, timeout=300)
+            proc = duet(*argv, timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"seed {seed}: the run hung for {RUN_TIMEOUT} s (killed) after {len(mutator.ops)} changes "
+                        f"({', '.join(mutator.ops[-8:])}...): a blocking open of a name swapped for a fifo?")
         finally:
             mutator.stop.set()
             mutator.join(timeout=30)
@@ -194,18 +204,21 @@ def test_files_changing_under_all_four_plugins(fstype, tmp_path, bpf_required, r
             if content is not None:
                 assert read_all(path) == content, f"seed {seed}: {rel} is not what was last written"
         # The snapshot: stable files exact; victims one of their versions, or flagged as changed while copied.
+        # The run finished its round (exit 0 or 1, checked above), and backup publishes a snapshot whenever its round
+        # is finished and the target writable: entries changing under the sync pass are left out or reported, they
+        # never stop the snapshot.
         rep = tasks["backup"]
-        if rep.get("snapshot"):
-            snap = os.path.join(target.mnt, "snapshots", rep["snapshot"])
-            for rel, data in stable.items():
-                assert read_all(os.path.join(snap, rel)) == data, f"seed {seed}: {rel} wrong in the snapshot"
-            flagged = set(rep.get("changed_during_backup", []))
-            for rel in victims:
-                path = os.path.join(snap, rel)
-                if os.path.isfile(path) and not os.path.islink(path) and rel not in flagged:
-                    assert sha(read_all(path)) in mutator.versions[rel], \
-                        f"seed {seed}: {rel} in the snapshot is no version the file ever had"
-            assert not os.path.exists(os.path.join(snap, "etc")), "a symlink was followed"
+        assert rep["snapshot"], (seed, summary["result"], rep)
+        snap = os.path.join(target.mnt, "snapshots", rep["snapshot"])
+        for rel, data in stable.items():
+            assert read_all(os.path.join(snap, rel)) == data, f"seed {seed}: {rel} wrong in the snapshot"
+        flagged = set(rep.get("changed_during_backup", []))
+        for rel in victims:
+            path = os.path.join(snap, rel)
+            if os.path.isfile(path) and not os.path.islink(path) and rel not in flagged:
+                assert sha(read_all(path)) in mutator.versions[rel], \
+                    f"seed {seed}: {rel} in the snapshot is no version the file ever had"
+        assert not os.path.exists(os.path.join(snap, "etc")), "a symlink was followed"
         # Quiet again: the next run's snapshot is exactly the source.
         again = duet("run", "backup", "scrub", "--path", scope, "--target", target.mnt, "--json")
         assert again.returncode == 0, (seed, again.stderr)

@@ -1,7 +1,7 @@
-"""The backup target failing under a run: full (ENOSPC on a small ext4 image), read-only (remounted), and gone
-mid-run (the ext4 shutdown ioctl, as when a disk is pulled: every later write is EIO). Each time: a clear line and a
-non-zero exit, the snapshots published before unchanged (their files' metadata and bytes as they were), nothing
-partial published, and once the target is usable again the next run publishes an exact snapshot.
+"""The backup target failing under a run: full (ENOSPC on a small ext4 or btrfs image), read-only (remounted), and
+gone mid-run (the ext4 shutdown ioctl, as when a disk is pulled: every later write is EIO). Each time: a clear line
+and a non-zero exit, the snapshots published before unchanged (their files' metadata and bytes as they were),
+nothing partial published, and once the target is usable again the next run publishes an exact snapshot.
 """
 
 from __future__ import annotations
@@ -41,14 +41,23 @@ def failed_cleanly(proc, needle: str, code: int = 1) -> list[str]:
     return lines
 
 
-def test_a_full_target_publishes_nothing_and_keeps_the_earlier_snapshots(duet, source, require_root):
+# A small target, and big files (4 of them) that together need more than it has free after the first backup: a
+# 16 MiB ext4; a btrfs of 120 MiB (mkfs.btrfs needs about 110), of which about 35 MiB is free for data.
+FULL_TARGETS = {"ext4": (16, 4 << 20), "btrfs": (120, 16 << 20)}
+
+
+@pytest.mark.parametrize("fstype", sorted(FULL_TARGETS))
+def test_a_full_target_publishes_nothing_and_keeps_the_earlier_snapshots(duet, source, fstype, require_root):
     scope = make_source(source.mnt, random.Random(7))
-    with fsimage.loop_fs("ext4", size_mb=16) as target:
+    size_mb, big = FULL_TARGETS[fstype]
+    with fsimage.loop_fs(fstype, size_mb=size_mb) as target:
         first = duet.backup(scope, target.mnt)
         exact_snapshots(scope, target.mnt, "first backup")
         before = facts_of_snapshots(target.mnt)
-        for i in range(4):      # 16 MiB more than the 16 MiB image holds
-            bh.write(os.path.join(scope, "big", f"b{i}"), os.urandom(4 << 20))
+        for i in range(4):
+            bh.write(os.path.join(scope, "big", f"b{i}"), os.urandom(big))
+        free = os.statvfs(target.mnt)
+        assert 4 * big > free.f_bavail * free.f_frsize, "the big files fit: the target would not fill up"
         proc = duet("run", "backup", "--path", scope, "--target", target.mnt, "--json")
         failed_cleanly(proc, "cannot be written (No space left on device): no snapshot published")
         rep = json.loads(proc.stdout)["tasks"]["backup"]

@@ -8,7 +8,9 @@ without following any symlink in the snapshot or at the destination.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
 import typer
 
@@ -75,7 +77,6 @@ def restore(
     from duet_backup.fsops import copy_file
     from duet_backup.target import Target
     from duet_backup.tree import TreeSync
-    from duet_core.identity import open_beneath
 
     t = Target(target, create=False)
     try:
@@ -96,13 +97,10 @@ def restore(
     try:
         for path in paths:
             rel = _relative(path, scope)
-            try:
-                src = open_beneath(snap, rel or ".", os.O_RDONLY | os.O_NOATIME)
-            except OSError as exc:
-                raise DuetError(f"{path}: not in snapshot {name} ({exc.strerror})") from None
+            src = _open_restorable(snap, rel, path, name)
             try:
                 out_name = os.path.basename(rel)
-                if os.path.isdir(f"/proc/self/fd/{src}"):
+                if stat.S_ISDIR(os.fstat(src).st_mode):
                     if not out_name:
                         _refuse_not_empty(dest, path)   # the whole snapshot goes into --to itself
                     out = dest if not out_name else _new_dir(dest, out_name, path)
@@ -124,6 +122,25 @@ def restore(
     finally:
         os.close(dest)
         os.close(snap)
+
+
+def _open_restorable(snap: int, rel: str, shown: str, name: str) -> int:
+    """Open ``rel`` in the snapshot for reading if it is a directory or a regular file — never anything else: a
+    fifo there (the backup recreates the source's fifos) would block the open forever, and a device node would be
+    opened as data. Restore the directory holding a symlink, fifo, socket or device to get it back."""
+    from duet_core.identity import open_beneath
+    from duet_core.scope import open_regular
+
+    try:
+        try:
+            return open_beneath(snap, rel or ".", os.O_RDONLY | os.O_DIRECTORY)
+        except NotADirectoryError:
+            return open_regular(snap, rel)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:   # open_regular: neither a directory nor a regular file
+            raise DuetError(f"{shown}: not a file or directory in snapshot {name} ({exc.strerror})",
+                            hint="restore the directory that holds it") from None
+        raise DuetError(f"{shown}: not in snapshot {name} ({exc.strerror})") from None
 
 
 def _relative(path: str, scope: str | None) -> str:

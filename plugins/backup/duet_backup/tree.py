@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from duet_backup.fsops import copy_file, copy_xattrs, open_dir, replace, sig, tmp_name
 from duet_core.filesystems import remove_tree_at
 from duet_core.identity import open_beneath
+from duet_core.scope import open_regular
 
 Record = list   # [inode, size, mtime ns, ctime ns, blake3 hex]
 MAX_LISTED = 100
@@ -37,12 +38,18 @@ def join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
-def open_source(dir_fd: int, name: str) -> int:
-    """Open a source file read-only without touching its atime where allowed, never through a symlink."""
+def open_source(dir_fd: int, name: str, rel: str) -> int:
+    """Open the source file ``name`` (an entry of ``dir_fd`` listed as a regular file) for reading, through
+    :func:`~duet_core.scope.open_regular`: never through a symlink, and never a fifo or a device — the name may have
+    been renamed over since it was listed, and a blocking open of a fifo would hang the run (as root), opening a
+    device could act on it. Anything but a regular file now is FileNotFoundError: gone from under that name, like a
+    deleted file (the next pass finds what replaced it)."""
     try:
-        return open_beneath(dir_fd, name, os.O_RDONLY | os.O_NOATIME)
-    except PermissionError:
-        return open_beneath(dir_fd, name, os.O_RDONLY)
+        return open_regular(dir_fd, name)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:     # open_regular: not a regular file (any more)
+            raise FileNotFoundError(errno.ENOENT, f"replaced since listed: {exc.strerror}", rel) from None
+        raise
 
 
 @dataclass
@@ -98,11 +105,7 @@ class TreeSync:
         self.result.entries[""] = entry_sig(root)
         stack = [""]
         while stack:
-            reldir = stack.pop()
-            try:
-                self._sync_dir(reldir, stack)
-            except FileNotFoundError:
-                self.result.vanished += 1   # the directory went away while we walked: it is simply not there
+            self._sync_dir(stack.pop(), stack)
         for members in self._groups.values():
             self._sync_links(members)
         for reldir, st in reversed(self._dirs):
@@ -111,7 +114,13 @@ class TreeSync:
 
     # -- one directory -----------------------------------------------------------------------------------------
     def _sync_dir(self, reldir: str, stack: list[str]) -> None:
-        src_dir = open_beneath(self.src_fd, reldir or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            src_dir = open_beneath(self.src_fd, reldir or ".", os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            self._dir_gone(reldir)   # deleted, or replaced by a file, fifo or symlink, since its parent was listed
+            return
         tree_dir = prev_dir = -1
         try:
             tree_dir = open_dir(self.tree_fd, reldir, create=True)
@@ -165,6 +174,21 @@ class TreeSync:
                 if fd >= 0:
                     os.close(fd)
 
+    def _dir_gone(self, reldir: str) -> None:
+        """A directory its parent's listing showed is no longer one: it is left out, like a file deleted since it
+        was listed — its copy in the tree (made from that listing, or by an earlier pass) is removed and it is not
+        recorded, so no snapshot holds it half synced. The next pass finds whatever took its name."""
+        self.result.vanished += 1
+        self.result.dirs -= 1
+        del self.result.entries[reldir]
+        self._dirs = [(rel, st) for rel, st in self._dirs if rel != reldir]
+        parent, _, name = reldir.rpartition("/")
+        tree_parent = open_dir(self.tree_fd, parent)
+        try:
+            remove_tree_at(tree_parent, name)
+        finally:
+            os.close(tree_parent)
+
     def _open_prev(self, reldir: str) -> int:
         if self.prev_fd is None:
             return -1
@@ -200,10 +224,8 @@ class TreeSync:
         rel = join(reldir, name)
         rec = self._trusted(tree_dir, prev_dir, name, rel, st, in_tree)
         if rec is None:
-            fd = open_source(src_dir, name)
+            fd = open_source(src_dir, name, rel)
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise FileNotFoundError(errno.ENOENT, "replaced by something else", rel)
                 copied = copy_file(fd, tree_dir, name)
             finally:
                 os.close(fd)

@@ -26,6 +26,7 @@ from duet_core import Event, ItemResult, TaskOption, TaskSpec, hookimpl
 from duet_core.errors import DuetError
 from duet_core.filesystems import fs_name
 from duet_core.identity import file_id, open_beneath
+from duet_core.scope import open_regular
 from duet_defrag import fiemap, rewrite
 
 __version__ = "0.1.0"
@@ -155,12 +156,21 @@ class Defrag:
 
     def _rewrite(self, state: RunState, ctx, fstype: str, lay: fiemap.Layout) -> None:
         """Open the file ourselves (a writable descriptor where the filesystem needs one), check it is still the
-        inode the scheduler handed over, and rewrite it."""
+        inode the scheduler handed over, and rewrite it.
+
+        The name is opened as :func:`~duet_core.scope.open_regular` opens it — only a regular file, so a fifo renamed
+        over it since the scheduler opened it cannot block the run, nor a device be opened — and reopened for
+        writing through ``/proc/self/fd``: the same inode, whatever the name points to meanwhile."""
         parent, name = os.path.split(ctx.file.relpath)
         dir_fd = open_beneath(state.root_fd, parent or ".", os.O_RDONLY | os.O_DIRECTORY)
         try:
-            # btrfs defragments through a read-only descriptor (as root), so running programs can be defragmented.
-            fd = open_beneath(dir_fd, name, os.O_RDWR if fstype == "ext4" else os.O_RDONLY)
+            fd = open_regular(dir_fd, name, ctx.file.fid.ino)
+            if fstype == "ext4":      # btrfs defragments through a read-only descriptor (as root), so running
+                ro = fd               # programs can be defragmented; ext4 moves extents through a writable one
+                try:
+                    fd = os.open(f"/proc/self/fd/{ro}", os.O_RDWR | os.O_CLOEXEC)
+                finally:
+                    os.close(ro)
             try:
                 if file_id(fd) != ctx.file.fid:
                     raise OSError(errno.ESTALE, "replaced while being checked", ctx.path)

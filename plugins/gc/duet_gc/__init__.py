@@ -32,8 +32,9 @@ from pyroaring import BitMap
 from duet_core import Event, ItemResult, TaskOption, TaskSpec, hookimpl, residency
 from duet_core.errors import DuetError
 from duet_core.filesystems import fs_magic
-from duet_core.identity import file_id, open_beneath
+from duet_core.identity import file_id
 from duet_core.scheduler import runs_of
+from duet_core.scope import open_regular
 from duet_core.units import format_bytes
 from duet_gc import extents
 from duet_gc.retention import RULES, Policy, Target, run_retention
@@ -282,9 +283,12 @@ def _matches(fd: int, rep: dict) -> bool:
 
 
 def _open_in_scope(root: str, relpath: str) -> int:
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """Open a representative by its recorded path, as :func:`~duet_core.scope.open_regular` opens a scanned name:
+    only a regular file, never through a symlink, never out of the scope. It was recorded by an earlier item or run,
+    and its name may hold a fifo by now (a blocking open would hang the run) or a device (opened as data)."""
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return open_beneath(root_fd, relpath, os.O_RDONLY)
+        return open_regular(root_fd, relpath)
     finally:
         os.close(root_fd)
 

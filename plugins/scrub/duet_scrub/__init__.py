@@ -29,9 +29,10 @@ from pyroaring import BitMap
 
 from duet_core import Event, ItemResult, TaskOption, TaskSpec, hookimpl
 from duet_core.events import PAGE_SIZE
-from duet_core.identity import open_beneath, parse_mountinfo
+from duet_core.identity import parse_mountinfo
 from duet_core.residency import resident_pages
 from duet_core.scheduler import runs_of
+from duet_core.scope import open_regular
 from duet_core.tasks import FileInfo, ItemContext, RunInfo, TaskReport
 from duet_scrub.manifest import Hasher, Record, differing_ranges, key, version
 from duet_scrub.reader import DirectBuffer, FileReader
@@ -233,12 +234,12 @@ class Scrub:
 
     def _confirm_cached(self, run: RunInfo, file: FileInfo, ranges) -> BitMap:
         """The pages of ``ranges`` that are in the cache and up to date (read without any device I/O)."""
-        try:
-            fd = open_beneath(self._root_fd(run), file.relpath, os.O_RDONLY | os.O_NOATIME)
+        try:   # only that very regular file: the name may hold a fifo by now, whose open would block the run
+            fd = open_regular(self._root_fd(run), file.relpath, file.fid.ino)
         except OSError:
             return BitMap()                     # gone or replaced: the scheduler finds out when it opens the file
         try:
-            return confirm_cached(fd, ranges) if os.fstat(fd).st_ino == file.fid.ino else BitMap()
+            return confirm_cached(fd, ranges)
         finally:
             os.close(fd)
 
