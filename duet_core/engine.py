@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,7 @@ MAX_PAGE = (1 << 32) - 1        # page bitmaps are 32-bit roaring: files up to 1
 RESCAN_MIN_S = 1.0              # at most one rescan per second when unknown files show up
 RESCAN_EVERY_S = 30.0           # and one every 30 s regardless, to notice files moved into a scope
 MAX_HELD = 1 << 20              # chunk records of unknown files held while a rescan resolves them
+CHECK_EVERY = 4096              # a registration looks for a stop (Engine.checkpoint) every this many files
 
 
 def mask_pages(chunks: np.ndarray, masks: np.ndarray) -> array:
@@ -103,6 +105,9 @@ class Engine:
         self._held: list[Changes] = []
         self._kernel_pairs: set[tuple[int, int]] = set()
         self.on_rescan = None   # called as on_rescan(scope, diff) after each rescan that found changes
+        # Called between files of a registration's start-up snapshot (a pass over a whole scope, seconds for a large
+        # one); it may raise to abandon the registration (duet run: errors.Stopped on SIGTERM).
+        self.checkpoint: Callable[[], None] = lambda: None
         self._dropped_pairs: set[tuple[int, int]] = set()
         self._held_records = 0
         self.counters = {"drains": 0, "records": 0, "pages_added": 0, "pages_removed": 0, "pages_dirtied": 0,
@@ -167,7 +172,11 @@ class Engine:
         # Snapshot after the kernel filter is in place, so nothing falls between the two.
         self._snapshot(scope, snapshot, [reg])
         if reg.mask & STATES:
-            reg.touched.update(fid for fid in self.files if fid in scope.files)
+            for n, fid in enumerate(self.files):
+                if not n % CHECK_EVERY:
+                    self.checkpoint()
+                if fid in scope.files:
+                    reg.touched.add(fid)
         return reg
 
     def unregister(self, reg: Registration) -> None:
@@ -235,10 +244,12 @@ class Engine:
             return
         if files is None:
             for fid, fd in scope.open_all():
+                self.checkpoint()
                 self._record(fid, fd, state_regs)
             return
         with scope.opener() as open_file:
             for fid, rel in files:
+                self.checkpoint()
                 try:
                     fd = open_file(rel)
                 except OSError:
@@ -252,7 +263,8 @@ class Engine:
         """Record what the child found cached (files of the scope only), then read in-process the files on pairs
         it did not cover; if it failed, read the whole scope in-process instead."""
         try:
-            for fid, pages in child.results():
+            for fid, pages in child.results(checkpoint=self.checkpoint):
+                self.checkpoint()
                 if fid in scope.files:
                     self._record_pages(fid, pages, state_regs)
         finally:

@@ -25,6 +25,20 @@ class DuetError(Exception):
         return f"{msg} ({self.hint})" if self.hint else msg
 
 
+class Stopped(BaseException):
+    """The run is stopping (SIGTERM, SIGINT; SIGHUP for ``duet watch``): the work in progress is abandoned.
+
+    Raised by ``ctx.checkpoint()`` / ``run.checkpoint()`` in a task's long loops. The scheduler counts the item it
+    interrupts as neither done nor failed — the next run does it again — and ends the run cleanly, progress saved
+    (exit 5). It derives from BaseException, like KeyboardInterrupt, so an ``except Exception`` around the work in
+    a task does not swallow it; ``finally`` blocks run as usual (remove a half-written temporary file there).
+    """
+
+    def __init__(self, reason: str = "stopped"):
+        super().__init__(reason)
+        self.reason = reason
+
+
 class BpfUnavailable(DuetError):
     """The BPF event source cannot be used here (not root, no BTF, object missing, load refused)."""
 

@@ -20,7 +20,10 @@ Order of calls in one run::
     duet_plan            at the start of a round, batch by batch over the scope's files
     duet_observe         whenever pages of a still-pending file saw the task's events (range tasks)
     duet_process         once per item, cache-first, shared with the other tasks of the run
-    duet_finish          once, at the end of the run (also when it stopped early)
+    duet_finish          once, at the end of a run whose duet_plan was called (also when it stopped early)
+
+A stop (SIGTERM, SIGINT) is honoured within a second: a task's long loops call ``ctx.checkpoint()`` (items) or
+``run.checkpoint()`` (planning, finishing), which raise :class:`~duet_core.errors.Stopped` once the run is stopping.
 """
 
 from __future__ import annotations
@@ -81,7 +84,9 @@ def duet_plan(run: RunInfo, files: Sequence[FileInfo]) -> Iterable[int] | None:
     and on a resumed round only for files new to the scope. A backup returns the files changed since its last
     snapshot; a scrub those not verified within its period. Every run calls it at least once, with an empty batch
     if no file is new: raising :class:`~duet_core.errors.DuetError` there refuses the whole run (bad options, an
-    unusable target) with one line and the error's exit code, before any file is processed.
+    unusable target) with one line and the error's exit code, before any file is processed. A run stopped (SIGTERM,
+    SIGINT) before or while it plans calls no further batch, and keeps nothing of this planning: the next run plans
+    those files again.
     """
 
 
@@ -109,8 +114,8 @@ def duet_process(ctx: ItemContext) -> ItemResult | None:
         through a symlink, inside the scope), ``ctx.ranges`` to process, ``ctx.cached`` (resident ranges),
         ``ctx.fresh`` (those of them this run read from the device for this item), ``ctx.cached_only`` (read
         nothing from the device now: ``duet watch``, or a run waiting while other programs read the scope),
-        ``ctx.state`` (the task's own store), ``ctx.shared`` (results per file version) and ``ctx.progress``
-        (``advance(nbytes, from_device=None)``).
+        ``ctx.state`` (the task's own store), ``ctx.shared`` (results per file version), ``ctx.progress``
+        (``advance(nbytes, from_device=None)``), and ``ctx.checkpoint()`` / ``ctx.stopping()`` for long items.
     :returns: None when the item is done, or an :class:`~duet_core.tasks.ItemResult` (``done=False`` to retry it in
         a later round — or, for a ``cached_only`` item, later in this run, when more is cached; counters for the
         report; ``damaged=True`` when the task found damage in the data, e.g. a scrub's corruption, which makes
@@ -121,6 +126,12 @@ def duet_process(ctx: ItemContext) -> ItemResult | None:
     Called once per item. Items with the most cached pages come first; an item that must be read from the device
     is handed to every task that needs it, one after the other, while it is in the cache. An exception fails this
     item only: it is logged with the task's name and counted, and the run goes on.
+
+    A long item (a large file) calls ``ctx.checkpoint()`` between its chunks, every MiB or so: it waits there while
+    the run is ahead of ``--rate-limit``, and raises :class:`~duet_core.errors.Stopped` once the run is asked to
+    stop (SIGTERM, SIGINT). Let it propagate (clean up in ``finally``): the item is then neither done nor failed,
+    the next run hands it over again, and this run ends within a second of the signal. A task that never calls it
+    delays the stop until its item is done.
     """
 
 
@@ -135,5 +146,8 @@ def duet_finish(run: RunInfo, report: TaskReport) -> dict[str, Any] | None:
     :returns: extra keys for this task's entry in the run summary (``duet run --json``), or None. Stops at the first
         non-None result.
 
-    Called once per run, also when the run stopped early (budget, SIGTERM); not after a crash.
+    Called once per run in which ``duet_plan`` was called, also when the run stopped early (budget, SIGTERM);
+    not after a crash. After a stop (``run.stopping()``: SIGTERM, SIGINT) it must be quick: publish nothing that
+    takes long (a backup's sync pass), leave it to the next run, and call ``run.checkpoint()`` in any long loop
+    (it raises :class:`~duet_core.errors.Stopped`, which ends this hook without counting as a failure).
     """

@@ -69,6 +69,7 @@ class Task:
         if digest is None:
             hasher, offset = blake3.blake3(), 0
             while chunk := os.pread(ctx.fd, CHUNK, offset):
+                ctx.checkpoint()        # keeps --rate-limit; on SIGTERM it raises and the file is redone next run
                 hasher.update(chunk)
                 offset += len(chunk)
             digest = hasher.hexdigest()

@@ -7,8 +7,12 @@ still needs it, one after the other, so the first task's device read serves the 
 the run itself brought in are evicted (cache hygiene), progress is recorded, and the rate limit is honoured.
 
 Progress is a Roaring bitmap of file ids per task (and done pages per file for range tasks), committed to the state
-store at least once a second: a run killed at any point resumes from the last commit; ``--for`` and SIGTERM stop
-after the current file and commit.
+store at least once a second: a run killed at any point resumes from the last commit. ``--for`` stops after the
+current file and commits. SIGTERM and SIGINT stop within a second in every phase: the scan, its reconciliation in
+SQL, the planning and the start-up snapshot look for the stop every few files and end with :class:`Stopped`; a
+task in the middle of a long item sees it at its next ``ctx.checkpoint()`` and gives the item up (not done, not
+failed: the next run does it again); every wait wakes for it. Then progress is committed and ``duet_finish`` is
+called as after any early stop.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,7 +34,7 @@ from pyroaring import BitMap
 
 from duet_core import residency
 from duet_core.engine import Engine
-from duet_core.errors import DuetError, printable, require_directory
+from duet_core.errors import DuetError, Stopped, printable, require_directory
 from duet_core.events import PAGE_SIZE, Event, FileId
 from duet_core.identity import inode_generation
 from duet_core.lock import ScopeLock
@@ -54,6 +59,8 @@ BULK_LOOKUP = 2000     # more touched files than this at once: map them to file 
 FOREGROUND_QUIET_S = 0.5   # idle I/O: the foreground counts as reading until it has added no page for this long
 YIELD_POLL_S = 0.05        # ... while it reads, the run looks for newly cached work this often
 YIELD_MAX_S = 600.0        # ... and holds its own device reads back for at most this long in all
+NAP_S = 0.05               # every wait (the rate limit, watch's idle wait) looks for a stop this often
+BUDGET = "budget"          # stop_reason when the --for budget ran out (the others are signal names)
 
 # Exit codes of `duet run` / `duet watch` (docs/cli.md).
 EXIT_OK = 0            # every task finished its round
@@ -160,6 +167,7 @@ class _TaskRun:
         self.dirty_ranges: set[int] = set()
         self.failed: set[int] = set()                 # failed in this run: retried by the next run, not this one
         self.done_ns: dict[int, int] = {}             # file id -> when this run started processing it (MODIFIED)
+        self.planned = False                          # duet_plan was called: duet_finish will be
 
     @property
     def name(self) -> str:
@@ -200,6 +208,26 @@ class Runner:
     def _on_signal(self, signum, _frame) -> None:
         self.stop_reason = signal.Signals(signum).name
 
+    def stopping(self) -> bool:
+        """Asked to stop: SIGTERM, SIGINT (or SIGHUP from ``duet watch``'s reload). The ``--for`` budget is not a
+        stop of this kind: it ends the run between items, never abandoning one."""
+        return self.stop_reason is not None and self.stop_reason != BUDGET
+
+    def _checkpoint(self) -> None:
+        """Raise :class:`Stopped` if the run is stopping: called every few files by the scan, the planning and the
+        start-up snapshot, so a stop is honoured within a second in every phase of a run."""
+        if self.stopping():
+            raise Stopped(self.stop_reason)
+
+    def _nap(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, waking early on a stop (a signal does not end a ``time.sleep``: PEP 475)."""
+        end = time.monotonic() + seconds
+        while not self.stopping():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, NAP_S))
+
     def _run(self) -> dict:
         started = time.monotonic()
         io_start = read_bytes_io()
@@ -208,60 +236,76 @@ class Runner:
         store = self.store
         self.scope_id = store.scope_id(self.root)
         self.run_id = store.start_run(self.scope_id, [t.name for t in self.tasks])
-        scope = Scope(self.root, one_file_system=self.opts.one_file_system)
-        self._start_early_engine()
-        phases = {"engine_load_s": time.monotonic() - started}
-        store.sync_files(self.scope_id, scope.scan())
-        phases["scan_s"] = time.monotonic() - started
-        if scope.skipped:   # unreadable, too deep for PATH_MAX, or gone while the walk ran: said, not hidden
-            self.ui.message(f"{scope.skipped} director(ies) or entries of the scope could not be read and were "
-                            "skipped (run with -v for each)")
-        self.scope = scope
-        self._ids: dict[FileId, int] = {}       # file id <-> FileId, for files the engine reports: filled on demand
-        self._fids: dict[int, FileId] = {}
-        self._infos: dict[int, FileInfo | None] = {}   # file id -> its row in the store (see _info)
-        dataset_bytes = store.dataset_bytes(self.scope_id)
-
-        self._kept: dict[int, list[tuple[int, int]]] = {}   # files kept cached for a task (keep_cached): page runs
-        self._kept_bytes = 0                                # ... of at most KEEP_BYTES in all
-        t0 = time.monotonic()
-        try:
-            self.runs = self._start_tasks()
-        except DuetError as exc:   # a task refused the run (its options, its target): nothing is done
-            store.end_run(self.run_id, "refused", {"error": str(exc)})
-            raise
-        phases["plan_s"] = time.monotonic() - t0
+        self.scope = scope = Scope(self.root, one_file_system=self.opts.one_file_system)
+        self.runs: list[_TaskRun] = []
         self._todo = BitMap()     # files some task still needs: the union of pending, kept up to date
-        for r in self.runs:
-            self._todo |= r.progress.pending
-        if self._todo or self.opts.mode == "watch":
-            source, engine_stats = self._run_engine(started, phases, dataset_bytes)
-        else:   # nothing to do: no snapshot to wait for, no engine to keep
-            self._close_early_engine()
-            source, engine_stats = "none", {}
-            self.ui.started({r.name: r.report for r in self.runs}, dataset_bytes, source)
-            phases["startup_s"] = time.monotonic() - started
+        source, engine_stats = "none", {}
+        phases: dict[str, float] = {}
+        dataset_bytes: int | None = None
+        try:
+            self._start_early_engine()
+            phases["engine_load_s"] = time.monotonic() - started
+            with store.interruptible(self.stopping):
+                store.sync_files(self.scope_id, self._until_stopped(scope.scan()))
+            phases["scan_s"] = time.monotonic() - started
+            if scope.skipped:   # unreadable, too deep for PATH_MAX, or gone while the walk ran: said, not hidden
+                self.ui.message(f"{scope.skipped} director(ies) or entries of the scope could not be read and were "
+                                "skipped (run with -v for each)")
+            self._ids: dict[FileId, int] = {}   # file id <-> FileId, for files the engine reports: filled on demand
+            self._fids: dict[int, FileId] = {}
+            self._infos: dict[int, FileInfo | None] = {}   # file id -> its row in the store (see _info)
+            dataset_bytes = store.dataset_bytes(self.scope_id)
 
-        # "complete": nothing left this run could do (failed items wait for the next run); otherwise why it stopped.
-        result = "complete"
-        if self.stop_reason or (self._todo and self.opts.mode == "run"):
-            result = self.stop_reason or "incomplete"
-        elif self.opts.mode == "watch" and any(not r.progress.complete for r in self.runs):
-            result = "watching"
+            self._kept: dict[int, list[tuple[int, int]]] = {}   # files kept cached for a task (keep_cached): runs
+            self._kept_bytes = 0                                # ... of at most KEEP_BYTES in all
+            t0 = time.monotonic()
+            try:
+                self._start_tasks()
+            except DuetError as exc:   # a task refused the run (its options, its target): nothing is done
+                store.end_run(self.run_id, "refused", {"error": str(exc)})
+                raise
+            phases["plan_s"] = time.monotonic() - t0
+            for r in self.runs:
+                self._todo |= r.progress.pending
+            if self._todo or self.opts.mode == "watch":
+                source, engine_stats = self._run_engine(started, phases, dataset_bytes)
+            else:   # nothing to do: no snapshot to wait for, no engine to keep
+                self._close_early_engine()
+                self.ui.started({r.name: r.report for r in self.runs}, dataset_bytes, source)
+                phases["startup_s"] = time.monotonic() - started
+        except Stopped:
+            # Stopped before the tasks' work began (the scan, the planning, the start-up snapshot): the scan's
+            # transaction rolled back (the last complete scan stands), and the tasks that planned are finished below.
+            self._close_early_engine()
+
         for r in self.runs:
+            if not r.planned:   # stopped before its duet_plan: it never began this run
+                continue
             r.report.complete = r.progress.complete
             try:
                 extra = r.task.hook.duet_finish(run=r.run, report=r.report)
+            except Stopped:   # its own long pass gave way to the stop; the next run does it again
+                log.info("%s: duet_finish stopped early (%s)", r.name, self.stop_reason)
+                continue
             except Exception as exc:  # noqa: BLE001 - one task's failure to finish is that task's
                 self._task_failed(r, "finish", exc)
                 continue
             if isinstance(extra, dict):
                 r.report.extra.update(extra)
         self._commit(again=False)
+        # "complete": nothing left this run could do (failed items wait for the next run); otherwise why it stopped
+        # (a stop during duet_finish counts too: a task may have left its publishing to the next run).
+        result = "complete"
+        if self.stop_reason or (self._todo and self.opts.mode == "run"):
+            result = self.stop_reason or "incomplete"
+        elif self.opts.mode == "watch" and any(not r.progress.complete for r in self.runs):
+            result = "watching"
+        reports = {t.name: TaskReport(t.name) for t in self.tasks} | {r.name: r.report for r in self.runs}
         summary = {
             "scope": self.root, "result": result, "source": source,
-            "tasks": {r.name: r.report.as_dict() for r in self.runs},
-            "dataset_bytes": dataset_bytes, "scan_skipped": self.scope.skipped,
+            "tasks": {name: rep.as_dict() for name, rep in reports.items()},
+            "dataset_bytes": store.dataset_bytes(self.scope_id) if dataset_bytes is None else dataset_bytes,
+            "scan_skipped": self.scope.skipped,
             "device_read_bytes": read_bytes_io() - io_start,
             "wall_s": round(time.monotonic() - started, 3),
             "phases": {k: round(v, 3) for k, v in phases.items()},   # scan+sync, planning, engine snapshot
@@ -270,6 +314,13 @@ class Runner:
         store.end_run(self.run_id, result, summary)
         self.ui.finished(summary)
         return summary
+
+    def _until_stopped(self, items: Iterator) -> Iterator:
+        """``items`` (the scan's files), raising :class:`Stopped` between two of them once the run is stopping."""
+        for item in items:
+            if self.stop_reason is not None:
+                self._checkpoint()
+            yield item
 
     def _start_early_engine(self) -> None:
         """Load the BPF programs before the scan and start the start-up snapshot in a child process, which reads
@@ -301,6 +352,7 @@ class Runner:
             if engine.source_warning:
                 self.ui.message(engine.source_warning)
             engine.on_rescan = self._on_rescan
+            engine.checkpoint = self._checkpoint   # the start-up snapshot of a large scope gives way to a stop
             t0 = time.monotonic()
             # State (what is cached, what is dirty) is read from the engine's shared file states; only range tasks
             # that count foreground reads need page events, through a second registration.
@@ -393,11 +445,12 @@ class Runner:
         return EXIT_OK
 
     # -- rounds ----------------------------------------------------------------------------------------------------
-    def _start_tasks(self) -> list[_TaskRun]:
-        """Open each task's round (a new one after a complete round), and plan the files new to it.
+    def _start_tasks(self) -> None:
+        """Open each task's round (a new one after a complete round), and plan the files new to it: ``self.runs``.
 
         Planning reads the scope's files from the state store once, in batches, and hands each batch to every
-        task that has files in it to plan.
+        task that has files in it to plan. A stop between batches raises :class:`Stopped`: what was planned is not
+        kept (the next run plans those files again), and the tasks whose ``duet_plan`` was called are finished.
         """
         store, sid = self.store, self.scope_id
         all_ids = store.all_ids(sid)
@@ -411,7 +464,8 @@ class Runner:
                                           lambda k, name=name: store.kv_delete(name, k)),
                           shared=SharedResults(lambda f, n: store.shared_get(f, n),
                                                lambda f, n, v, name=name: store.shared_put(f, n, v, name)),
-                          files=lambda: store.files(sid), release_cached=self._release_kept)
+                          files=lambda: store.files(sid), release_cached=self._release_kept,
+                          stopping=self.stopping)
             prog = store.progress(sid, name)
             if prog.complete:
                 prog = TaskProgress(round=prog.round + 1, complete=False)
@@ -427,6 +481,7 @@ class Runner:
                 tr.stored_ranges = store.range_done_ids(sid, name)
             runs.append(tr)
             news.append(new)
+        self.runs = runs
         chosen = self._plan(runs, news)
         for tr, new in zip(runs, news):
             prog = tr.progress
@@ -440,7 +495,6 @@ class Runner:
         with store.tx():
             for tr in runs:
                 store.save_progress(sid, tr.name, tr.progress)
-        return runs
 
     def _task_failed(self, r: _TaskRun, hook: str, exc: Exception) -> None:
         r.report.items_failed += 1
@@ -457,12 +511,14 @@ class Runner:
         calls = []
 
         def flush():
+            self._checkpoint()
             for tr, new in zip(runs, news):
                 if tr.name not in chosen:
                     continue
                 mine = batch if len(new) == len(union) else [f for f in batch if f.id in new]
                 if not mine and calls:
                     continue
+                tr.planned = True
                 try:
                     picked = tr.task.hook.duet_plan(run=tr.run, files=mine)
                 except DuetError:
@@ -538,6 +594,8 @@ class Runner:
     def _loop_inner(self, started: float) -> None:
         self._last_commit = time.monotonic()
         self._device_bytes = 0
+        self._started = started
+        self._item_io = 0                          # /proc/self/io read_bytes when the current task got its item
         self._ahead: dict[int, _Ahead] = {}        # files read ahead, open, not processed yet
         self._prefetch_cursor = -1                 # the last file id prefetched
         self._prefetch_window = min(PREFETCH_BYTES, self.store.dataset_bytes(self.scope_id) // 16)
@@ -551,7 +609,7 @@ class Runner:
         self._offered: dict[int, BitMap] = {}   # file id -> its cached pages when last offered while yielding
         while self.stop_reason is None:
             if self.opts.budget_s is not None and time.monotonic() - started >= self.opts.budget_s:
-                self.stop_reason = "budget"
+                self.stop_reason = BUDGET
                 break
             yielding = self._yielding = self.opts.mode == "run" and self._foreground_reading()
             self._cached_only = yielding or self.opts.mode == "watch"
@@ -626,8 +684,11 @@ class Runner:
 
     def _absorb(self) -> None:
         """Fold page-cache changes into the schedule: cached files onto the heap, files written during the run back
-        to pending (tasks that asked for MODIFIED), foreground reads to range tasks (``duet_observe``)."""
-        if self.engine.quiet(self.reg, self.reg_added):
+        to pending (tasks that asked for MODIFIED), foreground reads to range tasks (``duet_observe``).
+
+        A stopping run schedules nothing more: the first call after the start-up snapshot of a large cached tree
+        takes a while, so it gives way to a stop (what it would have scheduled is the next run's to find)."""
+        if self.stopping() or self.engine.quiet(self.reg, self.reg_added):
             return
         fids, resync = self.engine.fetch_touched(self.reg)
         if resync:
@@ -636,6 +697,8 @@ class Runner:
             self._learn_ids(fids)
         touched = {i for i in map(self._file_id, fids) if i is not None}
         for file_id in touched:
+            if self.stopping():
+                return
             st = self.engine.files.get(self._fid(file_id))
             if st is None:
                 continue
@@ -653,6 +716,8 @@ class Runner:
             for file_id, pages in added.items():
                 self._observe(file_id, pages)
         for file_id in touched:
+            if self.stopping():
+                return
             if self._needs(file_id):
                 n = self._resident(file_id)
                 if n:
@@ -738,7 +803,7 @@ class Runner:
 
     def _idle_wait(self, seconds: float | None = None) -> None:
         """Watch mode (or nothing cached), or waiting for other programs: wait for the page cache to bring work."""
-        time.sleep(self.opts.watch_interval if seconds is None else seconds)
+        self._nap(self.opts.watch_interval if seconds is None else seconds)
         self._absorb()
         if time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
             self._commit()
@@ -771,11 +836,23 @@ class Runner:
         self._yielded_s += time.monotonic() - t0
 
     def _throttle(self, started: float) -> None:
+        """--rate-limit between items: wait while the run's device reads are ahead of the rate (a stop wakes it)."""
         rate = self.opts.rate_limit
         if rate:
             ahead = self._device_bytes / rate - (time.monotonic() - started)
             if ahead > 0:
-                time.sleep(min(ahead, 5.0))
+                self._nap(min(ahead, 5.0))
+
+    def _pace(self) -> None:
+        """--rate-limit within an item (``ItemContext.checkpoint``): the device bytes of the items before, plus what
+        this process read since the current task was handed the item (/proc/self/io), against the time so far —
+        so one large file is read at the rate, not at full speed followed by a long pause."""
+        rate = self.opts.rate_limit
+        if rate:
+            read = self._device_bytes + max(0, read_bytes_io() - self._item_io)
+            ahead = read / rate - (time.monotonic() - self._started)
+            if ahead > 0:
+                self._nap(min(ahead, 5.0))
 
     # -- one file --------------------------------------------------------------------------------------------------
     def _process_file(self, file_id: int, cached_pass: bool) -> None:
@@ -821,7 +898,14 @@ class Runner:
                 known = None
                 if ctx is None:
                     continue
-                result, failed = self._call(r, ctx)
+                if self.opts.rate_limit:
+                    self._item_io = read_bytes_io()
+                try:
+                    result, failed = self._call(r, ctx)
+                except Stopped:
+                    # Given up for a stop: neither done nor failed, so the next run hands it over again; no task
+                    # after this one starts on it. The pages read for it are evicted below, as always.
+                    break
                 if failed:
                     continue
                 keep = keep or (isinstance(result, ItemResult) and result.keep_cached)
@@ -906,12 +990,20 @@ class Runner:
             if not ranges:
                 return None
         return ItemContext(r.run, f, os.path.join(self.root, f.relpath), fd, ranges, runs_of(resident),
-                           r.run.state, r.run.shared, fresh=runs_of(resident - pre), cached_only=self._cached_only)
+                           r.run.state, r.run.shared, fresh=runs_of(resident - pre), cached_only=self._cached_only,
+                           pace=self._pace)
 
     def _call(self, r: _TaskRun, ctx: ItemContext) -> tuple[object, bool]:
-        """Run ``duet_process``; returns (result, failed)."""
+        """Run ``duet_process``; returns (result, failed). :class:`Stopped` passes through while the run is stopping
+        (the item is abandoned); raised at any other time it is the item's failure (else the item would come back
+        again and again)."""
         try:
             return r.task.hook.duet_process(ctx=ctx), False
+        except Stopped:
+            if self.stopping():
+                raise
+            self._item_failed(r, ctx.file, "raised Stopped while the run was not stopping")
+            return None, True
         except Exception as exc:  # noqa: BLE001 - a task's failure on one item is that item's
             self._item_failed(r, ctx.file, f"{type(exc).__name__}: {exc}")
             return None, True

@@ -31,7 +31,8 @@ import signal
 import struct
 import subprocess
 import sys
-from collections.abc import Generator, Iterator
+import time
+from collections.abc import Callable, Generator, Iterator
 
 from pyroaring import BitMap
 
@@ -41,6 +42,7 @@ RECORD = struct.Struct("<QQQI")    # dev, subvol, ino, length of the serialized 
 END = (1 << 64) - 1                # dev = subvol = ino = END: the last record; its length field is unused
 COUNT = struct.Struct("<QQ")       # after END: files read, files cached
 WAIT_S = 600.0                     # a child still reading after this long is killed; the parent reads instead
+CHECK_S = 0.05                     # ... and while it waits, the parent looks for a stop this often
 PR_SET_PDEATHSIG = 1
 
 
@@ -72,22 +74,30 @@ class SnapshotChild:
             os.close(self._out)
             raise
 
-    def results(self, timeout: float = WAIT_S) -> Iterator[tuple[FileId, BitMap]]:
+    def results(self, timeout: float = WAIT_S,
+                checkpoint: Callable[[], None] | None = None) -> Iterator[tuple[FileId, BitMap]]:
         """Wait for the child, then yield the cached files it found, streamed from its output.
 
         Once the iteration ends, ``complete`` says whether that was everything (the child exited 0 and wrote its
-        END record); if not, ``error`` says why, and what was yielded is true but partial.
+        END record); if not, ``error`` says why, and what was yielded is true but partial. ``checkpoint`` is called
+        every CHECK_S while waiting; whatever it raises (a stop) ends the wait.
         """
         proc = self.proc
         if proc is None:
             self.error = self.error or "already closed"
             return
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.error = f"still reading after {timeout:.0f} s"
-            self.close()
-            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                _, err = proc.communicate(timeout=max(0.0, min(CHECK_S, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if checkpoint is not None:
+                    checkpoint()
+                if time.monotonic() >= deadline:
+                    self.error = f"still reading after {timeout:.0f} s"
+                    self.close()
+                    return
         if proc.returncode != 0:
             last = err.decode(errors="replace").strip().splitlines()[-1:] if err else []
             why = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0

@@ -9,25 +9,27 @@ Every change is a transaction: a crash leaves the last committed state, and the 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pyroaring import BitMap
 
-from duet_core.errors import DuetError
+from duet_core.errors import DuetError, Stopped
 from duet_core.events import FileId
 from duet_core.tasks import FileInfo
 
 DEFAULT_STATE_DIR = "/var/lib/duet"
 _DELETED = object()
 SCHEMA_VERSION = 1
+INTERRUPT_STEPS = 20_000   # SQLite virtual-machine steps between two looks at a stop (well under a millisecond)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -232,6 +234,21 @@ class StateStore:
     def tx(self):
         """A transaction: ``with store.tx(): ...`` commits on success, rolls back on error (nested: joins)."""
         return _Tx(self.db)
+
+    @contextlib.contextmanager
+    def interruptible(self, stopping: Callable[[], bool]) -> Iterator[None]:
+        """Statements in the block end early once ``stopping()`` is true, raising :class:`Stopped`; their transaction
+        rolls back. For the long ones (a rescan of a million files is reconciled in a few SQL statements of several
+        seconds): SQLite asks ``stopping`` every few thousand steps of its virtual machine."""
+        self.db.set_progress_handler(stopping, INTERRUPT_STEPS)
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if "interrupted" in str(exc) and stopping():
+                raise Stopped("the run is stopping") from None
+            raise
+        finally:
+            self.db.set_progress_handler(None, 0)
 
     def begin_batch(self) -> None:
         """Buffer the tasks' key-value and shared-result writes in memory until :meth:`commit_batch`, which writes
@@ -520,4 +537,7 @@ class _Tx:
     def __exit__(self, exc_type, *_):
         if not self.outer:
             return
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        elif self.db.in_transaction:   # an interrupted statement (StateStore.interruptible) rolled it back already
+            self.db.execute("ROLLBACK")

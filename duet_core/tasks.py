@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from duet_core.errors import Stopped
 from duet_core.events import PAGE_SIZE, Event, FileId
 
 Granularity = Literal["file", "range"]
@@ -65,6 +66,14 @@ class FileInfo:
         return (self.size + PAGE_SIZE - 1) // PAGE_SIZE
 
 
+def _never() -> bool:
+    return False
+
+
+def _no_wait() -> None:
+    return None
+
+
 @dataclass
 class RunInfo:
     """One run of duet over one scope, as a task sees it.
@@ -75,6 +84,12 @@ class RunInfo:
 
     ``release_cached(file_id)`` lets go of a file kept cached with ``ItemResult(keep_cached=True)`` before the end of
     the run: the pages the run brought in are evicted now (cache hygiene), not at the end.
+
+    ``stopping()`` is True once the run was asked to stop (SIGTERM, SIGINT; SIGHUP for ``duet watch``) — not when
+    a ``--for`` budget runs out, which only stops the run between items. ``checkpoint()`` raises
+    :class:`~duet_core.errors.Stopped` then: call it in long loops of ``duet_plan`` and ``duet_finish`` (a sync
+    pass over a large tree) so a stop is honoured within a second; a ``duet_finish`` of a stopped run should
+    publish nothing that takes long (the next run resumes).
     """
 
     run_id: int
@@ -87,6 +102,12 @@ class RunInfo:
     shared: "SharedResults | None" = None
     files: "Callable[[], Iterator[FileInfo]] | None" = None
     release_cached: "Callable[[int], None] | None" = None
+    stopping: Callable[[], bool] = _never
+
+    def checkpoint(self) -> None:
+        """Raise :class:`~duet_core.errors.Stopped` if the run is stopping; return at once otherwise."""
+        if self.stopping():
+            raise Stopped("the run is stopping")
 
 
 class TaskState:
@@ -143,10 +164,25 @@ class ItemContext:
     # read the scope (idle I/O). ``ranges`` are then cached pages only (range tasks), or a wholly cached file. A task
     # that cannot do its work on them alone returns ItemResult(done=False): not now, and the item stays pending.
     cached_only: bool = False
+    # Set by the scheduler: waits while the run's device reads are ahead of --rate-limit (see checkpoint).
+    pace: Callable[[], None] = field(default=_no_wait, repr=False)
 
     @property
     def options(self) -> dict[str, Any]:
         return self.run.options
+
+    def stopping(self) -> bool:
+        """True once the run was asked to stop (SIGTERM, SIGINT): an item that is not finished should give up."""
+        return self.run.stopping()
+
+    def checkpoint(self) -> None:
+        """Call between the chunks of a long item (every MiB or so). It returns at once as a rule; it waits while
+        the run is ahead of ``--rate-limit`` (so one large file is read at the rate too, not at full speed and then
+        a long pause), and raises :class:`~duet_core.errors.Stopped` when the run is stopping: the item is then
+        neither done nor failed, and the next run does it again. Clean up in ``finally`` (a temporary file)."""
+        self.run.checkpoint()
+        self.pace()
+        self.run.checkpoint()
 
     def pread(self, length: int, offset: int) -> bytes:
         return os.pread(self.fd, length, offset)

@@ -229,6 +229,47 @@ def scale(
         raise typer.Exit(1)
 
 
+@app.command("stop")
+def stop(
+    files: int = typer.Option(200_000, "--files", help="Number of small files in the large tree."),
+    item_size: str = typer.Option("256M", "--item-size", help="Size of the long item (two files of it)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """How fast `duet run` honours SIGTERM: stops at spread moments of backup runs over a large tree, and in the
+    middle of one large file for backup, scrub and gc.
+
+    Needs the built-in tasks installed. Exits 1 if any stop takes a second or more, exits other than 5, prints a
+    traceback, or counts the interrupted file as done.
+
+    Examples:
+      duet bench stop
+      duet bench stop --files 1000000 --json
+    """
+    from duet_core.bench.stop import run_stop_bench
+
+    with err_console.status("starting") as status:
+        report = run_stop_bench(files=files, item_size=parse_size(item_size), progress=status.update)
+    if json_out:
+        emit_json(report)
+    else:
+        table = Table(title=f"duet bench stop — SIGTERM to duet run; {report['files']:,} files, and one "
+                            f"{units.format_bytes(report['item_bytes'])} file at {report['item_rate']}",
+                      title_justify="left")
+        for col in ("run", "signal", "landed in", "files done", "exit", "stop s"):
+            table.add_column(col, justify="right" if col in ("exit", "stop s") else "left")
+        for t in report["tree"]:
+            table.add_row("backup, tree", t["when"], t["landed_in"],
+                          f"{t['files_done']:,}/{t['files_total']:,}", str(t["exit"]), f"{t['stop_s']:.3f}")
+        for t in report["items"]:
+            table.add_row(f"{t['task']}, 1 file", f"{report['item_delay_s']} s in", "a long item",
+                          str(t["files_done"]), str(t["exit"]), f"{t['stop_s']:.3f}")
+        console.print(table)
+        for name, ok in report["targets"].items():
+            console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
+    if not all(report["targets"].values()):
+        raise typer.Exit(1)
+
+
 @app.command("gc")
 def gc(
     size: str = typer.Option("256M", "--size", help="Data set size (half of the files have an identical twin)."),

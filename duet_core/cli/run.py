@@ -379,8 +379,8 @@ def run(
     """Run maintenance tasks over a scope: cached files first, one device read shared by all tasks.
 
     Task options may also be given as --KEY VALUE (e.g. --target /mnt/backup). Exit codes: 0 done, 1 some items
-    failed or parts of the scope unreadable, 2 bad input, 4 another run holds the scope, 5 stopped early (--for,
-    SIGTERM) with progress saved, 6 a task found damage in the data (scrub: corruption).
+    failed or parts of the scope unreadable, 2 bad input, 4 another run holds the scope, 5 stopped early (--for;
+    SIGTERM or SIGINT: within a second) with progress saved, 6 a task found damage in the data (scrub: corruption).
 
     Examples:
       duet run backup scrub --path /home --target /mnt/backup

@@ -89,6 +89,7 @@ class Catalog:
         if not reused:
             hasher, offset = blake3.blake3(), 0
             while chunk := os.pread(ctx.fd, CHUNK, offset):
+                ctx.checkpoint()        # --rate-limit within a large file; a stop abandons it (redone next run)
                 hasher.update(chunk)
                 offset += len(chunk)
             digest = hasher.hexdigest()

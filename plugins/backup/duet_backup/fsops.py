@@ -13,6 +13,7 @@ import errno
 import itertools
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import blake3
@@ -25,6 +26,10 @@ TMP_PREFIX = ".duet-tmp."
 _ZEROS = bytes(CHUNK)
 _tmp_counter = itertools.count()
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _carry_on() -> None:
+    """The default checkpoint of a copy: nothing to wait for, never stopped."""
 
 
 def tmp_name() -> str:
@@ -101,7 +106,8 @@ def copy_xattrs(src: int, dst: int, fresh: bool = False) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- copying
-def copy_file(src_fd: int, dst_dir: int, name: str, attempts: int = 3, durable: bool = True) -> Copied:
+def copy_file(src_fd: int, dst_dir: int, name: str, attempts: int = 3, durable: bool = True,
+              checkpoint: Callable[[], None] = _carry_on) -> Copied:
     """Copy the open regular file ``src_fd`` to ``name`` in ``dst_dir``: exactly and atomically.
 
     Data is read with ``pread`` (``src_fd`` may be shared with other tasks: its offset is never used); holes are
@@ -113,10 +119,13 @@ def copy_file(src_fd: int, dst_dir: int, name: str, attempts: int = 3, durable: 
     With ``durable=False`` the copy is neither fsynced nor renamed: it is left under ``Copied.tmp`` for the caller,
     who makes a whole batch durable at once (one ``syncfs``) before renaming each into place — the same guarantee
     (no name ever points at data that is not on disk) at a fraction of the cost of one fsync per file.
+
+    ``checkpoint`` is called before every chunk (``ctx.checkpoint``: the rate limit, a stop). Whatever it raises
+    (:class:`~duet_core.errors.Stopped`) abandons the copy: the temporary file is removed, ``name`` is untouched.
     """
     for attempt in range(attempts):
         before = os.fstat(src_fd)
-        tmp, digest, nbytes = _build_copy(src_fd, dst_dir, before, durable)
+        tmp, digest, nbytes = _build_copy(src_fd, dst_dir, before, durable, checkpoint)
         changed = sig(os.fstat(src_fd))[1:] != sig(before)[1:]
         if not changed or attempt == attempts - 1:
             break   # still changing after the last attempt: keep it rather than nothing; it is flagged
@@ -127,12 +136,13 @@ def copy_file(src_fd: int, dst_dir: int, name: str, attempts: int = 3, durable: 
     return Copied(digest, sig(before), changed, nbytes)
 
 
-def _build_copy(src_fd: int, dst_dir: int, st: os.stat_result, durable: bool) -> tuple[str, str, int]:
+def _build_copy(src_fd: int, dst_dir: int, st: os.stat_result, durable: bool,
+                checkpoint: Callable[[], None]) -> tuple[str, str, int]:
     """Write a complete copy under a temporary name; returns (name, blake3 hex, data bytes read)."""
     tmp = tmp_name()
     out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst_dir)
     try:
-        digest, nbytes = _copy_data(src_fd, out, st)
+        digest, nbytes = _copy_data(src_fd, out, st, checkpoint)
         os.fchown(out, st.st_uid, st.st_gid)
         os.fchmod(out, stat.S_IMODE(st.st_mode))
         copy_xattrs(src_fd, out, fresh=True)
@@ -161,7 +171,7 @@ def replace(dir_fd: int, tmp: str, name: str) -> None:
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
-def _copy_data(src_fd: int, out: int, st: os.stat_result) -> tuple[str, int]:
+def _copy_data(src_fd: int, out: int, st: os.stat_result, checkpoint: Callable[[], None]) -> tuple[str, int]:
     """Copy the file's bytes, data segments only; returns (blake3 hex of the contents, data bytes read)."""
     hasher = blake3.blake3(max_threads=1)
     size = st.st_size
@@ -173,6 +183,7 @@ def _copy_data(src_fd: int, out: int, st: os.stat_result) -> tuple[str, int]:
         _hash_zeros(hasher, start - pos)
         off = start
         while off < end:
+            checkpoint()
             chunk = os.pread(src_fd, min(CHUNK, end - off), off)
             if not chunk:
                 break

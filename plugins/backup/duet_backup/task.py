@@ -32,7 +32,7 @@ from duet_backup.fsops import copy_file, open_dir, replace, syncfs
 from duet_backup.target import Snapshot, Target
 from duet_backup.tree import SyncResult, TreeSync, unchanged
 from duet_core import ItemResult
-from duet_core.errors import DuetError
+from duet_core.errors import DuetError, Stopped
 from duet_core.tasks import FileInfo
 
 MANIFEST_FORMAT = 1
@@ -224,7 +224,7 @@ class BackupTask:
         if held.broken is not None:
             return ItemResult(done=False)      # left for the next run: the target failed (said once, below)
         try:
-            copied = copy_file(ctx.fd, tree_dir, name, durable=False)
+            copied = copy_file(ctx.fd, tree_dir, name, durable=False, checkpoint=ctx.checkpoint)
         except OSError as exc:
             if not held.target_failed(exc):
                 raise
@@ -248,11 +248,16 @@ class BackupTask:
         try:
             try:
                 held.flush()
-                if held.broken is None and report.items_done + report.items_failed < report.items_total:
-                    return {"snapshot": None, "target": target.path,
-                            "note": "stopped early: no snapshot published; the next run resumes"}
+                stopped = {"snapshot": None, "target": target.path,
+                           "note": "stopped early: no snapshot published; the next run resumes"}
+                if held.broken is None and (run.stopping() or
+                                            report.items_done + report.items_failed < report.items_total):
+                    return stopped
                 if held.broken is None:
-                    return self._publish(run, report, held)
+                    try:
+                        return self._publish(run, report, held)
+                    except Stopped:     # SIGTERM during the sync pass: the next run's pass goes on from here
+                        return stopped
             except OSError as exc:
                 if not held.target_failed(exc):
                     raise
@@ -269,7 +274,7 @@ class BackupTask:
         try:
             result = self._unchanged(run, held, src_fd)
             if result is None:
-                result = self._sync(held, src_fd)
+                result = self._sync(run, held, src_fd)
         finally:
             os.close(src_fd)
         name = target.new_name()
@@ -292,7 +297,7 @@ class BackupTask:
                 "changed_during_backup": result.changed, "special_files": result.special,
                 "unchanged": result.unchanged}
 
-    def _sync(self, held: _Open, src_fd: int) -> SyncResult:
+    def _sync(self, run, held: _Open, src_fd: int) -> SyncResult:
         """The sync pass over the whole scope (:class:`~duet_backup.tree.TreeSync`): the tree becomes the scope."""
         held.mark_changed()
         prev_fd = None
@@ -300,7 +305,8 @@ class BackupTask:
             prev_fd = held.target.open_snapshot(held.latest.name)
         try:
             return TreeSync(src_fd, held.tree_fd, held.staged, held.published, prev_fd,
-                            on_copy=held.target.journal_add, fatal=held.target_failed).run()
+                            on_copy=held.target.journal_add, fatal=held.target_failed,
+                            checkpoint=run.checkpoint).run()
         finally:
             if prev_fd is not None:
                 os.close(prev_fd)
@@ -321,7 +327,7 @@ class BackupTask:
                 or latest.get("errors") or latest.get("changed_during_backup") or held.staged
                 or held.marked or not held.target.tree_is(held.latest.name)):
             return None
-        if not unchanged(src_fd, latest["files"], latest["entries"]):
+        if not unchanged(src_fd, latest["files"], latest["entries"], run.checkpoint):
             return None
         return SyncResult(files=latest["files"], entries=latest["entries"],
                           special=list(latest.get("special_files", [])), unchanged=True)

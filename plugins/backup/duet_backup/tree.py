@@ -89,12 +89,16 @@ class TreeSync:
     def __init__(self, src_fd: int, tree_fd: int, staged: dict[str, Record] | None = None,
                  published: dict[str, Record] | None = None, prev_fd: int | None = None,
                  on_copy: Callable[[str, Record], None] | None = None,
-                 fatal: Callable[[OSError], bool] | None = None):
+                 fatal: Callable[[OSError], bool] | None = None,
+                 checkpoint: Callable[[], None] | None = None):
         self.src_fd, self.tree_fd, self.prev_fd = src_fd, tree_fd, prev_fd
         self.staged, self.published = staged or {}, published or {}
         self.on_copy = on_copy or (lambda rel, rec: None)
         # An error that is the tree's, not one entry's (the target is full, read-only, gone): the pass stops.
         self.fatal = fatal or (lambda exc: False)
+        # Called before each directory and each chunk of a copy: it raises to end the pass (the run is stopping);
+        # the tree is then part way to the source, and the next pass goes on from there.
+        self.checkpoint = checkpoint or (lambda: None)
         self.result = SyncResult()
         self._dirs: list[tuple[str, os.stat_result]] = []
         self._groups: dict[tuple[int, int], list[_Member]] = {}
@@ -105,6 +109,7 @@ class TreeSync:
         self.result.entries[""] = entry_sig(root)
         stack = [""]
         while stack:
+            self.checkpoint()
             self._sync_dir(stack.pop(), stack)
         for members in self._groups.values():
             self._sync_links(members)
@@ -226,7 +231,7 @@ class TreeSync:
         if rec is None:
             fd = open_source(src_dir, name, rel)
             try:
-                copied = copy_file(fd, tree_dir, name)
+                copied = copy_file(fd, tree_dir, name, checkpoint=self.checkpoint)
             finally:
                 os.close(fd)
             rec = [*copied.sig, copied.blake3]
@@ -371,7 +376,8 @@ def entry_sig(st: os.stat_result) -> list[int]:
     return [st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def unchanged(src_fd: int, files: dict[str, Record], entries: dict[str, list[int]]) -> bool:
+def unchanged(src_fd: int, files: dict[str, Record], entries: dict[str, list[int]],
+              checkpoint: Callable[[], None] = lambda: None) -> bool:
     """Whether the tree below ``src_fd`` is still exactly what a sync pass recorded (``SyncResult.files`` and
     ``.entries``): every directory, symlink, special file and regular file has the same version.
 
@@ -379,7 +385,8 @@ def unchanged(src_fd: int, files: dict[str, Record], entries: dict[str, list[int
     listed. A directory's mtime and ctime change whenever a name is added to it, removed or renamed, and any entry's
     ctime changes with its contents, owner, mode, xattrs or link count: so when every directory is unchanged, the
     recorded names are all the names there are, and when every entry is unchanged, a new pass would find nothing
-    to do. Any difference, or any error, answers False (the caller then runs the full pass)."""
+    to do. Any difference, or any error, answers False (the caller then runs the full pass). ``checkpoint`` is
+    called before each directory; what it raises (a stop) ends the check."""
     names: dict[str, list[tuple[str, list]]] = {"": []}   # the root is checked even when it is empty
     for rel, rec in files.items():
         reldir, _, name = rel.rpartition("/")
@@ -392,6 +399,7 @@ def unchanged(src_fd: int, files: dict[str, Record], entries: dict[str, list[int
         return False      # a name in a directory the record does not know: not a record to trust
     try:
         for reldir, members in names.items():   # an empty directory is checked as a member of its parent
+            checkpoint()
             fd = open_beneath(src_fd, reldir or ".", os.O_RDONLY | os.O_DIRECTORY)
             try:
                 if entry_sig(os.fstat(fd)) != entries[reldir]:

@@ -175,9 +175,9 @@ class Defrag:
                 if file_id(fd) != ctx.file.fid:
                     raise OSError(errno.ESTALE, "replaced while being checked", ctx.path)
                 if fstype == "btrfs":
-                    rewrite.btrfs_defrag(fd, lay.runs)
+                    rewrite.btrfs_defrag(fd, lay.runs, ctx.checkpoint)
                 elif fstype == "ext4":
-                    rewrite.ext4_defrag(fd, dir_fd, os.fstat(fd).st_size, lay.extents)
+                    rewrite.ext4_defrag(fd, dir_fd, os.fstat(fd).st_size, lay.extents, ctx.checkpoint)
                 else:
                     rewrite.xfs_defrag(dir_fd, name)
             finally:

@@ -18,6 +18,7 @@ import fcntl
 import os
 import struct
 import subprocess
+from collections.abc import Callable
 
 from duet_core.errors import DuetError
 from duet_defrag import fiemap
@@ -36,18 +37,30 @@ class NotImproved(Exception):
     """The filesystem could not find a better layout (free space too fragmented); nothing was changed."""
 
 
-def btrfs_defrag(fd: int, runs: tuple[tuple[int, int], ...]) -> None:
+def _pieces(start: int, end: int, step: int) -> list[tuple[int, int]]:
+    """``[start, end)`` cut at the multiples of ``step`` (a filesystem's largest extent, so the cuts cost no
+    extent the ideal layout does not have anyway)."""
+    cuts = list(range((start // step + 1) * step, end, step))
+    return list(zip([start, *cuts], [*cuts, end]))
+
+
+def btrfs_defrag(fd: int, runs: tuple[tuple[int, int], ...], checkpoint: Callable[[], None] = lambda: None) -> None:
     """Defragment the logical ``runs`` ``(start, end)`` of a btrfs file; other ranges are not touched.
 
     ``extent_thresh`` is btrfs's largest data extent, so every smaller extent in a run is a candidate to merge.
+    A run is rewritten one largest extent (128 MiB) at a time, with ``checkpoint`` before each: what it raises (a
+    stop) leaves the file part rewritten — its bytes the same, as always.
     """
-    for start, end in runs:
-        args = bytearray(BTRFS_DEFRAG_ARGS.pack(start, end - start, BTRFS_DEFRAG_RANGE_START_IO,
-                                                fiemap.MAX_EXTENT["btrfs"], 0))
-        fcntl.ioctl(fd, BTRFS_IOC_DEFRAG_RANGE, args, True)
+    step = fiemap.MAX_EXTENT["btrfs"]
+    for run_start, run_end in runs:
+        for start, end in _pieces(run_start, run_end, step):
+            checkpoint()
+            args = bytearray(BTRFS_DEFRAG_ARGS.pack(start, end - start, BTRFS_DEFRAG_RANGE_START_IO, step, 0))
+            fcntl.ioctl(fd, BTRFS_IOC_DEFRAG_RANGE, args, True)
 
 
-def ext4_defrag(fd: int, dir_fd: int, size: int, extents_now: int) -> None:
+def ext4_defrag(fd: int, dir_fd: int, size: int, extents_now: int,
+                checkpoint: Callable[[], None] = lambda: None) -> None:
     """Move the ext4 file open as ``fd`` (read-write) onto freshly allocated blocks, if they are fewer extents.
 
     ``dir_fd`` is the file's directory (the donor is created there, on the same filesystem, with no name).
@@ -70,8 +83,10 @@ def ext4_defrag(fd: int, dir_fd: int, size: int, extents_now: int) -> None:
         if donor_extents >= extents_now:
             raise NotImproved(f"free space allows no better layout ({donor_extents} extents)")
         moved = 0
+        step = fiemap.MAX_EXTENT["ext4"] // block    # one largest extent a call, a checkpoint before each
         while moved < blocks:
-            args = bytearray(EXT4_MOVE_EXTENT.pack(0, donor, moved, moved, blocks - moved, 0))
+            checkpoint()
+            args = bytearray(EXT4_MOVE_EXTENT.pack(0, donor, moved, moved, min(step, blocks - moved), 0))
             fcntl.ioctl(fd, EXT4_IOC_MOVE_EXT, args, True)
             step = EXT4_MOVE_EXTENT.unpack(args)[5]
             if step == 0:

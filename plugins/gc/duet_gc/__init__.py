@@ -167,6 +167,7 @@ class Gc:
         h = blake3.blake3()
         off = 0
         while chunk := os.pread(ctx.fd, READ_CHUNK, off):
+            ctx.checkpoint()     # the rate limit, and a stop: the hash is abandoned, the file hashed next run
             h.update(chunk)
             off += len(chunk)
             ctx.progress.advance(len(chunk))
@@ -207,7 +208,7 @@ class Gc:
             # The kernel's compare reads what is not cached one page at a time; read ahead in large I/Os instead.
             os.posix_fadvise(rep_fd, 0, f.size, os.POSIX_FADV_WILLNEED)
             try:
-                deduped, differs = extents.dedupe(rep_fd, ctx.fd, f.size)
+                deduped, differs = extents.dedupe(rep_fd, ctx.fd, f.size, ctx.checkpoint)
             except OSError as exc:
                 if exc.errno not in REFUSALS:
                     raise
@@ -244,6 +245,8 @@ class Gc:
         target = run.options.get("target")
         if target and run.run_id in self._refused:
             self._refused.discard(run.run_id)    # already said, by duet, when duet_plan refused it
+        elif target and run.stopping():
+            say(f"retention on {target} left for the next run: this one was stopped")
         elif target:
             try:
                 rep = run_retention(target, policy_of(run.options), bool(run.options.get("prune")), say)

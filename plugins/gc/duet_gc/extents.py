@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+from collections.abc import Callable
 
 from duet_core.fiemap import Extent, extents
 from duet_core.filesystems import BTRFS_SUPER_MAGIC, XFS_SUPER_MAGIC
@@ -54,14 +55,18 @@ def exclusive_bytes(extents: list[Extent], limit: int) -> int:
     return sum(max(0, min(e.logical + e.length, limit) - e.logical) for e in extents if not e.shared)
 
 
-def dedupe(src_fd: int, dst_fd: int, length: int) -> tuple[int, bool]:
+def dedupe(src_fd: int, dst_fd: int, length: int,
+           checkpoint: Callable[[], None] = lambda: None) -> tuple[int, bool]:
     """Make the first ``length`` bytes of ``dst_fd`` share the extents of ``src_fd``'s, where identical.
 
     Returns (bytes deduplicated, whether the kernel found the contents to differ — then it stopped there, having
     changed nothing of that chunk). Raises OSError when the filesystem refuses (EOPNOTSUPP, EROFS, EXDEV...).
+    ``checkpoint`` is called before each chunk; what it raises (a stop) leaves the chunks done so far shared — the
+    same bytes either way.
     """
     done = 0
     while done < length:
+        checkpoint()
         want = min(DEDUPE_CHUNK, length - done)
         buf = bytearray(_RANGE.size + _RANGE_INFO.size)
         _RANGE.pack_into(buf, 0, done, want, 1, 0, 0)

@@ -85,6 +85,7 @@ def read_verified(ctx: ItemContext, reader: FileReader, want: BitMap, observed: 
         direct_before = reader.direct_bytes
         pieces = reader.direct(start, end) if kind == "stale" else reader.buffered(start, end, keep=bool(sink))
         for piece in pieces:
+            ctx.checkpoint()      # between reads of a large file: the rate limit, and a stop (the item is redone)
             out.bad += piece.bad
             if kind in ("cold", "run"):
                 out.from_device += piece.size
