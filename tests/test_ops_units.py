@@ -191,7 +191,7 @@ def test_watch_reloads_its_config_on_sighup_and_stops_cleanly_on_sigterm(install
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             _out, err = proc.communicate(timeout=30)
-            assert time.monotonic() - t0 < 10
+            assert time.monotonic() - t0 < 1.0     # within a second, as a run
         finally:
             if proc.poll() is None:
                 proc.kill()
