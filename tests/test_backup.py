@@ -20,6 +20,7 @@ import fsimage
 import plugin_dist
 import pytest
 
+from duet_core.bench.stop import journal_lines
 from duet_core.state import StateStore
 
 pytestmark = pytest.mark.bpf
@@ -237,14 +238,6 @@ def test_files_changed_or_deleted_during_the_run(duet, source, target):
     rep2 = duet.backup(scope, target.mnt)
     bh.assert_same_tree(scope, snap(target, rep2["snapshot"]))
     assert rep2["changed_during_backup"] == []
-
-
-def journal_lines(target: str) -> int:
-    try:
-        with open(os.path.join(target, ".duet", "journal"), "rb") as fh:
-            return fh.read().count(b"\n")
-    except FileNotFoundError:
-        return 0
 
 
 @pytest.mark.parametrize("target_fs, kill_after", [("btrfs", 0), ("ext4", 10), ("btrfs", 30), ("ext4", 30)])

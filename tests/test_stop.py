@@ -22,6 +22,8 @@ from test_backup import duet, snap  # noqa: F401 - duet: the fixture
 from test_reliability_crash import check_state
 from test_stop_contract import stop
 
+from duet_core.bench.stop import journal_lines
+
 pytestmark = pytest.mark.bpf
 
 TREE_FILES = 50_000
@@ -66,14 +68,6 @@ def run_started(state_dir) -> bool:
             db.close()
     except sqlite3.Error:      # created, but no schema yet
         return False
-
-
-def journal_lines(target: str) -> int:
-    try:
-        with open(os.path.join(target, ".duet", "journal"), "rb") as fh:
-            return fh.read().count(b"\n")
-    except FileNotFoundError:
-        return 0
 
 
 def debris(target: str) -> list[str]:

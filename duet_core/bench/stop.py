@@ -111,7 +111,7 @@ def run_stop_bench(files: int = 200_000, item_size: int = 256 << 20, progress=No
                      "--config", config)
         runs = [(f"{delay} s in", {"delay": delay}) for delay in TREE_DELAYS]
         # ... and once every copy is journaled: inside duet_finish's sync pass over the whole tree.
-        runs.append(("all copied", {"ready": lambda: _journal_lines(tgt.mnt) >= files}))
+        runs.append(("all copied", {"ready": lambda: journal_lines(tgt.mnt) >= files}))
         for when, how in runs:
             say(f"{files:,} files: SIGTERM to a backup run, {when}")
             r = _stop_at(argv, state, **how)
@@ -153,8 +153,8 @@ def run_stop_bench(files: int = 200_000, item_size: int = 256 << 20, progress=No
     return report
 
 
-def _journal_lines(target: str) -> int:
-    """Copies the backup made durable in its target (one journal line each)."""
+def journal_lines(target: str) -> int:
+    """Copies the backup task made durable in ``target`` (one line each in its journal; also used by the tests)."""
     try:
         with open(os.path.join(target, ".duet", "journal"), "rb") as fh:
             return fh.read().count(b"\n")
