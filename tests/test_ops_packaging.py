@@ -88,3 +88,23 @@ def test_built_in_plugins_carry_the_core_version():
         assert version == duet_core.__version__, f"{project}: version {version}, core {duet_core.__version__}"
         # ... and needs exactly that core: a plugin wheel is never installed beside another release's API.
         assert f"duet=={version}" in meta["project"]["dependencies"], project
+
+
+def test_bump_version_sets_the_one_version_everywhere(tmp_path):
+    """A release changes the version with one command; afterwards the core and every plugin carry it, and every
+    plugin pins the core to it (what test_built_in_plugins_carry_the_core_version checks of the tree itself)."""
+    import tomllib
+
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO, copy, ignore=IGNORE)
+    out = subprocess.run([sys.executable, str(copy / "scripts" / "bump-version"), "7.8.9"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == 1 + len(PACKAGES)      # __init__.py and each plugin's pyproject
+    assert '__version__ = "7.8.9"' in (copy / "duet_core" / "__init__.py").read_text()
+    for project in PACKAGES:
+        meta = tomllib.loads((copy / os.path.relpath(project, REPO) / "pyproject.toml").read_text())["project"]
+        assert meta["version"] == "7.8.9" and "duet==7.8.9" in meta["dependencies"], project
+    bad = subprocess.run([sys.executable, str(copy / "scripts" / "bump-version"), "seven"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("usage:")
