@@ -93,7 +93,7 @@ class Engine:
     """
 
     def __init__(self, source: str = "auto", interval: float = 0.1, merge_entries: int = 65536,
-                 skip_own_reads: bool = False):
+                 skip_own_reads: bool = False, ring_bytes: int = 0):
         self.interval = interval
         self.regs: dict[int, Registration] = {}
         self.files: dict[FileId, FileState] = {}
@@ -112,17 +112,17 @@ class Engine:
         self._held_records = 0
         self.counters = {"drains": 0, "records": 0, "pages_added": 0, "pages_removed": 0, "pages_dirtied": 0,
                          "pages_flushed": 0, "flushes_partial": 0, "resyncs": 0, "unknown_ignored": 0}
-        self.source: Source = self._open_source(source, merge_entries, skip_own_reads)
+        self.source: Source = self._open_source(source, merge_entries, skip_own_reads, ring_bytes)
         # True when every ADDED page this engine reports was brought in by another process (polling cannot tell).
         self.own_reads_skipped = skip_own_reads and isinstance(self.source, BpfSource)
 
     # -- source ----------------------------------------------------------------------------------------------------
-    def _open_source(self, kind: str, merge_entries: int, skip_own_reads: bool) -> Source:
+    def _open_source(self, kind: str, merge_entries: int, skip_own_reads: bool, ring_bytes: int = 0) -> Source:
         if kind not in ("auto", "bpf", "poll"):
             raise DuetError(f"unknown event source {kind!r}", hint="use auto, bpf or poll")
         if kind in ("auto", "bpf"):
             try:
-                return BpfSource(merge_entries=merge_entries, skip_own_reads=skip_own_reads)
+                return BpfSource(merge_entries=merge_entries, skip_own_reads=skip_own_reads, ring_bytes=ring_bytes)
             except BpfUnavailable as exc:
                 if kind == "bpf":
                     raise
@@ -284,6 +284,12 @@ class Engine:
         except OSError:
             return
         self._record_pages(fid, pages, state_regs)
+        st = self.files.get(fid)
+        if st is not None and st.modified:   # a resync after lost flush records: what the kernel wrote back is clean
+            try:
+                st.modified = residency.unwritten(fd, st.modified)
+            except OSError:
+                pass
 
     def _record_pages(self, fid: FileId, pages: BitMap, state_regs: list[Registration]) -> None:
         """A file's cached pages, as a snapshot read them, into the shared state."""

@@ -176,6 +176,32 @@ def resident_count(fd: int) -> int:
     return len(mincore_pages(fd, os.fstat(fd).st_size))
 
 
+MAX_DIRTY_RUNS = 4096     # runs of pages asked about one by one; a file with more is asked about as a whole
+
+
+def unwritten(fd: int, pages: BitMap) -> BitMap:
+    """Of ``pages`` (thought modified), those that may still be dirty or under writeback: ``cachestat`` over each run
+    of them, and a run where the kernel counts neither is clean now. For when flush events were lost. Conservative:
+    a run is kept when cachestat cannot tell, and a file with very many runs is cleared only when wholly clean."""
+    import numpy as np
+
+    if not pages:
+        return BitMap()
+    arr = np.frombuffer(pages.to_array(), np.uint32).astype(np.int64)
+    cuts = np.flatnonzero(np.diff(arr) != 1) + 1
+    starts, ends = np.concatenate(([0], cuts)), np.concatenate((cuts, [len(arr)]))
+    if len(starts) > MAX_DIRTY_RUNS:
+        whole = cachestat(fd)
+        return BitMap() if whole is not None and not whole.nr_dirty and not whole.nr_writeback else BitMap(pages)
+    out = BitMap()
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        first, count = int(arr[s]), e - s
+        counts = cachestat(fd, first * PAGE_SIZE, count * PAGE_SIZE)
+        if counts is None or counts.nr_dirty or counts.nr_writeback:
+            out.add_range(first, first + count)
+    return out
+
+
 def evict(fd: int, off: int = 0, length: int = 0) -> None:
     """Drop the clean cached pages of ``[off, off + length)`` (``length`` 0: to the end) with fadvise DONTNEED.
 

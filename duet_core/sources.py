@@ -66,7 +66,7 @@ class BpfSource:
 
     name = "bpf"
 
-    def __init__(self, merge_entries: int = 65536, skip_own_reads: bool = False):
+    def __init__(self, merge_entries: int = 65536, skip_own_reads: bool = False, ring_bytes: int = 0):
         from duet_core.bpf.build import build
         from duet_core.bpf.loader import PageCacheBpf
 
@@ -75,7 +75,7 @@ class BpfSource:
         if not os.path.exists("/sys/kernel/btf/vmlinux"):
             raise BpfUnavailable("failed to load BPF: the kernel has no BTF (/sys/kernel/btf/vmlinux)")
         self.bpf = PageCacheBpf(str(build()), merge_entries=merge_entries,
-                                skip_added_tgid=os.getpid() if skip_own_reads else 0)
+                                skip_added_tgid=os.getpid() if skip_own_reads else 0, ring_bytes=ring_bytes)
         self._lost_seen = 0
 
     def set_scope(self, dev: int, subvol: int, mask: int, partial: bool) -> None:

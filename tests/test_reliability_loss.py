@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import fsimage
 import plugin_dist
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from duet_core import metrics, scheduler
 from duet_core.engine import Engine
+from duet_core.events import Event
 from duet_core.plugins import TaskRegistry
 from duet_core.scheduler import Runner, RunOptions
 from duet_core.state import StateStore
@@ -87,3 +89,42 @@ def test_forced_event_loss_is_counted_resynced_and_changes_no_result(fs, tmp_pat
     for key in ("items_done", "items_total", "items_failed", "bytes_processed", "complete"):
         assert lossy["tasks"]["slow"][key] == control["tasks"]["slow"][key], key
     assert lossy["result"] == control["result"] == "complete"
+
+
+def test_lost_flush_records_leave_no_written_back_page_modified(fs):
+    """The flush ring shrunk to one page and hundreds of fsyncs between two drains: flush records are lost (counted),
+    the engine resyncs, and MODIFIED ends up as the kernel has it — the files written back are not modified, the
+    ones still dirty are — exactly as with a ring that lost nothing."""
+    scope = os.path.join(fs.mnt, "scope")
+    os.mkdir(scope)
+    synced = [os.path.join(scope, f"s{i:03d}") for i in range(300)]
+    dirty = [os.path.join(scope, f"d{i}") for i in range(3)]
+    for p in synced + dirty:
+        with open(p, "wb") as fh:
+            fh.write(b"old\n" * 1024)
+    os.sync()
+    results = {}
+    for ring in (0, 4096):          # 0: the ring as compiled (256 KiB), the control
+        with Engine(source="bpf", ring_bytes=ring) as engine:
+            reg = engine.register("m", Event.EXISTS | Event.MODIFIED, scope)
+            engine.pump(force=True)
+            engine.fetch(reg)
+            for p in synced + dirty:
+                fd = os.open(p, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, f"new {ring}\n".encode() * 1024, 0)
+                    if p in synced:
+                        os.fsync(fd)            # one writeback episode: one flush record
+                finally:
+                    os.close(fd)
+            time.sleep(0.3)
+            engine.pump(force=True)
+            batch = engine.fetch(reg)      # what the task is told: nothing was MODIFIED before this fetch
+            stats = engine.stats()
+            modified = {os.path.basename(engine.path_of(reg, it.fid))
+                        for it in batch.items if it.flags & Event.MODIFIED}
+            results[ring] = (stats.get("kernel_lost_ring", 0), stats["resyncs"], modified)
+    print(f"flush loss: {results[4096][:2]} (lost ring records, resyncs); control {results[0][:2]}")
+    assert results[0][:2] == (0, 0)
+    assert results[4096][0] > 0 and results[4096][1] >= 1
+    assert results[0][2] == results[4096][2] == {os.path.basename(p) for p in dirty}

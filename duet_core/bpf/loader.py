@@ -190,7 +190,7 @@ class PageCacheBpf:
     Use as a context manager, or call :meth:`close`; links and the object are released on every path.
     """
 
-    def __init__(self, obj_path: str, merge_entries: int = 65536, skip_added_tgid: int = 0):
+    def __init__(self, obj_path: str, merge_entries: int = 65536, skip_added_tgid: int = 0, ring_bytes: int = 0):
         self._lib = libbpf()
         self._obj = None
         self._links: list[int] = []
@@ -199,13 +199,13 @@ class PageCacheBpf:
         self.merge_entries = merge_entries
         self.skip_added_tgid = skip_added_tgid
         try:
-            self._open_load_attach(obj_path, merge_entries)
+            self._open_load_attach(obj_path, merge_entries, ring_bytes)
         except BaseException:
             self.close()
             raise
 
     # -- set-up ----------------------------------------------------------------------------------------------------
-    def _open_load_attach(self, obj_path: str, merge_entries: int) -> None:
+    def _open_load_attach(self, obj_path: str, merge_entries: int, ring_bytes: int) -> None:
         lib = self._lib
         _log.clear()
         self._obj = lib.bpf_object__open_file(obj_path.encode(), None)
@@ -214,6 +214,9 @@ class PageCacheBpf:
         for name in ("merge0", "merge1"):
             if lib.bpf_map__set_max_entries(self._map(name), merge_entries):
                 raise _fail(f"size map {name}")
+        # The flush ring's size (a power of two, at least a page; 0: as compiled). Tests shrink it to force loss.
+        if ring_bytes and lib.bpf_map__set_max_entries(self._map("flushes"), ring_bytes):
+            raise _fail("size the flush ring")
         self._set_rodata()
         err = lib.bpf_object__load(self._obj)
         if err:
