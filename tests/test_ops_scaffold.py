@@ -158,15 +158,15 @@ def test_generated_files_name_the_task_consistently():
 
 def test_duet_fs_skips_without_root_unless_ci_requires_it(tmp_path):
     """A plugin author's test that needs a scratch filesystem skips for a user without root — and fails with
-    DUET_REQUIRE_ROOT=1, so a CI job that lost its root does not pass green. (``unshare --user``: the same process
-    credentials, but geteuid() is no longer 0.)"""
+    DUET_REQUIRE_ROOT=1, so a CI job that lost its root does not pass green. (The pytest run is root's; a conftest
+    makes geteuid() answer 1000, as for a user: namespaces and setpriv are not allowed everywhere CI runs.)"""
+    (tmp_path / "conftest.py").write_text("import os\n\nos.geteuid = lambda: 1000\n")
     test = tmp_path / "test_needs_fs.py"
     test.write_text("def test_needs_fs(duet_fs):\n    assert duet_fs.root\n")
 
     def pytest_as_non_root(**env) -> subprocess.CompletedProcess:
-        return subprocess.run(["unshare", "--user", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               "-rsf", str(test)], capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                              env={**os.environ, **env})
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rsf", str(test)],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=120, env={**os.environ, **env})
 
     skipped = pytest_as_non_root()
     assert skipped.returncode == 0 and "1 skipped" in skipped.stdout, skipped.stdout
