@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import time
 
 import backup_helpers as bh
@@ -22,7 +21,7 @@ from test_backup import duet, snap  # noqa: F401 - duet: the fixture
 from test_reliability_crash import check_state
 from test_stop_contract import stop
 
-from duet_core.bench.stop import journal_lines
+from duet_core.bench.stop import journal_lines, run_started
 
 pytestmark = pytest.mark.bpf
 
@@ -53,21 +52,6 @@ def wait_until(predicate, proc, what: str, timeout: float = 60.0, poll: float = 
         assert proc.poll() is None, f"duet exited ({proc.returncode}) before {what}: {proc.communicate()}"
         assert time.monotonic() < end, f"timed out waiting for {what}"
         time.sleep(poll)
-
-
-def run_started(state_dir) -> bool:
-    """A run is recorded as started (``runs`` row without an end): it is past its start-up, scanning now."""
-    path = os.path.join(state_dir, "state.db")
-    if not os.path.exists(path):
-        return False
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.05)
-        try:
-            return db.execute("SELECT 1 FROM runs WHERE ended IS NULL").fetchone() is not None
-        finally:
-            db.close()
-    except sqlite3.Error:      # created, but no schema yet
-        return False
 
 
 def debris(target: str) -> list[str]:

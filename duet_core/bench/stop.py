@@ -39,8 +39,9 @@ def _duet(*args: str) -> list[str]:
     return [sys.executable, "-m", "duet_core.cli.main", *args]
 
 
-def _started(state_dir: str) -> bool:
-    """The run has recorded its start (it is past loading plugins and config, into the scan)."""
+def run_started(state_dir: str) -> bool:
+    """A run has recorded its start in ``state_dir`` (a ``runs`` row without an end: it is past loading plugins
+    and config, into the scan). Also used by the tests."""
     path = os.path.join(state_dir, "state.db")
     if not os.path.exists(path):
         return False
@@ -71,7 +72,7 @@ def _stop_at(argv: list[str], state_dir: str, delay: float = 0.0, ready=None) ->
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         end = time.monotonic() + 600
-        while not (ready or (lambda: _started(state_dir)))() and proc.poll() is None and time.monotonic() < end:
+        while not (ready or (lambda: run_started(state_dir)))() and proc.poll() is None and time.monotonic() < end:
             time.sleep(0.002)
         time.sleep(delay)
         t0 = time.monotonic()
