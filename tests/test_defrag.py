@@ -365,3 +365,51 @@ def test_running_program_on_ext4_is_left_alone(duet, ext4_fs):
     assert by_path(report)["sleeper"]["outcome"] == "busy" and report["busy"] == 1, report
     assert report["items_failed"] == 0 and "sleeper: in use as a running program" in err
     assert sha256(program) == hashlib.sha256(code).hexdigest()
+
+
+SWAPPER = '''
+import os
+
+from duet_core import TaskSpec, hookimpl
+
+
+class Swapper:
+    """Test task: renames a new file over each file it is handed (once: a replacement is left alone), as an editor
+    saving by rename does, before the next task of the run gets the file."""
+
+    @hookimpl
+    def duet_task(self):
+        return TaskSpec("swapper", "test task: renames a new file over each file it is handed", api_version=1)
+
+    @hookimpl
+    def duet_process(self, ctx):
+        if os.pread(ctx.fd, 12, 0) == b"replacement\\n":
+            return None
+        new = ctx.path + ".new"
+        with open(new, "wb") as fh:
+            fh.write(b"replacement\\n")
+        os.rename(new, ctx.path)
+        return None
+
+
+swapper = Swapper()
+'''
+
+
+def test_a_file_replaced_while_defrag_checks_it_is_reported_vanished_not_failed(tmp_path, btrfs_fs):
+    """The name of a fragmented file leads to another file by the time defrag opens it to rewrite (renamed over by
+    the task before it in the run): defrag rewrites nothing, says so, and the run does not fail (exit 0)."""
+    runner = Duet(tmp_path, plugin_dist.Dist("duet-test-swapper", "0.1", {"duet_test_swapper": SWAPPER},
+                                             {"swapper": "duet_test_swapper:swapper"}))
+    write_interleaved(btrfs_fs.mnt, ["a", "b"])
+    assert filefrag(os.path.join(btrfs_fs.mnt, "a")) >= 2
+    proc = runner("run", "swapper", "defrag", "--path", btrfs_fs.mnt, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    report = json.loads(proc.stdout)["tasks"]["defrag"]
+    assert report["items_failed"] == 0 and report["vanished"] == 2 and report["defragmented"] == 0, report
+    assert {by_path(report)[n]["outcome"] for n in ("a", "b")} == {"vanished"}
+    assert proc.stderr.count("deleted or replaced while being checked: not rewritten") == 2
+    for n in ("a", "b"):
+        with open(os.path.join(btrfs_fs.mnt, n), "rb") as fh:
+            assert fh.read() == b"replacement\n"        # the new file, untouched

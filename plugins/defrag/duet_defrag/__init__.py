@@ -41,6 +41,7 @@ DEFRAGMENTED = "defragmented"
 SKIPPED_SHARED = "skipped_shared"    # its fragmented extents are shared with a snapshot or reflink
 NO_GAIN = "no_gain"                  # the filesystem found no better layout (free space too fragmented)
 BUSY = "busy"                        # could not be opened for writing (a running executable: ETXTBSY)
+VANISHED = "vanished"                # deleted or replaced (renamed over) after the scheduler handed it over
 
 
 @dataclass
@@ -138,6 +139,12 @@ class Defrag:
             rep.outcome = NO_GAIN
             return ItemResult(message=f"{lay.extents} extents, left alone: {exc}")
         except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ESTALE, errno.ENOTDIR):
+                # Its name now leads nowhere or to another file (an editor saving by rename): nothing to rewrite,
+                # and not a failure — a new file at that name is another item, for the next round.
+                rep.outcome = VANISHED
+                return ItemResult(counters={"vanished": 1}, message="deleted or replaced while being checked: "
+                                                                    "not rewritten")
             if exc.errno != errno.ETXTBSY:
                 raise
             rep.outcome = BUSY
@@ -213,6 +220,7 @@ class Defrag:
             "skipped_shared": count(SKIPPED_SHARED),
             "no_gain": count(NO_GAIN),
             "busy": count(BUSY),
+            "vanished": count(VANISHED),
             "files": [{"path": r.path, "extents_before": r.before, "extents_after": r.after, "ideal": r.ideal,
                        "shared": r.shared, "outcome": r.outcome} for r in worst[:REPORT_FILES]],
         }
