@@ -128,13 +128,21 @@ class _Open:
     def _commit(self, batch: list[_Pending]) -> None:
         syncfs(self.tree_fd)
         dirs: dict[str, int] = {}
+        committed = []
         try:
             for p in batch:
-                if p.reldir not in dirs:
-                    dirs[p.reldir] = open_dir(self.tree_fd, p.reldir, create=True)
-                replace(dirs[p.reldir], p.tmp, p.name)
+                try:
+                    if p.reldir not in dirs:
+                        dirs[p.reldir] = open_dir(self.tree_fd, p.reldir, create=True)
+                    replace(dirs[p.reldir], p.tmp, p.name)
+                except (FileNotFoundError, NotADirectoryError):
+                    # Its temporary copy went with a directory that an earlier copy of this batch replaced (a file
+                    # that became a directory holding this one, then a file again): neither in the tree nor
+                    # journaled; the sync pass copies what is at that name now.
+                    continue
                 self.staged[p.relpath] = p.record
-            self.target.journal_add_many([(p.relpath, p.record) for p in batch])
+                committed.append(p)
+            self.target.journal_add_many([(p.relpath, p.record) for p in committed])
         finally:
             for fd in dirs.values():
                 os.close(fd)
