@@ -176,6 +176,30 @@ def resident_count(fd: int) -> int:
     return len(mincore_pages(fd, os.fstat(fd).st_size))
 
 
+def runs_of(pages: BitMap) -> list[tuple[int, int]]:
+    """Page set → sorted (first, count) runs. Vectorised: a 1 GiB file is 262,144 pages, and a loop over them in
+    Python took 0.1 s per call (a third of a cold scrub's CPU on large files)."""
+    if not pages:
+        return []
+    first, n = pages.min(), len(pages)
+    if pages.max() - first + 1 == n:      # one run: the common case, and numpy costs more than it saves here
+        return [(first, n)]
+    import numpy as np
+
+    a = np.frombuffer(pages.to_array(), dtype=np.uint32).astype(np.int64)
+    breaks = np.flatnonzero(np.diff(a) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    counts = np.diff(np.concatenate((starts, [len(a)])))
+    return list(zip(a[starts].tolist(), counts.tolist()))
+
+
+def pages_of(ranges: list[tuple[int, int]]) -> BitMap:
+    bm = BitMap()
+    for first, count in ranges:
+        bm.add_range(first, first + count)
+    return bm
+
+
 MAX_DIRTY_RUNS = 4096     # runs of pages asked about one by one; a file with more is asked about as a whole
 
 
@@ -183,19 +207,12 @@ def unwritten(fd: int, pages: BitMap) -> BitMap:
     """Of ``pages`` (thought modified), those that may still be dirty or under writeback: ``cachestat`` over each run
     of them, and a run where the kernel counts neither is clean now. For when flush events were lost. Conservative:
     a run is kept when cachestat cannot tell, and a file with very many runs is cleared only when wholly clean."""
-    import numpy as np
-
-    if not pages:
-        return BitMap()
-    arr = np.frombuffer(pages.to_array(), np.uint32).astype(np.int64)
-    cuts = np.flatnonzero(np.diff(arr) != 1) + 1
-    starts, ends = np.concatenate(([0], cuts)), np.concatenate((cuts, [len(arr)]))
-    if len(starts) > MAX_DIRTY_RUNS:
+    runs = runs_of(pages)
+    if len(runs) > MAX_DIRTY_RUNS:
         whole = cachestat(fd)
         return BitMap() if whole is not None and not whole.nr_dirty and not whole.nr_writeback else BitMap(pages)
     out = BitMap()
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        first, count = int(arr[s]), e - s
+    for first, count in runs:
         counts = cachestat(fd, first * PAGE_SIZE, count * PAGE_SIZE)
         if counts is None or counts.nr_dirty or counts.nr_writeback:
             out.add_range(first, first + count)

@@ -29,7 +29,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 from pyroaring import BitMap
 
 from duet_core import residency
@@ -39,6 +38,7 @@ from duet_core.events import PAGE_SIZE, Event, FileId
 from duet_core.identity import inode_generation
 from duet_core.lock import ScopeLock
 from duet_core.plugins import LoadedTask, TaskRegistry
+from duet_core.residency import pages_of, runs_of  # noqa: F401 - runs_of: also imported from here by plugins
 from duet_core.scope import Scope, open_regular
 from duet_core.snapshotter import SnapshotChild
 from duet_core.state import StateStore, TaskProgress
@@ -112,35 +112,13 @@ def set_idle_io() -> bool:
     return libc.syscall(SYS_IOPRIO_SET, IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << 13) == 0
 
 
-def read_bytes_io() -> int:
-    """Bytes this process caused to be read from storage (/proc/self/io read_bytes)."""
-    with open("/proc/self/io") as fh:
+def read_bytes_io(pid: int | str = "self") -> int:
+    """Bytes a process (this one by default) caused to be read from storage (/proc/PID/io read_bytes)."""
+    with open(f"/proc/{pid}/io") as fh:
         for line in fh:
             if line.startswith("read_bytes:"):
                 return int(line.split()[1])
     return 0
-
-
-def runs_of(pages: BitMap) -> list[tuple[int, int]]:
-    """Page set → sorted (first, count) runs. Vectorised: a 1 GiB file is 262,144 pages, and a loop over them in
-    Python took 0.1 s per call (a third of a cold scrub's CPU on large files)."""
-    if not pages:
-        return []
-    first, n = pages.min(), len(pages)
-    if pages.max() - first + 1 == n:      # one run: the common case, and numpy costs more than it saves here
-        return [(first, n)]
-    a = np.frombuffer(pages.to_array(), dtype=np.uint32).astype(np.int64)
-    breaks = np.flatnonzero(np.diff(a) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    counts = np.diff(np.concatenate((starts, [len(a)])))
-    return list(zip(a[starts].tolist(), counts.tolist()))
-
-
-def pages_of(ranges: list[tuple[int, int]]) -> BitMap:
-    bm = BitMap()
-    for first, count in ranges:
-        bm.add_range(first, first + count)
-    return bm
 
 
 @dataclass
@@ -631,7 +609,7 @@ class Runner:
             self._process_file(pick, cached_pass)
             slow = time.monotonic() - t0 >= SLOW_ITEM_S
             self._absorb()
-            self._throttle(started)
+            self._throttle()
             if slow or time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
                 self._commit()
                 self.ui.advanced({r.name: r.report for r in self.runs})
@@ -835,24 +813,21 @@ class Runner:
         self._idle_wait(YIELD_POLL_S)
         self._yielded_s += time.monotonic() - t0
 
-    def _throttle(self, started: float) -> None:
-        """--rate-limit between items: wait while the run's device reads are ahead of the rate (a stop wakes it)."""
+    def _throttle(self, in_item: int = 0) -> None:
+        """--rate-limit: wait while the run's device reads — the items' before, plus ``in_item`` bytes of the one
+        in progress — are ahead of the rate since the run started (a stop wakes the wait)."""
         rate = self.opts.rate_limit
         if rate:
-            ahead = self._device_bytes / rate - (time.monotonic() - started)
+            ahead = (self._device_bytes + in_item) / rate - (time.monotonic() - self._started)
             if ahead > 0:
                 self._nap(min(ahead, 5.0))
 
     def _pace(self) -> None:
-        """--rate-limit within an item (``ItemContext.checkpoint``): the device bytes of the items before, plus what
-        this process read since the current task was handed the item (/proc/self/io), against the time so far —
-        so one large file is read at the rate, not at full speed followed by a long pause."""
-        rate = self.opts.rate_limit
-        if rate:
-            read = self._device_bytes + max(0, read_bytes_io() - self._item_io)
-            ahead = read / rate - (time.monotonic() - self._started)
-            if ahead > 0:
-                self._nap(min(ahead, 5.0))
+        """--rate-limit within an item (``ItemContext.checkpoint``): with what this process read since the current
+        task was handed the item (/proc/self/io), so one large file is read at the rate, not at full speed followed
+        by a long pause."""
+        if self.opts.rate_limit:
+            self._throttle(max(0, read_bytes_io() - self._item_io))
 
     # -- one file --------------------------------------------------------------------------------------------------
     def _process_file(self, file_id: int, cached_pass: bool) -> None:

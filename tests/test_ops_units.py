@@ -15,6 +15,7 @@ import fsimage
 import plugin_dist
 import pytest
 from plugin_dist import duet_argv, make_dataset, read_log
+from test_run_cli import wait_for
 
 from duet_core import systemd
 
@@ -158,15 +159,6 @@ def test_the_cron_line_and_the_units_capabilities_run_a_real_maintenance_run(ins
 
 
 # -- duet watch as a service ---------------------------------------------------------------------------------------
-def _wait(predicate, proc, what: str, timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"duet exited ({proc.returncode}) while waiting for {what}: {proc.stderr.read()}")
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_watch_reloads_its_config_on_sighup_and_stops_cleanly_on_sigterm(installed, tmp_path, bpf_required):
     log = tmp_path / "log"
     with fsimage.loop_fs("btrfs") as fs:
@@ -178,14 +170,15 @@ def test_watch_reloads_its_config_on_sighup_and_stops_cleanly_on_sigterm(install
         try:
             with open(os.path.join(scope, "a/f00"), "rb") as fh:
                 fh.read()
-            _wait(lambda: [e.task for e in read_log(log)] == ["reader"], proc, "reader to take the cached file")
+            wait_for(lambda: [e.task for e in read_log(log)] == ["reader"], 30, "reader to take the cached file",
+                     proc)
 
             config.write_text(f'state_dir = "{tmp_path / "state"}"\n[[scope]]\npath = "{scope}"\ntasks = ["r2"]\n')
             proc.send_signal(signal.SIGHUP)
             with open(os.path.join(scope, "b/f01"), "rb") as fh:
                 fh.read()
-            _wait(lambda: ("r2", "b/f01") in {(e.task, e.relpath) for e in read_log(log)}, proc,
-                  "the reloaded config's task r2 to take the newly cached file")
+            wait_for(lambda: ("r2", "b/f01") in {(e.task, e.relpath) for e in read_log(log)}, 30,
+                     "the reloaded config's task r2 to take the newly cached file", proc)
             assert proc.poll() is None
 
             t0 = time.monotonic()

@@ -86,14 +86,15 @@ def summary_of(proc) -> dict:
     return json.loads(lines[0])
 
 
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition", proc=None) -> None:
+def wait_for(predicate, timeout: float = 15.0, what: str = "condition", proc=None, poll: float = 0.02) -> None:
+    """Wait until ``predicate()``; fail after ``timeout``, or as soon as ``proc`` (a duet process) has exited."""
     end = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"duet exited ({proc.returncode}) while waiting for {what}: {proc.stderr.read()}")
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(poll)
 
 
 def foreground_read(path: str) -> None:

@@ -17,48 +17,24 @@ import time
 import backup_helpers as bh
 import fsimage
 import pytest
+from reliability_plugins import debris_in
 from test_backup import duet, snap  # noqa: F401 - duet: the fixture
 from test_reliability_crash import check_state
+from test_run_cli import wait_for
 from test_stop_contract import stop
 
+from duet_core.bench.scale import make_files
 from duet_core.bench.stop import journal_lines, run_started
+from duet_core.scheduler import read_bytes_io
 
 pytestmark = pytest.mark.bpf
 
 TREE_FILES = 50_000
+TIMEOUT = 60.0    # for any one wait below
 BIG = 64 << 20
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------------
-def many_small_files(root: str, n: int = TREE_FILES, per_dir: int = 1000) -> None:
-    """``n`` small files in directories of ``per_dir``, made quickly (one open/write/close each)."""
-    os.mkdir(root)
-    for d in range(n // per_dir):
-        path = os.path.join(root, f"d{d:03d}")
-        os.mkdir(path)
-        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for i in range(per_dir):
-                fd = os.open(f"f{i:04d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
-                os.write(fd, b"%d.%d\n" % (d, i))
-                os.close(fd)
-        finally:
-            os.close(dir_fd)
-
-
-def wait_until(predicate, proc, what: str, timeout: float = 60.0, poll: float = 0.002) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"duet exited ({proc.returncode}) before {what}: {proc.communicate()}"
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(poll)
-
-
-def debris(target: str) -> list[str]:
-    """Temporary files of a copy left anywhere in the backup target."""
-    return [os.path.join(d, n) for d, _, names in os.walk(target) for n in names if n.startswith(".duet-tmp")]
-
-
 def snapshots(target: str) -> list[str]:
     """The snapshots published in the backup target (none before the first run set the target up)."""
     path = os.path.join(target, "snapshots")
@@ -73,26 +49,22 @@ def has_open(pid: int, path: str) -> bool:
         return False
 
 
-def read_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/io") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("read_bytes:"))
-
-
 # -- a large tree: the scan, the sync pass, the rescan --------------------------------------------------------------
 def test_stops_in_the_scan_and_the_sync_pass_of_50k_files_within_a_second_and_the_next_run_is_exact(duet):
     with fsimage.loop_fs("ext4", size_mb=512, mkfs_args=("-N", "70000")) as src, \
             fsimage.loop_fs("btrfs", size_mb=512) as target:
         scope = os.path.join(src.mnt, "data")
-        many_small_files(scope)
+        os.mkdir(scope)
+        make_files(scope, TREE_FILES)
         argv = ("run", "backup", "--path", scope, "--target", target.mnt, "--json")
 
         # SIGTERM during the first scan: nothing recorded of it, nothing published.
         proc = duet.start(*argv)
-        wait_until(lambda: run_started(duet.state), proc, "the run to start")
+        wait_for(lambda: run_started(duet.state), TIMEOUT, "the run to start", proc, poll=0.002)
         summary = stop(proc, signal.SIGTERM)
         assert "scan_s" not in summary["phases"], summary["phases"]      # it ended inside the scan
         assert summary["tasks"]["backup"]["items_done"] == 0
-        assert snapshots(target.mnt) == [] and debris(target.mnt) == []
+        assert snapshots(target.mnt) == [] and debris_in(target.mnt) == []
         check_state(duet.state, "after a stop in the first scan")
 
         # Stops at moments spread over start-up, scan, planning, the start-up snapshot and the first copies: each
@@ -100,7 +72,7 @@ def test_stops_in_the_scan_and_the_sync_pass_of_50k_files_within_a_second_and_th
         reached = []
         for delay, signum in zip((0.3, 0.7, 1.1, 1.5, 2.0), (signal.SIGINT, signal.SIGTERM) * 3):
             proc = duet.start(*argv)
-            wait_until(lambda: run_started(duet.state), proc, "the run to start")
+            wait_for(lambda: run_started(duet.state), TIMEOUT, "the run to start", proc, poll=0.002)
             time.sleep(delay)
             summary = stop(proc, signum)
             reached.append((delay, list(summary["phases"]), summary["tasks"]["backup"]["items_done"]))
@@ -109,7 +81,8 @@ def test_stops_in_the_scan_and_the_sync_pass_of_50k_files_within_a_second_and_th
 
         # SIGINT once every copy is durable: inside duet_finish's sync pass over the 50,000 files. No snapshot.
         proc = duet.start(*argv)
-        wait_until(lambda: journal_lines(target.mnt) >= TREE_FILES, proc, "every copy journaled", poll=0.005)
+        wait_for(lambda: journal_lines(target.mnt) >= TREE_FILES, TIMEOUT, "every copy journaled", proc,
+                 poll=0.005)
         summary = stop(proc, signal.SIGINT)
         rep = summary["tasks"]["backup"]
         assert rep["items_done"] == TREE_FILES and rep["snapshot"] is None, rep
@@ -117,11 +90,11 @@ def test_stops_in_the_scan_and_the_sync_pass_of_50k_files_within_a_second_and_th
 
         # Some changes, then SIGTERM during the rescan (reconciled with the recorded scan in SQL).
         for i in range(10):
-            bh.write(os.path.join(scope, f"d{i:03d}", "f0007"), b"changed %d\n" % i)
-        os.unlink(os.path.join(scope, "d010", "f0001"))
-        bh.write(os.path.join(scope, "d011", "new"), b"new\n")
+            bh.write(os.path.join(scope, f"d{i:05d}", "f0007"), b"changed %d\n" % i)
+        os.unlink(os.path.join(scope, "d00010", "f0001"))
+        bh.write(os.path.join(scope, "d00011", "new"), b"new\n")
         proc = duet.start(*argv)
-        wait_until(lambda: run_started(duet.state), proc, "the run to start")
+        wait_for(lambda: run_started(duet.state), TIMEOUT, "the run to start", proc, poll=0.002)
         summary = stop(proc, signal.SIGTERM)
         assert "scan_s" not in summary["phases"], summary["phases"]
         check_state(duet.state, "after a stop in the rescan")
@@ -131,7 +104,7 @@ def test_stops_in_the_scan_and_the_sync_pass_of_50k_files_within_a_second_and_th
         assert snapshots(target.mnt) == [rep["snapshot"]]
         assert rep["counters"].get("copied", 0) + rep["copied_at_finish"] == 11, rep
         bh.assert_same_tree(scope, snap(target, rep["snapshot"]))
-        assert debris(target.mnt) == []
+        assert debris_in(target.mnt) == []
 
 
 # -- one long item ---------------------------------------------------------------------------------------------------
@@ -153,16 +126,17 @@ def test_a_backup_stopped_inside_a_64_mib_copy_leaves_no_debris_and_the_next_run
     with fsimage.loop_fs("ext4") as target:
         proc = duet.start("run", "backup", "--path", scope, "--target", target.mnt, "--json", "--rate-limit", "2MB/s")
         t0 = time.monotonic()
-        wait_until(lambda: any(os.path.getsize(p) >= 1 << 20 for p in debris(target.mnt)), proc, "the copy underway")
+        wait_for(lambda: any(os.path.getsize(p) >= 1 << 20 for p in debris_in(target.mnt)), TIMEOUT,
+                 "the copy underway", proc, poll=0.002)
         # The rate holds inside the item: the copy is under way at about 2 MB/s, not done at full speed.
         time.sleep(0.5)
-        sizes = [os.path.getsize(p) for p in debris(target.mnt)]
+        sizes = [os.path.getsize(p) for p in debris_in(target.mnt)]
         assert sizes, "the copy is no longer under way: the rate limit did not hold inside the item"
         assert max(sizes) <= 2e6 * (time.monotonic() - t0) + (4 << 20), sizes
         summary = stop(proc, signum)
         rep = summary["tasks"]["backup"]
         assert (rep["items_done"], rep["items_failed"], rep["complete"], rep["snapshot"]) == (0, 0, False, None), rep
-        assert debris(target.mnt) == [] and snapshots(target.mnt) == []   # the half copy was removed
+        assert debris_in(target.mnt) == [] and snapshots(target.mnt) == []   # the half copy was removed
         rep = duet.backup(scope, target.mnt)        # no rate limit: the file is copied whole, and published
         assert rep["counters"]["copied"] == 1 and rep["bytes_processed"] == BIG, rep
         bh.assert_same_tree(scope, snap(target, rep["snapshot"]))
@@ -173,7 +147,8 @@ def test_a_scrub_stopped_inside_a_64_mib_read_is_not_counted_and_the_next_run_ve
     scope, path = big_file
     argv = ("run", "scrub", "--path", scope, "--json")
     proc = duet.start(*argv, "--rate-limit", "2MB/s")
-    wait_until(lambda: has_open(proc.pid, path) and read_bytes(proc.pid) >= 2 << 20, proc, "the read underway")
+    wait_for(lambda: has_open(proc.pid, path) and read_bytes_io(proc.pid) >= 2 << 20, TIMEOUT, "the read underway",
+             proc, poll=0.002)
     summary = stop(proc, signum)
     rep = summary["tasks"]["scrub"]
     assert (rep["items_done"], rep["items_failed"], rep["complete"], rep["bytes_processed"]) == (0, 0, False, 0), rep

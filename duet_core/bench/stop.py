@@ -27,8 +27,8 @@ import time
 from duet_core.bench.scale import make_files
 from duet_core.errors import DuetError
 from duet_core.loopfs import loop_fs, unmount
+from duet_core.scheduler import EXIT_STOPPED
 
-STOP_EXIT = 5
 TARGET_S = 1.0
 TREE_DELAYS = (0.05, 0.3, 0.6, 1.0, 1.5, 2.5, 4.0, 6.0, 9.0)   # seconds after the run began
 ITEM_DELAY = 1.5
@@ -148,7 +148,7 @@ def run_stop_bench(files: int = 200_000, item_size: int = 256 << 20, progress=No
               "phases_hit": sorted({s["landed_in"] for s in tree})}
     report["targets"] = {
         "every_stop_within_1s": bool(stops) and all(s["stop_s"] < TARGET_S for s in stops),
-        "every_stop_exits_5_without_traceback": all(s["exit"] == STOP_EXIT and not s["traceback"] for s in stops),
+        "every_stop_exits_5_without_traceback": all(s["exit"] == EXIT_STOPPED and not s["traceback"] for s in stops),
         "no_interrupted_item_counted_done": all(s["files_done"] == 0 for s in items),
     }
     return report

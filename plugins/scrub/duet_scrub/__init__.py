@@ -30,8 +30,7 @@ from pyroaring import BitMap
 from duet_core import Event, ItemResult, TaskOption, TaskSpec, hookimpl
 from duet_core.events import PAGE_SIZE
 from duet_core.identity import parse_mountinfo
-from duet_core.residency import resident_pages
-from duet_core.scheduler import runs_of
+from duet_core.residency import pages_of, resident_pages, runs_of
 from duet_core.scope import open_regular
 from duet_core.tasks import FileInfo, ItemContext, RunInfo, TaskReport
 from duet_scrub.manifest import Hasher, Record, differing_ranges, key, version
@@ -39,13 +38,6 @@ from duet_scrub.reader import DirectBuffer, FileReader
 
 DAY = 86400.0
 DEFAULT_PERIOD = 30 * DAY
-
-
-def _pages(ranges) -> BitMap:
-    bm = BitMap()
-    for first, count in ranges:
-        bm.add_range(first, first + count)
-    return bm
 
 
 def _runs(pages: BitMap, kind: str) -> list[tuple[int, int, str]]:
@@ -71,7 +63,7 @@ def read_verified(ctx: ItemContext, reader: FileReader, want: BitMap, observed: 
     piece with a bad sector). The run's own reads count as from the device, others' as from the cache.
     """
     size = ctx.file.size
-    by_run = _pages(ctx.fresh)
+    by_run = pages_of(ctx.fresh)
     trusted = observed | by_run
     resident = resident_pages(ctx.fd, size) if ctx.cached else BitMap()
     segments = sorted(_runs(want & observed - by_run, "observed") + _runs(want & by_run, "run")
@@ -106,7 +98,7 @@ def confirm_cached(fd: int, ranges) -> BitMap:
     flight, or left not up to date by a failed read. An ADDED event can arrive while its read is still in flight,
     so pages not confirmed are tried again a few times, briefly; a failed read never confirms.
     """
-    confirmed, todo = BitMap(), _pages(ranges)
+    confirmed, todo = BitMap(), pages_of(ranges)
     buf = bytearray(1 << 20)
     for attempt in range(CONFIRM_RETRIES):
         if attempt:
@@ -222,7 +214,7 @@ class Scrub:
         is not up to date. Those that come back whole are done; the rest are read when the file is processed.
         Elsewhere the pages are remembered, to be hashed from the cache instead of read again."""
         self._begin(run)
-        pages = _pages(added)
+        pages = pages_of(added)
         self._fresh.setdefault(file.id, BitMap()).update(pages)
         if self._fstype(file) != "btrfs":
             return None
@@ -272,7 +264,7 @@ class Scrub:
         if ctx.cached_only:
             # Nothing from the device now (watch, or a run waiting for other programs): the item is done only if
             # everything left of it was read by others.
-            want = _pages(ctx.ranges)
+            want = pages_of(ctx.ranges)
             if want - confirm_cached(ctx.fd, runs_of(want & self._fresh.get(ctx.file.id, BitMap()))):
                 return ItemResult(done=False)
             self._fresh.pop(ctx.file.id, None)
@@ -280,7 +272,7 @@ class Scrub:
             self._verified(ctx.run, ctx.file)
             return None
         with self._reader(ctx.fd) as rd:
-            res = read_verified(ctx, rd, _pages(ctx.ranges), self._fresh.pop(ctx.file.id, BitMap()))
+            res = read_verified(ctx, rd, pages_of(ctx.ranges), self._fresh.pop(ctx.file.id, BitMap()))
         ctx.progress.advance(res.nbytes, from_device=res.from_device)
         if res.bad:
             return self._corrupt(ctx, res.bad, "checksum error (EIO)")
