@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 from duet_core.errors import Stopped  # noqa: E402
 from duet_core.events import Event  # noqa: E402
 from duet_core.hookspecs import API_VERSION, hookimpl  # noqa: E402
-from duet_core.tasks import ItemResult, TaskOption, TaskSpec  # noqa: E402
+from duet_core.tasks import ItemResult, PassResult, TaskOption, TaskSpec  # noqa: E402
 
-__all__ = ["API_VERSION", "Event", "ItemResult", "Stopped", "TaskOption", "TaskSpec", "__version__", "hookimpl"]
+__all__ = ["API_VERSION", "Event", "ItemResult", "PassResult", "Stopped", "TaskOption", "TaskSpec", "__version__",
+           "hookimpl"]

@@ -19,6 +19,7 @@ Order of calls in one run::
     duet_check           once per scope, before anything is opened or written (bad options refuse the run)
     duet_plan            at the start of a round, batch by batch over the scope's files
     duet_observe         whenever pages of a still-pending file saw the task's events (range tasks)
+    duet_device_pass     at most once per run, when only this task still needs files read from the device
     duet_process         once per item, cache-first, shared with the other tasks of the run
     duet_finish          once, at the end of a run whose duet_plan was called (also when it stopped early)
 
@@ -28,12 +29,12 @@ A stop (SIGTERM, SIGINT) is honoured within a second: a task's long loops call `
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pluggy
 
-from duet_core.tasks import FileInfo, ItemContext, ItemResult, RunInfo, TaskReport, TaskSpec
+from duet_core.tasks import FileInfo, ItemContext, ItemResult, PassResult, RunInfo, TaskReport, TaskSpec
 
 PROJECT = "duet"
 API_VERSION = 1
@@ -103,6 +104,35 @@ def duet_observe(run: RunInfo, file: FileInfo, added: Sequence[tuple[int, int]])
 
     Called only for tasks with ``granularity="range"`` whose spec asks for ``Event.ADDED``, during ``duet run`` and
     ``duet watch``.
+    """
+
+
+@hookspec(firstresult=True)
+def duet_device_pass(run: RunInfo, pending: Callable[[], Iterator[FileInfo]], give_way: Callable[[], bool],
+                     progress: Callable[[int], None]) -> PassResult | None:
+    """Do the task's pending files in one pass of its own instead of file by file — or decline (return None).
+
+    :param run: the run.
+    :param pending: iterates over the files this task still needs (as scanned), each time it is called.
+    :param give_way: True once the pass should end early: the ``--for`` budget ran out, or other programs began
+        reading the scope (idle I/O: the run leaves them the device). Poll it, with ``run.checkpoint()`` (a stop),
+        every tenth of a second or so.
+    :param progress: bytes verified (or otherwise done) so far, for the progress display; call it as often as
+        convenient.
+    :returns: a :class:`~duet_core.tasks.PassResult`: the ids of the files now done (the others stay pending and
+        are handed to ``duet_process`` as usual), the bytes the pass read from the device, counters, a message. Or
+        None: the pass was declined and every file goes through ``duet_process``. Stops at the first non-None
+        result.
+
+    Called at most once per ``duet run`` (never in ``duet watch``), when the run is about to read uncached files
+    from the device and this task is the only one still needing any: no other task could share its reads. Not
+    with ``--rate-limit`` (a pass of its own cannot be paced), and not while other programs read the scope. The
+    files the run found cached were handed to ``duet_process`` before. A btrfs scrub uses it to let the kernel
+    verify a cold filesystem in device order (``BTRFS_IOC_SCRUB``), which reads many times faster than a tree of
+    small files is read one by one; a pass that found errors may return no file done, so that ``duet_process``
+    names the damaged files. A pass ended by ``give_way`` returns what it finished; one ended by
+    :class:`~duet_core.errors.Stopped` counts nothing done — save what the next run needs to resume in
+    ``run.state`` before letting it propagate.
     """
 
 

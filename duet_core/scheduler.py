@@ -42,7 +42,7 @@ from duet_core.residency import pages_of, runs_of  # noqa: F401 - runs_of: also 
 from duet_core.scope import Scope, open_regular
 from duet_core.snapshotter import SnapshotChild
 from duet_core.state import StateStore, TaskProgress
-from duet_core.tasks import FileInfo, ItemContext, ItemResult, RunInfo, SharedResults, TaskReport, TaskState
+from duet_core.tasks import FileInfo, ItemContext, ItemResult, PassResult, RunInfo, SharedResults, TaskReport, TaskState
 
 log = logging.getLogger("duet.run")
 
@@ -585,6 +585,7 @@ class Runner:
         self._cached_only = self.opts.mode == "watch"   # process only what needs no device read (watch, yielding)
         self._yielding = False
         self._offered: dict[int, BitMap] = {}   # file id -> its cached pages when last offered while yielding
+        self._pass_offered = False              # duet_device_pass is offered once, at the first uncached file
         while self.stop_reason is None:
             if self.opts.budget_s is not None and time.monotonic() - started >= self.opts.budget_s:
                 self.stop_reason = BUDGET
@@ -597,6 +598,8 @@ class Runner:
                 self._yield_wait()
                 continue
             if pick is None and self.opts.mode == "run":
+                if self._device_pass():
+                    continue
                 pick = self._pick_uncached()
             if pick is None:
                 if self.opts.mode == "run" and not self._todo:
@@ -828,6 +831,74 @@ class Runner:
         by a long pause."""
         if self.opts.rate_limit:
             self._throttle(max(0, read_bytes_io() - self._item_io))
+
+    # -- a task's own pass ------------------------------------------------------------------------------------------
+    def _device_pass(self) -> bool:
+        """Before the run reads its first uncached file: if only one task still needs any, offer it
+        ``duet_device_pass`` (not with --rate-limit). Returns True if the task's hook ran."""
+        if self._pass_offered or self.opts.rate_limit or self.stopping():
+            return False
+        self._pass_offered = True
+        wanting = [(r, p) for r in self.runs if (p := (r.progress.pending - BitMap(r.failed)) & self._todo)]
+        if len(wanting) != 1:
+            return False
+        r, pending = wanting[0]
+        if not r.task.hook.duet_device_pass.get_hookimpls():
+            return False
+        report = r.report
+        base = (report.bytes_processed, report.bytes_from_device)
+        shown = time.monotonic()
+
+        def progress(nbytes: int) -> None:
+            nonlocal shown
+            report.bytes_processed, report.bytes_from_device = base[0] + nbytes, base[1] + nbytes
+            if time.monotonic() - shown >= 0.25:
+                shown = time.monotonic()
+                self.ui.advanced({x.name: x.report for x in self.runs})
+
+        def give_way() -> bool:
+            if self.opts.budget_s is not None and time.monotonic() - self._started >= self.opts.budget_s:
+                return True
+            self.engine.pump(force=True)   # a reader that starts now is seen within a poll
+            return self._foreground_reading()
+
+        started_ns = time.monotonic_ns()
+        try:
+            result = r.task.hook.duet_device_pass(
+                run=r.run, pending=lambda: (f for f in self.store.files(self.scope_id) if f.id in pending),
+                give_way=give_way, progress=progress)
+        except Stopped:
+            result = None
+            if not self.stopping():
+                self.ui.message(f"{r.name}: duet_device_pass raised Stopped while the run was not stopping")
+        except Exception as exc:  # noqa: BLE001 - the files go through duet_process instead
+            result = None
+            self.ui.message(f"{r.name}: duet_device_pass failed, each file is read instead: "
+                            f"{type(exc).__name__}: {exc}")
+        finally:
+            report.bytes_processed, report.bytes_from_device = base
+        if not isinstance(result, PassResult):
+            return True
+        done = BitMap(result.done) & pending
+        nbytes = sum(f.size for f in self.store.files(self.scope_id, done if len(done) < 1000 else None)
+                     if f.id in done)
+        report.bytes_processed += nbytes
+        report.bytes_from_device += result.from_device
+        report.bytes_from_cache += max(0, nbytes - result.from_device)
+        self._device_bytes += result.from_device
+        for k, v in result.counters.items():
+            report.counters[k] = report.counters.get(k, 0) + v
+        if result.message:
+            self.ui.message(f"{r.name}: {result.message}")
+        self._item_started_ns = started_ns      # MODIFIED: written after the pass began counts as written since
+        for file_id in done:
+            r.range_done.pop(file_id, None)
+            if file_id in r.stored_ranges:
+                r.dirty_ranges.add(file_id)     # its done pages are deleted from the store at the commit
+            self._mark_done(r, file_id)
+        self._commit()
+        self.ui.advanced({x.name: x.report for x in self.runs})
+        return True
 
     # -- one file --------------------------------------------------------------------------------------------------
     def _process_file(self, file_id: int, cached_pass: bool) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -200,6 +200,16 @@ class ItemResult:
     # twins, still to come, are compared with). What the run read of it stays cached — within a bound, the rest is
     # evicted as usual — until RunInfo.release_cached(file id) or the end of the run.
     keep_cached: bool = False
+
+
+@dataclass
+class PassResult:
+    """What ``duet_device_pass`` returns when it did the task's pending files its own way."""
+
+    done: Iterable[int] = ()             # ids of the files now done, whole (others stay pending, item by item)
+    from_device: int = 0                 # bytes the pass read from the device, also beyond the scope's files
+    counters: dict[str, int] = field(default_factory=dict)   # added to the task's report
+    message: str | None = None           # one line for the log
 
 
 @dataclass

@@ -30,5 +30,8 @@ def test_bench_scrub_reads_everything_cold_with_every_reader(bpf_required):
         assert sample[reader]["wall_s"] > 0, reader
     assert r["plain_read_wall_s"] == sample["cat"]["wall_s"]
     assert r["plain_read_ratio"] == round(sample["cat"]["wall_s"] / r["btrfs_scrub_wall_s"], 3)
-    assert sample["duet"]["scrub_from_device_bytes"] == ds          # cold: every byte verified from the device
-    assert 0 < r["foreground_scrub_device_share"] <= 1
+    # Cold, the scope the whole filesystem: the kernel's scrub verified every byte, metadata too, as btrfs scrub.
+    assert sample["duet"]["kernel_scrub"] == 1
+    assert ds <= sample["duet"]["scrub_from_device_bytes"] <= 1.01 * sample["btrfs"]["device_read_bytes"]
+    # At this size the kernel's scrub may be done before the foreground reader starts: at most everything, once.
+    assert 0 < r["foreground_scrub_device_share"] <= 1.1

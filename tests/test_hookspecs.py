@@ -37,7 +37,8 @@ def doc(name: str) -> str:
 
 
 def test_the_hooks_are_the_documented_set():
-    assert HOOKS == sorted(["duet_task", "duet_check", "duet_plan", "duet_observe", "duet_process", "duet_finish"])
+    assert HOOKS == sorted(["duet_task", "duet_check", "duet_plan", "duet_observe", "duet_device_pass", "duet_process",
+                            "duet_finish"])
     assert all(name.startswith(hookspecs.PROJECT + "_") for name in HOOKS)
 
 

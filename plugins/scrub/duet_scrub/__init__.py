@@ -8,6 +8,15 @@ device (:mod:`duet_scrub.reader`): uncached pages with ordinary reads (read-ahea
 them afterwards), pages cached before the run with O_DIRECT — they may have been read long ago, so they do not
 answer for the device. An ``EIO`` is narrowed down to the bad 4 KiB sectors.
 
+When the files left are cold and most of a btrfs filesystem, and no other task of the run needs them, the run
+hands them to **the kernel's scrub** instead (``duet_device_pass``, :mod:`duet_scrub.kscrub`): ``BTRFS_IOC_SCRUB``
+reads every device in device order with many reads in flight and checks every copy (both mirrors of RAID1, where a
+read checks one), several times faster than a cold tree of small files is read file by file. It repairs from a good
+copy as ``btrfs scrub start`` does (read-only on a read-only mount). A clean pass marks every file that existed
+when it began verified; a stop or the ``--for`` budget cancels it and the next run resumes it where it was
+(``last_physical``, per device); errors it could not repair send every file through the file-by-file path, which
+names the damaged ones (errors in metadata or outside the scope's files are reported as such).
+
 On **ext4, xfs and others** nothing verifies reads, so the scrub keeps a manifest: per file version (size, mtime,
 ctime, inode) the blake3 of the whole file and of each 256 KiB chunk (:mod:`duet_scrub.manifest`). A file whose
 content no longer matches while its metadata is unchanged is silent corruption, reported with the chunks that
@@ -27,17 +36,25 @@ from dataclasses import dataclass, field
 
 from pyroaring import BitMap
 
-from duet_core import Event, ItemResult, TaskOption, TaskSpec, hookimpl
+from duet_core import Event, ItemResult, PassResult, TaskOption, TaskSpec, hookimpl
 from duet_core.events import PAGE_SIZE
+from duet_core.fiemap import FIEMAP_EXTENT_DATA_INLINE, extents
 from duet_core.identity import parse_mountinfo
 from duet_core.residency import pages_of, resident_pages, runs_of
 from duet_core.scope import open_regular
 from duet_core.tasks import FileInfo, ItemContext, RunInfo, TaskReport
+from duet_scrub import kscrub
 from duet_scrub.manifest import Hasher, Record, differing_ranges, key, version
 from duet_scrub.reader import DirectBuffer, FileReader
 
 DAY = 86400.0
 DEFAULT_PERIOD = 30 * DAY
+# The kernel's scrub verifies the whole filesystem: used only when the files left to verify are most of it.
+KERNEL_PASS_MIN_SHARE = 0.8
+
+
+class _GiveWay(Exception):
+    """The run asked the kernel's scrub to end early (its budget, or other programs reading the scope)."""
 
 
 def _runs(pages: BitMap, kind: str) -> list[tuple[int, int, str]]:
@@ -132,6 +149,7 @@ class Scrub:
         self._round_started = 0.0
         self._buffer: DirectBuffer | None = None
         self._root: tuple[str, int] | None = None    # the scope's root directory, to open files beneath it
+        self._kernel_totals: dict[str, int] | None = None   # the counters of this run's kernel scrub, if it ran
 
     def _reader(self, fd: int) -> FileReader:
         if self._buffer is None:
@@ -147,6 +165,7 @@ class Scrub:
         self._run_id = run.run_id
         self._observed.clear()
         self._fresh.clear()
+        self._kernel_totals = None
         if self._root is not None:
             os.close(self._root[1])
             self._root = None
@@ -244,6 +263,132 @@ class Scrub:
         return self._root[1]
 
     @hookimpl
+    def duet_device_pass(self, run: RunInfo, pending, give_way, progress) -> PassResult | None:
+        """The files left, cold, are most of one btrfs filesystem: let the kernel's scrub verify it in device
+        order (module docstring). Declined (None) for anything else."""
+        self._begin(run)
+        first, total, devs = None, 0, set()
+        for f in pending():
+            first = first or f
+            total += f.size
+            devs.add(f.fid.dev)
+        if first is None or len(devs) != 1 or self._fstype(first) != "btrfs":
+            return None
+        try:
+            fd = os.open(run.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            # Data not yet committed is not counted as used, nor seen by a scrub: commit it first — but not to
+            # decline (a commit writes back every dirty file of the filesystem).
+            if total < KERNEL_PASS_MIN_SHARE * kscrub.used_bytes(fd):
+                return None
+            started_ns = time.time_ns()      # files changed after this are not vouched for by the pass
+            kscrub.commit(fd)
+            if total < KERNEL_PASS_MIN_SHARE * kscrub.used_bytes(fd):
+                return None
+            return self._kernel_scrub(run, fd, pending, give_way, progress, started_ns)
+        finally:
+            os.close(fd)
+
+    def _kernel_scrub(self, run: RunInfo, fd: int, pending, give_way, progress, started_ns: int) -> PassResult:
+        state_key = f"kernel-pass:{run.root}"
+        saved = run.state.get(state_key)
+        if not saved or saved.get("round") != run.round:
+            saved = {"round": run.round, "started_ns": started_ns, "resume": {}}
+        readonly = bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY)
+        ks = kscrub.KernelScrub(fd, {int(d): p for d, p in saved["resume"].items()}, readonly=readonly)
+        ks.start()
+
+        def poll() -> None:
+            run.checkpoint()              # a stop: Stopped cancels the scrub (wait), the next run resumes it
+            if give_way():
+                raise _GiveWay()
+            progress(ks.scrubbed_bytes())
+
+        gave_way = False
+        try:
+            ks.wait(poll)
+        except _GiveWay:
+            gave_way = True
+        except BaseException:
+            self._save_resume(run, state_key, saved, ks)
+            raise
+        totals = ks.totals()
+        nbytes = totals.get("data_bytes_scrubbed", 0) + totals.get("tree_bytes_scrubbed", 0)
+        failed = [d for d in ks.devs if d.error is not None]
+        counters = {"kernel_scrub_bytes": nbytes}
+        if failed:
+            why = "; ".join(f"device {d.devid}: {d.error.strerror or d.error}" for d in failed)
+            ks.cancel()
+            run.state.delete(state_key)
+            return PassResult(from_device=nbytes, message=f"the kernel's scrub could not run ({why}): "
+                                                          "each file is read instead")
+        if gave_way:
+            self._save_resume(run, state_key, saved, ks)
+            done = self._covered_so_far(run, fd, pending, saved)
+            counters["kernel_scrub_gave_way"] = 1
+            return PassResult(done=done, from_device=nbytes, counters=counters,
+                              message=f"the kernel's scrub gave way (budget, or other programs reading) with "
+                                      f"{len(done)} file(s) verified; the rest are read one by one")
+        run.state.delete(state_key)
+        self._kernel_totals = totals
+        bad = kscrub.errors(totals, readonly)
+        counters["kernel_scrub"] = 1
+        if totals.get("corrected_errors"):
+            counters["kernel_corrected_errors"] = totals["corrected_errors"]
+        if bad:
+            counters["kernel_scrub_errors"] = bad
+            return PassResult(from_device=nbytes, counters=counters,
+                              message=f"the kernel's scrub found {bad} error(s) it could not repair: "
+                                      "reading each file to name the damaged ones")
+        done = []
+        for f in pending():
+            if f.ctime_ns < saved["started_ns"]:       # written since the pass began: read the file itself
+                self._verified(run, f)
+                done.append(f.id)
+        message = None
+        if totals.get("corrected_errors"):
+            message = f"the kernel's scrub repaired {totals['corrected_errors']} error(s) from good copies"
+        return PassResult(done=done, from_device=nbytes, counters=counters, message=message)
+
+    def _covered_so_far(self, run: RunInfo, fd: int, pending, saved: dict) -> list[int]:
+        """Files a cancelled pass verified: every extent, in some copy, below where its device's scrub got to
+        (over this round's runs: they resume one another). Inline and striped (RAID0/10/5/6) data is not placed
+        this way: those files are read one by one."""
+        reached = {int(d): p for d, p in saved["resume"].items()}
+        if not any(reached.values()):
+            return []
+        chunks = kscrub.chunk_map(fd)
+        done = []
+        for f in pending():
+            if f.ctime_ns >= saved["started_ns"]:
+                continue
+            try:
+                ffd = open_regular(fd, f.relpath, f.fid.ino)
+            except OSError:
+                continue
+            try:
+                ext = extents(ffd, f.size)
+            except OSError:
+                continue
+            finally:
+                os.close(ffd)
+            if all(not e.unplaced and not e.flags & FIEMAP_EXTENT_DATA_INLINE
+                   and kscrub.covered(chunks, e.physical, e.length, reached) for e in ext):
+                self._verified(run, f)
+                done.append(f.id)
+        return done
+
+    @staticmethod
+    def _save_resume(run: RunInfo, state_key: str, saved: dict, ks: "kscrub.KernelScrub") -> None:
+        """Where each device's scrub got to, for the next run of this round (a finished device: its end)."""
+        for d in ks.devs:
+            if d.counters:
+                saved["resume"][str(d.devid)] = (1 << 64) - 1 if d.finished else d.counters["last_physical"]
+        run.state.put(state_key, saved)
+
+    @hookimpl
     def duet_process(self, ctx: ItemContext) -> ItemResult | None:
         self._begin(ctx.run)
         if self._fstype(ctx.file) == "btrfs":
@@ -256,8 +401,18 @@ class Scrub:
         self._begin(run)
         corrupt = list(run.state.get(f"corrupt:{run.root}", {}).values())
         report.items_damaged = max(report.items_damaged, len(corrupt))
-        return {"corrupt": corrupt, "verified_from_cache_bytes": report.bytes_from_cache,
-                "verified_from_device_bytes": report.bytes_from_device}
+        out = {"corrupt": corrupt, "verified_from_cache_bytes": report.bytes_from_cache,
+               "verified_from_device_bytes": report.bytes_from_device}
+        totals = self._kernel_totals
+        if totals is not None:
+            out["kernel_scrub"] = totals
+            if kscrub.errors(totals, readonly=False) and not corrupt and report.complete:
+                # Every file of the scope read back clean: the damage is in metadata or in other files.
+                report.items_damaged = max(report.items_damaged, 1)
+                out["kernel_scrub_note"] = ("the kernel's scrub found errors outside the scope's files (metadata "
+                                            "or other files of the filesystem): see the kernel log and "
+                                            "btrfs device stats")
+        return out
 
     # -- btrfs: the kernel verifies checksums on every read ------------------------------------------------------------
     def _scrub_checksummed(self, ctx: ItemContext) -> ItemResult | None:

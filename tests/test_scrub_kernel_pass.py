@@ -1,0 +1,155 @@
+"""The scrub's kernel pass, end to end on real btrfs loop images: a cold scope that is most of its filesystem is
+verified by the kernel's own scrub (``BTRFS_IOC_SCRUB``, through ``duet_device_pass``) instead of file by file.
+
+What a user sees: the run verifies every file, with the device read once and the page cache left alone; a flipped
+bit is still named with its file; a stopped run's next run resumes the kernel's scrub where it was; a foreground
+program reading the scope makes it give way (the files it had verified count, the rest are read one by one); and a
+scope that is a small part of its filesystem is read file by file, not the whole filesystem. The kernel's scrub is
+slowed, where a test needs it to last, by btrfs' own per-device limit (``scrub_speed_max`` in sysfs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from plugin_dist import evict_tree, make_dataset, resident
+from test_scrub import btrfs_direct, corrupt_map, covers, duet, flip_bit, sectors_read  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.bpf
+
+MiB = 1 << 20
+
+
+@contextlib.contextmanager
+def scrub_speed(fs, bytes_per_s: int):
+    """Limit the kernel's scrub of the image's device to ``bytes_per_s`` (btrfs' sysfs knob), lifted on the way out."""
+    fsid = subprocess.run(["blkid", "-s", "UUID", "-o", "value", fs.loopdev], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    knob = f"/sys/fs/btrfs/{fsid}/devinfo/1/scrub_speed_max"
+    with open(knob, "w") as fh:
+        fh.write(str(bytes_per_s))
+    try:
+        yield
+    finally:
+        with open(knob, "w") as fh:
+            fh.write("0")
+
+
+def wait_for_reads(loopdev: str, since: int, nbytes: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while sectors_read(loopdev) - since < nbytes:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the scrub did not start reading"
+        time.sleep(0.01)
+
+
+def test_a_cold_filesystem_is_verified_by_the_kernels_scrub(btrfs_direct, duet):
+    scope, files = make_dataset(btrfs_direct.mnt, n=24, sizes=(1 * MiB, 64 << 10, 4 * MiB))
+    data = sum(files.values())
+    before = sectors_read(btrfs_direct.loopdev)
+    code, rep, err = duet.scrub(scope)
+    read = sectors_read(btrfs_direct.loopdev) - before
+    assert code == 0, err
+    assert rep["complete"] and rep["items_done"] == len(files) and rep["counters"]["kernel_scrub"] == 1, rep
+    assert rep["bytes_processed"] == data and rep["kernel_scrub"]["data_bytes_scrubbed"] >= data
+    assert rep["kernel_scrub"]["csum_errors"] == rep["kernel_scrub"]["uncorrectable_errors"] == 0
+    # The device was read once (the data, and the metadata btrfs scrub reads too), not through the page cache.
+    assert data <= read <= data + 8 * MiB, read
+    assert rep["bytes_from_device"] <= read
+    assert all(resident(os.path.join(scope, rel)) == 0 for rel in files)
+    # A new round (every 0) is verified the same way; within the period nothing is read.
+    code, again, err = duet.scrub(scope)
+    assert code == 0 and again["items_total"] == 0, err
+    code, forced, err = duet.scrub(scope, "--every", "0")
+    assert code == 0 and forced["items_done"] == len(files) and forced["counters"]["kernel_scrub"] == 1, err
+
+
+def test_a_flipped_bit_the_kernels_scrub_finds_is_named_with_its_file(btrfs_direct, duet):
+    scope, files = make_dataset(btrfs_direct.mnt, n=12, sizes=(1 * MiB, 256 << 10))
+    bad = os.path.join(scope, sorted(files)[5])
+    flip_bit(btrfs_direct, bad, 70000)
+    evict_tree(scope)
+    code, rep, err = duet.scrub(scope)
+    assert code == 6, err
+    assert rep["counters"]["kernel_scrub_errors"] >= 1 and "reading each file to name the damaged ones" in err
+    found = corrupt_map(rep)
+    assert list(found) == [bad] and covers(found[bad], 70000), found
+    assert rep["items_done"] == len(files) and rep["items_damaged"] == 1
+
+
+def test_a_stopped_kernel_scrub_resumes_where_it_was(btrfs_direct, duet):
+    scope, files = make_dataset(btrfs_direct.mnt, n=12, sizes=(8 * MiB,))
+    data = sum(files.values())
+    before = sectors_read(btrfs_direct.loopdev)
+    # Not slower: below 16 MiB/s the kernel paces its scrub in 1 s sleeps, which a cancel waits out.
+    with scrub_speed(btrfs_direct, 48 * MiB):
+        proc = subprocess.Popen(duet.argv("run", "scrub", "--path", scope, "--json"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=duet.env)
+        try:
+            wait_for_reads(btrfs_direct.loopdev, before, 40 * MiB, proc)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            _out, err = proc.communicate(timeout=60)
+            took = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    first = sectors_read(btrfs_direct.loopdev) - before
+    assert proc.returncode == 5 and "Traceback" not in err, err
+    assert took < 1.0, took                                  # the kernel's scrub is cancelled at once
+    assert 40 * MiB <= first < data - 16 * MiB, first
+    code, rep, err = duet.scrub(scope)
+    assert code == 0 and rep["complete"] and rep["items_done"] == len(files), err
+    assert rep["counters"]["kernel_scrub"] == 1
+    # Resumed at the first run's last_physical. btrfs resumes a chunk at a time (the chunk it was in is scrubbed
+    # again; data chunks are a tenth of this 256 MiB image): the chunks the first run finished are not read again.
+    assert rep["kernel_scrub"]["data_bytes_scrubbed"] <= data - first + 32 * MiB, (rep["kernel_scrub"], first)
+    assert rep["kernel_scrub"]["data_bytes_scrubbed"] <= data - 8 * MiB, (rep["kernel_scrub"], first)
+
+
+def test_the_kernels_scrub_gives_way_to_a_foreground_reader(btrfs_direct, duet):
+    scope, files = make_dataset(btrfs_direct.mnt, n=16, sizes=(2 * MiB,))
+    data = sum(files.values())
+    before = sectors_read(btrfs_direct.loopdev)
+    read_by_program = sorted(files)[8:]
+    with scrub_speed(btrfs_direct, 16 * MiB):
+        proc = subprocess.Popen(duet.argv("run", "scrub", "--path", scope, "--json"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=duet.env)
+        try:
+            wait_for_reads(btrfs_direct.loopdev, before, 2 * MiB, proc)    # the kernel's scrub is reading
+            for rel in read_by_program:
+                with open(os.path.join(scope, rel), "rb") as fh:
+                    assert len(fh.read()) == files[rel]
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    rep = json.loads(out)["tasks"]["scrub"]
+    assert rep["complete"] and rep["items_done"] == len(files), rep
+    assert rep["counters"]["kernel_scrub_gave_way"] == 1 and "gave way" in err, rep["counters"]
+    # The program's reads verified files for the scrub, which read less than everything (the kernel's scrub
+    # covered some of the program's files before it gave way: it reads in device order, the files interleaved).
+    assert rep["counters"]["pages_observed"] > 0 and rep["bytes_from_device"] <= data - 4 * MiB, rep
+    program = sum(files[rel] for rel in read_by_program)
+    assert sectors_read(btrfs_direct.loopdev) - before <= rep["bytes_from_device"] + program + 2 * MiB
+
+
+def test_a_scope_that_is_a_small_part_of_its_filesystem_is_read_file_by_file(btrfs_direct, duet):
+    _other, others = make_dataset(btrfs_direct.mnt, n=8, sizes=(4 * MiB,), subdir="other")
+    scope, files = make_dataset(btrfs_direct.mnt, n=8, sizes=(1 * MiB,))
+    data = sum(files.values())
+    before = sectors_read(btrfs_direct.loopdev)
+    code, rep, err = duet.scrub(scope)
+    read = sectors_read(btrfs_direct.loopdev) - before
+    assert code == 0 and rep["items_done"] == len(files), err
+    assert "kernel_scrub" not in rep["counters"] and "kernel_scrub" not in rep, rep
+    assert data <= read <= data + 2 * MiB < sum(others.values()), read      # the scope, not the filesystem
