@@ -29,6 +29,7 @@ from duet_core.tasks import FileInfo
 DEFAULT_STATE_DIR = "/var/lib/duet"
 _DELETED = object()
 SCHEMA_VERSION = 1
+KV_BATCH = 500             # keys per query of kv_get_many (SQLite allows 32,766 parameters; short IN lists plan well)
 INTERRUPT_STEPS = 20_000   # SQLite virtual-machine steps between two looks at a stop (well under a millisecond)
 
 SCHEMA = """
@@ -466,6 +467,23 @@ class StateStore:
             return default if pending is _DELETED else json.loads(pending)
         row = self.db.execute("SELECT value FROM kv WHERE task=? AND key=?", (task, key)).fetchone()
         return json.loads(row[0]) if row else default
+
+    def kv_get_many(self, task: str, keys: list[str]) -> dict[str, Any]:
+        """``{key: value}`` for those of ``keys`` that are set: one query per KV_BATCH keys."""
+        found: dict[str, Any] = {}
+        for i in range(0, len(keys), KV_BATCH):
+            part = keys[i:i + KV_BATCH]
+            rows = self.db.execute(f"SELECT key, value FROM kv WHERE task=? AND key IN ({','.join('?' * len(part))})",
+                                   (task, *part))
+            found.update((k, json.loads(v)) for k, v in rows)
+        if self._kv_pending:
+            for k in keys:
+                pending = self._kv_pending.get((task, k))
+                if pending is _DELETED:
+                    found.pop(k, None)
+                elif pending is not None:
+                    found[k] = json.loads(pending)
+        return found
 
     def kv_put(self, task: str, key: str, value: Any) -> None:
         if self._batching:

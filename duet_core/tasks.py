@@ -111,10 +111,14 @@ class RunInfo:
 
 
 class TaskState:
-    """A task's own persistent key-value store (values are bytes or JSON-able), kept in duet's state database."""
+    """A task's own persistent key-value store (values are bytes or JSON-able), kept in duet's state database.
 
-    def __init__(self, get: Callable, put: Callable, delete: Callable):
+    ``get(key, default=None)``, ``put(key, value)``, ``delete(key)``; ``get_many(keys)`` returns ``{key: value}`` for
+    those of ``keys`` that are set, in a few queries instead of one per key (a plan over thousands of files)."""
+
+    def __init__(self, get: Callable, put: Callable, delete: Callable, get_many: Callable | None = None):
         self.get, self.put, self.delete = get, put, delete
+        self.get_many = get_many or (lambda keys: {k: v for k in keys if (v := get(k)) is not None})
 
 
 class SharedResults:

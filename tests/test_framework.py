@@ -855,9 +855,22 @@ def test_shared_results_are_reused_for_the_same_file_version_only(direct_fs, tmp
     assert summary["tasks"]["hashuser"]["counters"] == {"reused": len(files) - 1, "computed": 1}
     store = StateStore(str(state))
     try:
+        want = {}
         for rel in files:
             with open(os.path.join(scope, rel), "rb") as fh:
-                assert store.kv_get("hashuser", rel) == hashlib.sha256(fh.read()).hexdigest()
+                want[rel] = hashlib.sha256(fh.read()).hexdigest()
+            assert store.kv_get("hashuser", rel) == want[rel]
+        # Many keys at once (more than one query's worth), unset ones left out; a batch's puts and deletes count.
+        keys = [*files, *(f"nope{i}" for i in range(1200))]
+        assert store.kv_get_many("hashuser", keys) == want
+        store.begin_batch()
+        gone, rel0 = sorted(files)[:2]
+        store.kv_put("hashuser", rel0, "new")
+        store.kv_delete("hashuser", gone)
+        expect = {**want, rel0: "new"}
+        del expect[gone]
+        assert store.kv_get_many("hashuser", keys) == expect
+        store.commit_batch(again=False)
         # The shared value of the changed file belongs to its old version: not handed out for the new one.
         sid = store.scope_id(os.path.realpath(scope))
         info = {f.relpath: f for f in store.files(sid)}[changed]

@@ -217,8 +217,9 @@ class Scrub:
         self._begin(run)
         period, now = run.options["every"], time.time()
         chosen = []
+        records = run.state.get_many([key(f) for f in files])
         for f in files:
-            rec = Record.load(run.state.get(key(f)))
+            rec = Record.load(records.get(key(f)))
             if rec is None or rec.bad or rec.v != version(f) or now - rec.at >= period:
                 chosen.append(f.id)
         return chosen
