@@ -83,26 +83,33 @@ def test_a_flipped_bit_the_kernels_scrub_finds_is_named_with_its_file(btrfs_dire
     assert rep["items_done"] == len(files) and rep["items_damaged"] == 1
 
 
-def test_a_stopped_kernel_scrub_resumes_where_it_was(btrfs_direct, duet):
-    scope, files = make_dataset(btrfs_direct.mnt, n=12, sizes=(8 * MiB,))
-    data = sum(files.values())
-    before = sectors_read(btrfs_direct.loopdev)
-    # Not slower: below 16 MiB/s the kernel paces its scrub in 1 s sleeps, which a cancel waits out.
-    with scrub_speed(btrfs_direct, 48 * MiB):
+def stopped_after(fs, duet, scope: str, nbytes: int) -> tuple[int, str, float]:
+    """``duet run scrub`` with the kernel's scrub slowed, SIGTERM once ``nbytes`` were read: (exit, stderr, how
+    long the stop took). Not slower than 48 MiB/s: below 16 MiB/s the kernel paces its scrub in 1 s sleeps, which
+    a cancel waits out."""
+    before = sectors_read(fs.loopdev)
+    with scrub_speed(fs, 48 * MiB):
         proc = subprocess.Popen(duet.argv("run", "scrub", "--path", scope, "--json"), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=duet.env)
         try:
-            wait_for_reads(btrfs_direct.loopdev, before, 40 * MiB, proc)
+            wait_for_reads(fs.loopdev, before, nbytes, proc)
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             _out, err = proc.communicate(timeout=60)
-            took = time.monotonic() - t0
+            return proc.returncode, err, time.monotonic() - t0
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
+
+
+def test_a_stopped_kernel_scrub_resumes_where_it_was(btrfs_direct, duet):
+    scope, files = make_dataset(btrfs_direct.mnt, n=12, sizes=(8 * MiB,))
+    data = sum(files.values())
+    before = sectors_read(btrfs_direct.loopdev)
+    code, err, took = stopped_after(btrfs_direct, duet, scope, 40 * MiB)
     first = sectors_read(btrfs_direct.loopdev) - before
-    assert proc.returncode == 5 and "Traceback" not in err, err
+    assert code == 5 and "Traceback" not in err, err
     assert took < 1.0, took                                  # the kernel's scrub is cancelled at once
     assert 40 * MiB <= first < data - 16 * MiB, first
     code, rep, err = duet.scrub(scope)
@@ -110,8 +117,8 @@ def test_a_stopped_kernel_scrub_resumes_where_it_was(btrfs_direct, duet):
     assert rep["counters"]["kernel_scrub"] == 1
     # Resumed at the first run's last_physical. btrfs resumes a chunk at a time (the chunk it was in is scrubbed
     # again; data chunks are a tenth of this 256 MiB image): the chunks the first run finished are not read again.
-    assert rep["kernel_scrub"]["data_bytes_scrubbed"] <= data - first + 32 * MiB, (rep["kernel_scrub"], first)
-    assert rep["kernel_scrub"]["data_bytes_scrubbed"] <= data - 8 * MiB, (rep["kernel_scrub"], first)
+    assert rep["counters"]["kernel_scrub_bytes"] <= data - first + 32 * MiB, (rep["counters"], first)
+    assert rep["counters"]["kernel_scrub_bytes"] <= data - 8 * MiB, (rep["counters"], first)
 
 
 def test_the_kernels_scrub_gives_way_to_a_foreground_reader(btrfs_direct, duet):
@@ -153,3 +160,39 @@ def test_a_scope_that_is_a_small_part_of_its_filesystem_is_read_file_by_file(btr
     assert code == 0 and rep["items_done"] == len(files), err
     assert "kernel_scrub" not in rep["counters"] and "kernel_scrub" not in rep, rep
     assert data <= read <= data + 2 * MiB < sum(others.values()), read      # the scope, not the filesystem
+
+
+def test_an_error_found_before_a_stop_is_not_forgotten_by_the_resumed_pass(btrfs_direct, duet):
+    """The kernel's scrub found a bad block, then the run was stopped: the run that finishes the pass still knows,
+    reads the files, and names the damaged one."""
+    scope, files = make_dataset(btrfs_direct.mnt, n=12, sizes=(8 * MiB,))
+    bad = os.path.join(scope, "a/f00")                       # written first: the lowest addresses, scrubbed first
+    flip_bit(btrfs_direct, bad, 4096 * 3 + 7)
+    evict_tree(scope)
+    code, err, _took = stopped_after(btrfs_direct, duet, scope, 40 * MiB)
+    assert code == 5, err
+    code, rep, err = duet.scrub(scope)
+    assert code == 6, err
+    assert rep["counters"]["kernel_scrub_errors"] >= 1 and rep["kernel_scrub"]["uncorrectable_errors"] >= 1
+    found = corrupt_map(rep)
+    assert list(found) == [bad] and covers(found[bad], 4096 * 3 + 7), found
+
+
+def test_a_scrub_already_running_leaves_the_files_to_be_read_one_by_one(btrfs_direct, duet):
+    """btrfs allows one scrub per device: with the administrator's own running, duet says so and reads file by
+    file."""
+    scope, files = make_dataset(btrfs_direct.mnt, n=8, sizes=(8 * MiB,))
+    subprocess.run(["btrfs", "filesystem", "sync", btrfs_direct.mnt], check=True)   # its scrub sees it all
+    with scrub_speed(btrfs_direct, 16 * MiB):                                       # about 4 s
+        admin = subprocess.Popen(["btrfs", "scrub", "start", "-B", btrfs_direct.mnt], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        try:
+            wait_for_reads(btrfs_direct.loopdev, sectors_read(btrfs_direct.loopdev), 1 * MiB, admin)
+            code, rep, err = duet.scrub(scope)
+            assert admin.poll() is None, "the administrator's scrub ended before duet's run: the test proves nothing"
+        finally:
+            subprocess.run(["btrfs", "scrub", "cancel", btrfs_direct.mnt], capture_output=True)
+            admin.wait(timeout=60)
+    assert code == 0 and rep["complete"] and rep["items_done"] == len(files), err
+    assert "the kernel's scrub could not run" in err and "kernel_scrub" not in rep["counters"], err
+    assert rep["bytes_from_device"] == sum(files.values())      # each file read, once

@@ -269,7 +269,9 @@ class Scrub:
         order (module docstring). Declined (None) for anything else."""
         self._begin(run)
         first, total, devs = None, 0, set()
-        for f in pending():
+        for i, f in enumerate(pending()):
+            if not i % 4096:
+                run.checkpoint()
             first = first or f
             total += f.size
             devs.add(f.fid.dev)
@@ -285,7 +287,8 @@ class Scrub:
             if total < KERNEL_PASS_MIN_SHARE * kscrub.used_bytes(fd):
                 return None
             started_ns = time.time_ns()      # files changed after this are not vouched for by the pass
-            kscrub.commit(fd)
+            if not os.fstatvfs(fd).f_flag & os.ST_RDONLY:     # read-only: nothing to commit
+                kscrub.commit(fd)
             if total < KERNEL_PASS_MIN_SHARE * kscrub.used_bytes(fd):
                 return None
             return self._kernel_scrub(run, fd, pending, give_way, progress, started_ns)
@@ -293,10 +296,13 @@ class Scrub:
             os.close(fd)
 
     def _kernel_scrub(self, run: RunInfo, fd: int, pending, give_way, progress, started_ns: int) -> PassResult:
+        """Run (or resume) the kernel's scrub of the filesystem of ``fd`` and judge what it found. What a resume
+        needs — where each device got to, and the counters so far (errors found before a stop must not be
+        forgotten) — is kept in the task's store until the pass is over."""
         state_key = f"kernel-pass:{run.root}"
         saved = run.state.get(state_key)
         if not saved or saved.get("round") != run.round:
-            saved = {"round": run.round, "started_ns": started_ns, "resume": {}}
+            saved = {"round": run.round, "started_ns": started_ns, "resume": {}, "totals": {}}
         readonly = bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY)
         ks = kscrub.KernelScrub(fd, {int(d): p for d, p in saved["resume"].items()}, readonly=readonly)
         ks.start()
@@ -315,39 +321,44 @@ class Scrub:
         except BaseException:
             self._save_resume(run, state_key, saved, ks)
             raise
-        totals = ks.totals()
-        nbytes = totals.get("data_bytes_scrubbed", 0) + totals.get("tree_bytes_scrubbed", 0)
+        this_run = ks.totals()
+        nbytes = this_run.get("data_bytes_scrubbed", 0) + this_run.get("tree_bytes_scrubbed", 0)
         failed = [d for d in ks.devs if d.error is not None]
-        counters = {"kernel_scrub_bytes": nbytes}
         if failed:
             why = "; ".join(f"device {d.devid}: {d.error.strerror or d.error}" for d in failed)
             ks.cancel()
             run.state.delete(state_key)
             return PassResult(from_device=nbytes, message=f"the kernel's scrub could not run ({why}): "
                                                           "each file is read instead")
+        totals = self._save_resume(run, state_key, saved, ks)     # with the counters of earlier runs' parts
+        bad = kscrub.errors(totals, readonly)
+        counters = {"kernel_scrub_bytes": nbytes}
+        if bad:
+            run.state.delete(state_key)
+            self._kernel_totals = totals
+            counters["kernel_scrub_errors"] = bad
+            return PassResult(from_device=nbytes, counters=counters,
+                              message=f"the kernel's scrub found {bad} error(s) it could not repair: "
+                                      "reading each file to name the damaged ones")
         if gave_way:
-            self._save_resume(run, state_key, saved, ks)
             done = self._covered_so_far(run, fd, pending, saved)
             counters["kernel_scrub_gave_way"] = 1
             return PassResult(done=done, from_device=nbytes, counters=counters,
                               message=f"the kernel's scrub gave way (budget, or other programs reading) with "
                                       f"{len(done)} file(s) verified; the rest are read one by one")
-        run.state.delete(state_key)
+        # Every device done (kept as such: a stop while the files are marked leaves the next run nothing to read).
         self._kernel_totals = totals
-        bad = kscrub.errors(totals, readonly)
         counters["kernel_scrub"] = 1
         if totals.get("corrected_errors"):
             counters["kernel_corrected_errors"] = totals["corrected_errors"]
-        if bad:
-            counters["kernel_scrub_errors"] = bad
-            return PassResult(from_device=nbytes, counters=counters,
-                              message=f"the kernel's scrub found {bad} error(s) it could not repair: "
-                                      "reading each file to name the damaged ones")
         done = []
-        for f in pending():
+        for i, f in enumerate(pending()):
+            if not i % 4096:
+                run.checkpoint()
             if f.ctime_ns < saved["started_ns"]:       # written since the pass began: read the file itself
                 self._verified(run, f)
                 done.append(f.id)
+        run.state.delete(state_key)
         message = None
         if totals.get("corrected_errors"):
             message = f"the kernel's scrub repaired {totals['corrected_errors']} error(s) from good copies"
@@ -362,7 +373,9 @@ class Scrub:
             return []
         chunks = kscrub.chunk_map(fd)
         done = []
-        for f in pending():
+        for i, f in enumerate(pending()):
+            if not i % 1024:
+                run.checkpoint()
             if f.ctime_ns >= saved["started_ns"]:
                 continue
             try:
@@ -382,12 +395,17 @@ class Scrub:
         return done
 
     @staticmethod
-    def _save_resume(run: RunInfo, state_key: str, saved: dict, ks: "kscrub.KernelScrub") -> None:
-        """Where each device's scrub got to, for the next run of this round (a finished device: its end)."""
+    def _save_resume(run: RunInfo, state_key: str, saved: dict, ks: "kscrub.KernelScrub") -> dict[str, int]:
+        """Keep where each device's scrub got to (a finished device: its end) and the counters so far, for the
+        next run of this round; returns those counters."""
         for d in ks.devs:
             if d.counters:
                 saved["resume"][str(d.devid)] = (1 << 64) - 1 if d.finished else d.counters["last_physical"]
+        totals = saved.setdefault("totals", {})
+        for k, v in ks.totals().items():
+            totals[k] = totals.get(k, 0) + v
         run.state.put(state_key, saved)
+        return totals
 
     @hookimpl
     def duet_process(self, ctx: ItemContext) -> ItemResult | None:
