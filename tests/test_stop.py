@@ -156,5 +156,7 @@ def test_a_scrub_stopped_inside_a_64_mib_read_is_not_counted_and_the_next_run_ve
     proc = duet(*argv)
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)["tasks"]["scrub"]
-    # Verified whole by this run, from the device: nothing of the interrupted read was taken as verified.
-    assert (rep["items_done"], rep["complete"], rep["bytes_from_device"]) == (1, True, BIG), rep
+    # Verified whole by this run, from the device: nothing of the interrupted read was taken as verified. (The
+    # file is all the filesystem holds, cold: the kernel's scrub may verify it, reading the metadata too.)
+    assert (rep["items_done"], rep["complete"], rep["bytes_processed"]) == (1, True, BIG), rep
+    assert BIG <= rep["bytes_from_device"] <= BIG + (4 << 20), rep
