@@ -32,6 +32,7 @@ def test_bench_scrub_reads_everything_cold_with_every_reader(bpf_required):
     assert r["plain_read_ratio"] == round(sample["cat"]["wall_s"] / r["btrfs_scrub_wall_s"], 3)
     # Cold, the scope the whole filesystem: the kernel's scrub verified every byte, metadata too, as btrfs scrub.
     assert sample["duet"]["kernel_scrub"] == 1
+    assert {"engine_load_s", "scan_s", "plan_s", "startup_s"} <= set(sample["duet"]["phases"])
     assert ds <= sample["duet"]["scrub_from_device_bytes"] <= 1.01 * sample["btrfs"]["device_read_bytes"]
     # At this size the kernel's scrub may be done before the foreground reader starts: at most everything, once.
     assert 0 < r["foreground_scrub_device_share"] <= 1.1

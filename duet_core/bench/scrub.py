@@ -132,7 +132,8 @@ def duet_scrub(root: str, state_dir: str, config: str, loopdev: str, reader_file
             "scrub_from_device_bytes": task["bytes_from_device"], "scrub_from_cache_bytes": task["bytes_from_cache"],
             "pages_observed": task["counters"].get("pages_observed", 0), "reader_bytes": reader_bytes,
             "kernel_scrub": task["counters"].get("kernel_scrub", 0),
-            "kernel_scrub_gave_way": task["counters"].get("kernel_scrub_gave_way", 0)}
+            "kernel_scrub_gave_way": task["counters"].get("kernel_scrub_gave_way", 0),
+            "phases": summary.get("phases", {})}   # start-up inside the run: BPF, scan, planning (duet's fixed cost)
 
 
 def scan_order(state_dir: str, root: str) -> list[tuple[str, int]]:
