@@ -19,7 +19,7 @@ Order of calls in one run::
     duet_check           once per scope, before anything is opened or written (bad options refuse the run)
     duet_plan            at the start of a round, batch by batch over the scope's files
     duet_observe         whenever pages of a still-pending file saw the task's events (range tasks)
-    duet_device_pass     at most once per run, when only this task still needs files read from the device
+    duet_device_pass     at most once per run, once only this task still needs files read from the device
     duet_process         once per item, cache-first, shared with the other tasks of the run
     duet_finish          once, at the end of a run whose duet_plan was called (also when it stopped early)
 
@@ -124,10 +124,11 @@ def duet_device_pass(run: RunInfo, pending: Callable[[], Iterator[FileInfo]], gi
         None: the pass was declined and every file goes through ``duet_process``. Stops at the first non-None
         result.
 
-    Called at most once per ``duet run`` (never in ``duet watch``), when the run is about to read uncached files
-    from the device and this task is the only one still needing any: no other task could share its reads. Not
-    with ``--rate-limit`` (a pass of its own cannot be paced), and not while other programs read the scope. The
-    files the run found cached were handed to ``duet_process`` before. A btrfs scrub uses it to let the kernel
+    Called at most once per ``duet run`` (never in ``duet watch``), when the run is about to read an uncached file
+    from the device and this task is the only one still needing any — from the start, or once the other tasks are
+    done with theirs (a nightly backup of a few changed files, then a scrub whose period came round): no other
+    task could share its reads. Not with ``--rate-limit`` (a pass of its own cannot be paced), and not while other
+    programs read the scope. The files the run found cached were handed to ``duet_process`` before. A btrfs scrub uses it to let the kernel
     verify a cold filesystem in device order (``BTRFS_IOC_SCRUB``), which reads many times faster than a tree of
     small files is read one by one; a pass that found errors may return no file done, so that ``duet_process``
     names the damaged files. A pass ended by ``give_way`` returns what it finished; one ended by

@@ -586,7 +586,8 @@ class Runner:
         self._cached_only = self.opts.mode == "watch"   # process only what needs no device read (watch, yielding)
         self._yielding = False
         self._offered: dict[int, BitMap] = {}   # file id -> its cached pages when last offered while yielding
-        self._pass_offered = False              # duet_device_pass is offered once, at the first uncached file
+        self._passed: set[str] = set()          # tasks offered duet_device_pass in this run (once each)
+        self._pass_recheck = 0                  # ... the size of _todo below which to look again for a lone task
         while self.stop_reason is None:
             if self.opts.budget_s is not None and time.monotonic() - started >= self.opts.budget_s:
                 self.stop_reason = BUDGET
@@ -835,15 +836,21 @@ class Runner:
 
     # -- a task's own pass ------------------------------------------------------------------------------------------
     def _device_pass(self) -> bool:
-        """Before the run reads its first uncached file: if only one task still needs any, offer it
-        ``duet_device_pass`` (not with --rate-limit). Returns True if the task's hook ran."""
-        if self._pass_offered or self.opts.rate_limit or self.stopping():
+        """Before the run reads an uncached file: if only one task still needs any — from the start, or once the
+        others are done (a nightly backup with a few changed files, and a scrub whose period came round) — offer it
+        ``duet_device_pass``, once (not with --rate-limit). Returns True if the task's hook ran."""
+        if self.opts.rate_limit or self.stopping() or len(self._todo) > self._pass_recheck > 0:
             return False
-        self._pass_offered = True
+        # Cheap first (bitmap sizes): the tasks with work left that has not failed in this run.
+        active = [r for r in self.runs if len(r.progress.relevant) - len(r.progress.done) > len(r.failed)]
+        if len(active) != 1 or active[0].name in self._passed:
+            return False
         wanting = [(r, p) for r in self.runs if (p := (r.progress.pending - BitMap(r.failed)) & self._todo)]
-        if len(wanting) != 1:
+        if len(wanting) != 1 or wanting[0][0] is not active[0]:
+            self._pass_recheck = max(1, len(self._todo) - max(1024, len(self._todo) // 8))   # not every file
             return False
         r, pending = wanting[0]
+        self._passed.add(r.name)
         if not r.task.hook.duet_device_pass.get_hookimpls():
             return False
         report = r.report

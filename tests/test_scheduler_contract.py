@@ -159,6 +159,42 @@ def test_device_pass_is_not_offered_when_tasks_share_reads_or_the_rate_is_limite
     assert c.passes == [] and len(c.processed) == 4
 
 
+class Picker:
+    """Needs only the first file of the scope in the run's order (its plan says so)."""
+
+    def __init__(self):
+        self.processed, self.picked = [], []
+
+    @hookimpl
+    def duet_task(self):
+        return TaskSpec("picker", "needs one file")
+
+    @hookimpl
+    def duet_plan(self, run, files):
+        if files and not self.picked:
+            self.picked.append(files[0].relpath)
+            return [files[0].id]
+        return []
+
+    @hookimpl
+    def duet_process(self, ctx):
+        self.processed.append(ctx.file.relpath)
+
+
+def test_device_pass_is_offered_once_the_other_tasks_are_done(tmp_path, cold_scope, require_root, bpf_required):
+    """A nightly ``backup scrub``: the backup needs a few files, the scrub all. The files the backup needs are read
+    once for both; once the backup is done, the scrub alone needs the device, and its pass is offered then."""
+    sweeper, picker = Sweeper(), Picker()
+    summary = _run(tmp_path, cold_scope, [sweeper, picker], ["sweeper", "picker"])
+    (first,) = picker.picked
+    assert picker.processed == [first] and sweeper.processed[0] == first       # read once, for both
+    everything = ["pass1", "pass2", "read1", "read2"]
+    assert sweeper.passes == [sorted(set(everything) - {first})]               # offered after it, not before
+    passed_done = [p for p in sweeper.passes[0] if p.startswith("pass")]
+    assert sorted(sweeper.processed + passed_done) == everything
+    assert summary["result"] == "complete" and summary["tasks"]["sweeper"]["items_done"] == 4
+
+
 def test_a_device_pass_that_raises_leaves_every_file_to_duet_process(tmp_path, cold_scope, require_root,
                                                                       bpf_required):
     task = Sweeper(fail=True)

@@ -17,9 +17,12 @@ import signal
 import subprocess
 import time
 
+import fsimage
 import pytest
 from plugin_dist import evict_tree, make_dataset, resident
 from test_scrub import btrfs_direct, corrupt_map, covers, duet, flip_bit, sectors_read  # noqa: F401 - fixtures
+
+from duet_core.scope import Scope
 
 pytestmark = pytest.mark.bpf
 
@@ -196,3 +199,29 @@ def test_a_scrub_already_running_leaves_the_files_to_be_read_one_by_one(btrfs_di
     assert code == 0 and rep["complete"] and rep["items_done"] == len(files), err
     assert "the kernel's scrub could not run" in err and "kernel_scrub" not in rep["counters"], err
     assert rep["bytes_from_device"] == sum(files.values())      # each file read, once
+
+
+def test_a_nightly_backup_and_scrub_ends_with_the_kernels_scrub(btrfs_direct, duet):
+    """``duet run backup scrub`` from cron: the first run shares every read between the two tasks (no pass); the
+    next night the backup needs only the file that changed, read once for both, and then the scrub, alone with a
+    due round, hands the rest to the kernel's scrub."""
+    scope, files = make_dataset(btrfs_direct.mnt, n=12, sizes=(1 * MiB, 256 << 10))
+    changed = next(iter(Scope(scope).scan())).relpath           # the first file the run reads
+    with fsimage.loop_fs("ext4") as target:
+        argv = duet.argv("run", "backup", "scrub", "--path", scope, "--target", target.mnt, "--json",
+                         "--every", "0")
+
+        def night() -> dict:
+            evict_tree(scope)
+            proc = subprocess.run(argv, capture_output=True, text=True, env=duet.env, timeout=120)
+            assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+            return json.loads(proc.stdout)["tasks"]
+
+        first = night()
+        assert first["backup"]["counters"]["copied"] == len(files)
+        assert "kernel_scrub" not in first["scrub"]["counters"]                # every read served both tasks
+        with open(os.path.join(scope, changed), "r+b") as fh:
+            fh.write(b"changed")
+        second = night()
+        assert second["backup"]["counters"]["copied"] == 1
+        assert second["scrub"]["counters"]["kernel_scrub"] == 1 and second["scrub"]["items_done"] == len(files)
