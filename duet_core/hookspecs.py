@@ -128,7 +128,8 @@ def duet_device_pass(run: RunInfo, pending: Callable[[], Iterator[FileInfo]], gi
     from the device and this task is the only one still needing any — from the start, or once the other tasks are
     done with theirs (a nightly backup of a few changed files, then a scrub whose period came round): no other
     task could share its reads. Not with ``--rate-limit`` (a pass of its own cannot be paced), and not while other
-    programs read the scope. The files the run found cached were handed to ``duet_process`` before. A btrfs scrub uses it to let the kernel
+    programs read the scope. The files the run found cached were handed to ``duet_process`` before, and so were
+    the uncached files the other tasks need (read once for all of them). A btrfs scrub uses it to let the kernel
     verify a cold filesystem in device order (``BTRFS_IOC_SCRUB``), which reads many times faster than a tree of
     small files is read one by one; a pass that found errors may return no file done, so that ``duet_process``
     names the damaged files. A pass ended by ``give_way`` returns what it finished; one ended by

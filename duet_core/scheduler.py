@@ -587,6 +587,7 @@ class Runner:
         self._yielding = False
         self._offered: dict[int, BitMap] = {}   # file id -> its cached pages when last offered while yielding
         self._passed: set[str] = set()          # tasks offered duet_device_pass in this run (once each)
+        self._shared_first: BitMap | None = None  # files other tasks need, read before a lone task's (see above)
         self._pass_recheck = 0                  # ... the size of _todo below which to look again for a lone task
         while self.stop_reason is None:
             if self.opts.budget_s is not None and time.monotonic() - started >= self.opts.budget_s:
@@ -737,12 +738,32 @@ class Runner:
         return None
 
     def _pick_uncached(self) -> int | None:
-        return self._todo.min() if self._todo else None
+        order = self._uncached_order()
+        return order.min() if order else None
+
+    def _uncached_order(self) -> BitMap:
+        """The uncached files left, walked in id (scan) order: all of them — or, while one task could take the rest
+        in a pass of its own (``duet_device_pass``), first the files the other tasks need, read once for all (a
+        nightly ``backup scrub``: the backup's changed files), so that what is left is the lone task's."""
+        if self._shared_first is None:
+            self._shared_first = BitMap()
+            passers = [r for r in self.runs if r.task.hook.duet_device_pass.get_hookimpls()]
+            if len(passers) == 1 and len(self.runs) > 1 and not self.opts.rate_limit:
+                self._shared_first = BitMap.union(*(r.progress.pending for r in self.runs
+                                                    if r is not passers[0])) & self._todo
+        while self._shared_first:
+            first = self._shared_first.min()
+            if first in self._todo:
+                return self._shared_first
+            self._shared_first.discard(first)
+            if not self._shared_first:
+                self._prefetch_cursor = -1    # from here in plain scan order: read ahead from the lowest id again
+        return self._todo
 
     def _prefetch_ahead(self, file_id: int) -> None:
         """Keep the device busy with the next uncached files while the tasks work on this one (I/O overlaps CPU).
 
-        Up to PREFETCH_FILES files and PREFETCH_BYTES ahead in scan order, and never more than a sixteenth of the
+        Up to PREFETCH_FILES files and PREFETCH_BYTES ahead in the run's order, and never more than a sixteenth of the
         data set (one file is always allowed; none above PREFETCH_MAX), so the page cache the run uses stays small
         and most files are still open to foreground reads, while many reads are queued at once — what small files
         need to come near the device's speed. Their pages count as brought in by the run: evicted after use, and
@@ -756,11 +777,12 @@ class Runner:
                 self._release_ahead(fid_)
         window = self._prefetch_window
         nxt = max(file_id, self._prefetch_cursor)
+        order = self._uncached_order()
         while len(self._ahead) < PREFETCH_FILES and in_flight < window:
-            if not self._todo or self._todo.max() <= nxt:
+            if not order or order.max() <= nxt:
                 return
-            nxt = self._todo.next_set_bit(nxt + 1)
-            if nxt in self._ahead:
+            nxt = order.next_set_bit(nxt + 1)
+            if nxt in self._ahead or nxt not in self._todo:
                 continue
             f = self._info(nxt)
             if f is None or not f.size:

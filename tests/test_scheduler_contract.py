@@ -160,9 +160,10 @@ def test_device_pass_is_not_offered_when_tasks_share_reads_or_the_rate_is_limite
 
 
 class Picker:
-    """Needs only the first file of the scope in the run's order (its plan says so)."""
+    """Needs only one file of the scope (its plan says so): the first in the run's order, or the last."""
 
-    def __init__(self):
+    def __init__(self, which: int = 0):
+        self.which = which
         self.processed, self.picked = [], []
 
     @hookimpl
@@ -171,9 +172,9 @@ class Picker:
 
     @hookimpl
     def duet_plan(self, run, files):
-        if files and not self.picked:
-            self.picked.append(files[0].relpath)
-            return [files[0].id]
+        if files and not self.picked:       # one batch: the scope has four files
+            self.picked.append(files[self.which].relpath)
+            return [files[self.which].id]
         return []
 
     @hookimpl
@@ -181,10 +182,13 @@ class Picker:
         self.processed.append(ctx.file.relpath)
 
 
-def test_device_pass_is_offered_once_the_other_tasks_are_done(tmp_path, cold_scope, require_root, bpf_required):
+@pytest.mark.parametrize("which", [0, -1], ids=["first", "last"])
+def test_device_pass_is_offered_once_the_other_tasks_are_done(tmp_path, cold_scope, require_root, bpf_required,
+                                                              which):
     """A nightly ``backup scrub``: the backup needs a few files, the scrub all. The files the backup needs are read
-    once for both; once the backup is done, the scrub alone needs the device, and its pass is offered then."""
-    sweeper, picker = Sweeper(), Picker()
+    first — even the last in scan order — once for both; then the scrub alone needs the device, and its pass is
+    offered with everything else."""
+    sweeper, picker = Sweeper(), Picker(which)
     summary = _run(tmp_path, cold_scope, [sweeper, picker], ["sweeper", "picker"])
     (first,) = picker.picked
     assert picker.processed == [first] and sweeper.processed[0] == first       # read once, for both

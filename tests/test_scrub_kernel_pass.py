@@ -203,10 +203,10 @@ def test_a_scrub_already_running_leaves_the_files_to_be_read_one_by_one(btrfs_di
 
 def test_a_nightly_backup_and_scrub_ends_with_the_kernels_scrub(btrfs_direct, duet):
     """``duet run backup scrub`` from cron: the first run shares every read between the two tasks (no pass); the
-    next night the backup needs only the file that changed, read once for both, and then the scrub, alone with a
-    due round, hands the rest to the kernel's scrub."""
+    next night the backup needs only the file that changed — read first, once for both — and then the scrub, alone
+    with a due round, hands the rest to the kernel's scrub."""
     scope, files = make_dataset(btrfs_direct.mnt, n=12, sizes=(1 * MiB, 256 << 10))
-    changed = next(iter(Scope(scope).scan())).relpath           # the first file the run reads
+    changed = list(Scope(scope).scan())[-1].relpath            # the last in scan order: read first all the same
     with fsimage.loop_fs("ext4") as target:
         argv = duet.argv("run", "backup", "scrub", "--path", scope, "--target", target.mnt, "--json",
                          "--every", "0")
