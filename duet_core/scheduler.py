@@ -367,8 +367,7 @@ class Runner:
         todo = self._todo
         if len(todo) >= len(self.scope.files):
             return None
-        return ((f.fid, f.relpath) for f in self.store.files(self.scope_id, todo if len(todo) < 1000 else None)
-                if f.id in todo)
+        return ((f.fid, f.relpath) for f in self.store.files_in(self.scope_id, todo))
 
     def _file_id(self, fid: FileId) -> int | None:
         """The scope's compact id of ``fid``, or None if it is not a file of the scope (yet)."""
@@ -513,11 +512,10 @@ class Runner:
             calls.append(len(batch))
             batch.clear()
 
-        for f in self.store.files(self.scope_id, union if len(union) < 1000 else None) if union else ():
-            if f.id in union:
-                batch.append(f)
-                if len(batch) >= PLAN_BATCH:
-                    flush()
+        for f in self.store.files_in(self.scope_id, union):
+            batch.append(f)
+            if len(batch) >= PLAN_BATCH:
+                flush()
         if batch or not calls:
             flush()   # every run calls duet_plan at least once (an empty batch): a task checks its options there
         return chosen
@@ -895,7 +893,7 @@ class Runner:
         started_ns = time.monotonic_ns()
         try:
             result = r.task.hook.duet_device_pass(
-                run=r.run, pending=lambda: (f for f in self.store.files(self.scope_id) if f.id in pending),
+                run=r.run, pending=lambda: self.store.files_in(self.scope_id, pending),
                 give_way=give_way, progress=progress)
         except Stopped:
             result = None
@@ -910,8 +908,7 @@ class Runner:
         if not isinstance(result, PassResult):
             return True
         done = BitMap(result.done) & pending
-        nbytes = sum(f.size for f in self.store.files(self.scope_id, done if len(done) < 1000 else None)
-                     if f.id in done)
+        nbytes = sum(f.size for f in self.store.files_in(self.scope_id, done))
         report.bytes_processed += nbytes
         report.bytes_from_device += result.from_device
         report.bytes_from_cache += max(0, nbytes - result.from_device)

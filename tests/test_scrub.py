@@ -45,21 +45,30 @@ def fiemap(path: str, max_extents: int = 256) -> list[tuple[int, int, int]]:
         os.close(fd)
 
 
-def btrfs_data_chunks(fs: fsimage.LoopFs) -> list[tuple[int, int, int]]:
-    """(logical start, length, device offset) of each data chunk, from the chunk tree on the device.
+def data_chunk_stripes(mnt: str, dev: str) -> list[tuple[int, int, str, list[tuple[int, int]]]]:
+    """(logical start, length, profile, [(devid, device offset)] of each stripe) of each data chunk, from the chunk
+    tree read from ``dev`` (one of the filesystem's devices).
 
     The transaction is committed first, so the chunk tree on the device knows every chunk the data sits in.
     """
-    fsimage.run(["btrfs", "filesystem", "sync", fs.mnt])
-    text = fsimage.run(["btrfs", "inspect-internal", "dump-tree", "-t", "chunk", fs.loopdev])
+    fsimage.run(["btrfs", "filesystem", "sync", mnt])
+    text = fsimage.run(["btrfs", "inspect-internal", "dump-tree", "-t", "chunk", dev])
     chunks = []
     for m in re.finditer(r"CHUNK_ITEM (\d+)\)[^\n]*\n\s+length (\d+) [^\n]*type (\S+)(.*?)(?=\titem |\Z)", text,
                          re.S):
         if m[3].startswith("DATA"):
-            assert m[3] == "DATA|single", f"expected the single data profile, got {m[3]}"
-            stripes = re.findall(r"stripe \d+ devid \d+ offset (\d+)", m[4])
-            assert len(stripes) == 1, m[0]
-            chunks.append((int(m[1]), int(m[2]), int(stripes[0])))
+            stripes = [(int(d), int(off)) for d, off in re.findall(r"stripe \d+ devid (\d+) offset (\d+)", m[4])]
+            chunks.append((int(m[1]), int(m[2]), m[3], stripes))
+    return chunks
+
+
+def btrfs_data_chunks(fs: fsimage.LoopFs) -> list[tuple[int, int, int]]:
+    """(logical start, length, device offset) of each data chunk of a single-device, single-profile image."""
+    chunks = []
+    for logical, length, profile, stripes in data_chunk_stripes(fs.mnt, fs.loopdev):
+        assert profile == "DATA|single", f"expected the single data profile, got {profile}"
+        assert len(stripes) == 1, stripes
+        chunks.append((logical, length, stripes[0][1]))
     return chunks
 
 

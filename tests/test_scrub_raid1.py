@@ -5,14 +5,13 @@ files could not promise (a read checks whichever copy it gets)."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 
 import fsimage
 import pytest
 from plugin_dist import evict_tree, make_dataset
-from test_scrub import duet, fiemap, sectors_read  # noqa: F401 - fixtures
+from test_scrub import data_chunk_stripes, duet, fiemap, sectors_read  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.bpf
 
@@ -43,15 +42,10 @@ def raid1(require_root):
 
 
 def mirrors(mnt: str, dev: str, logical: int) -> list[tuple[int, int]]:
-    """(devid, physical offset) of every copy of btrfs logical address ``logical``, from the chunk tree (read from
-    ``dev``, one of the filesystem's devices, after a commit)."""
-    fsimage.run(["btrfs", "filesystem", "sync", mnt])
-    text = fsimage.run(["btrfs", "inspect-internal", "dump-tree", "-t", "chunk", dev])
-    for m in re.finditer(r"CHUNK_ITEM (\d+)\)[^\n]*\n\s+length (\d+) [^\n]*type (\S+)(.*?)(?=\titem |\Z)", text, re.S):
-        start, length = int(m[1]), int(m[2])
-        if start <= logical < start + length and m[3].startswith("DATA"):
-            return [(int(d), int(off) + logical - start)
-                    for d, off in re.findall(r"stripe \d+ devid (\d+) offset (\d+)", m[4])]
+    """(devid, physical offset) of every copy of btrfs logical address ``logical``."""
+    for start, length, _profile, stripes in data_chunk_stripes(mnt, dev):
+        if start <= logical < start + length:
+            return [(devid, off + logical - start) for devid, off in stripes]
     raise AssertionError(f"no data chunk holds {logical}")
 
 

@@ -149,7 +149,7 @@ class Scrub:
         self._round_started = 0.0
         self._buffer: DirectBuffer | None = None
         self._root: tuple[str, int] | None = None    # the scope's root directory, to open files beneath it
-        self._kernel_totals: dict[str, int] | None = None   # the counters of this run's kernel scrub, if it ran
+        self._kernel: tuple[dict[str, int], int] | None = None   # this run's kernel scrub: its counters, its errors
 
     def _reader(self, fd: int) -> FileReader:
         if self._buffer is None:
@@ -165,7 +165,7 @@ class Scrub:
         self._run_id = run.run_id
         self._observed.clear()
         self._fresh.clear()
-        self._kernel_totals = None
+        self._kernel = None
         if self._root is not None:
             os.close(self._root[1])
             self._root = None
@@ -287,15 +287,17 @@ class Scrub:
             if total < KERNEL_PASS_MIN_SHARE * kscrub.used_bytes(fd):
                 return None
             started_ns = time.time_ns()      # files changed after this are not vouched for by the pass
-            if not os.fstatvfs(fd).f_flag & os.ST_RDONLY:     # read-only: nothing to commit
+            readonly = bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY)
+            if not readonly:                 # read-only: nothing to commit, and the scrub repairs nothing
                 kscrub.commit(fd)
             if total < KERNEL_PASS_MIN_SHARE * kscrub.used_bytes(fd):
                 return None
-            return self._kernel_scrub(run, fd, pending, give_way, progress, started_ns)
+            return self._kernel_scrub(run, fd, pending, give_way, progress, started_ns, readonly)
         finally:
             os.close(fd)
 
-    def _kernel_scrub(self, run: RunInfo, fd: int, pending, give_way, progress, started_ns: int) -> PassResult:
+    def _kernel_scrub(self, run: RunInfo, fd: int, pending, give_way, progress, started_ns: int,
+                      readonly: bool) -> PassResult:
         """Run (or resume) the kernel's scrub of the filesystem of ``fd`` and judge what it found. What a resume
         needs — where each device got to, and the counters so far (errors found before a stop must not be
         forgotten) — is kept in the task's store until the pass is over."""
@@ -303,7 +305,6 @@ class Scrub:
         saved = run.state.get(state_key)
         if not saved or saved.get("round") != run.round:
             saved = {"round": run.round, "started_ns": started_ns, "resume": {}, "totals": {}}
-        readonly = bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY)
         ks = kscrub.KernelScrub(fd, {int(d): p for d, p in saved["resume"].items()}, readonly=readonly)
         ks.start()
 
@@ -326,7 +327,6 @@ class Scrub:
         failed = [d for d in ks.devs if d.error is not None]
         if failed:
             why = "; ".join(f"device {d.devid}: {d.error.strerror or d.error}" for d in failed)
-            ks.cancel()
             run.state.delete(state_key)
             return PassResult(from_device=nbytes, message=f"the kernel's scrub could not run ({why}): "
                                                           "each file is read instead")
@@ -335,7 +335,7 @@ class Scrub:
         counters = {"kernel_scrub_bytes": nbytes}
         if bad:
             run.state.delete(state_key)
-            self._kernel_totals = totals
+            self._kernel = (totals, bad)
             counters["kernel_scrub_errors"] = bad
             return PassResult(from_device=nbytes, counters=counters,
                               message=f"the kernel's scrub found {bad} error(s) it could not repair: "
@@ -347,7 +347,7 @@ class Scrub:
                               message=f"the kernel's scrub gave way (budget, or other programs reading) with "
                                       f"{len(done)} file(s) verified; the rest are read one by one")
         # Every device done (kept as such: a stop while the files are marked leaves the next run nothing to read).
-        self._kernel_totals = totals
+        self._kernel = (totals, 0)
         counters["kernel_scrub"] = 1
         if totals.get("corrected_errors"):
             counters["kernel_corrected_errors"] = totals["corrected_errors"]
@@ -389,7 +389,7 @@ class Scrub:
             finally:
                 os.close(ffd)
             if all(not e.unplaced and not e.flags & FIEMAP_EXTENT_DATA_INLINE
-                   and kscrub.covered(chunks, e.physical, e.length, reached) for e in ext):
+                   and chunks.covered(e.physical, e.length, reached) for e in ext):
                 self._verified(run, f)
                 done.append(f.id)
         return done
@@ -422,10 +422,10 @@ class Scrub:
         report.items_damaged = max(report.items_damaged, len(corrupt))
         out = {"corrupt": corrupt, "verified_from_cache_bytes": report.bytes_from_cache,
                "verified_from_device_bytes": report.bytes_from_device}
-        totals = self._kernel_totals
-        if totals is not None:
+        if self._kernel is not None:
+            totals, bad = self._kernel
             out["kernel_scrub"] = totals
-            if kscrub.errors(totals, readonly=False) and not corrupt and report.complete:
+            if bad and not corrupt and report.complete:
                 # Every file of the scope read back clean: the damage is in metadata or in other files.
                 report.items_damaged = max(report.items_damaged, 1)
                 out["kernel_scrub_note"] = ("the kernel's scrub found errors outside the scope's files (metadata "

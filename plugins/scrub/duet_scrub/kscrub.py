@@ -136,8 +136,25 @@ class Chunk:
     copies: tuple[tuple[int, int], ...]     # (devid, physical start) of each whole copy; () if striped
 
 
-def chunk_map(fd: int) -> list[Chunk]:
-    """Every chunk of the filesystem (``BTRFS_IOC_TREE_SEARCH_V2`` over the chunk tree), by logical address."""
+class ChunkMap:
+    """The chunks of a filesystem by logical address, and where the copies of a logical range lie on the devices."""
+
+    def __init__(self, chunks: list[Chunk]):
+        self.chunks = sorted(chunks, key=lambda c: c.logical)
+        self._starts = [c.logical for c in self.chunks]
+
+    def covered(self, logical: int, length: int, reached: dict[int, int]) -> bool:
+        """The ``length`` bytes at ``logical`` lie, in some whole copy, below where that device's scrub reached
+        (``reached``: devid -> physical offset; every byte below it verified)."""
+        i = bisect.bisect_right(self._starts, logical) - 1
+        if i < 0 or logical + length > self._starts[i] + self.chunks[i].length:
+            return False
+        c = self.chunks[i]
+        return any(phys + (logical - c.logical) + length <= reached.get(devid, 0) for devid, phys in c.copies)
+
+
+def chunk_map(fd: int) -> ChunkMap:
+    """Every chunk of the filesystem (``BTRFS_IOC_TREE_SEARCH_V2`` over the chunk tree)."""
     chunks: list[Chunk] = []
     size = 64 << 10
     buf = bytearray(_SEARCH_KEY.size + 8 + size)
@@ -149,7 +166,7 @@ def chunk_map(fd: int) -> list[Chunk]:
         fcntl.ioctl(fd, _IOC_TREE_SEARCH_V2, buf, True)
         nr = struct.unpack_from("=I", buf, 64)[0]          # key.nr_items: items found
         if not nr:
-            return chunks
+            return ChunkMap(chunks)
         pos = _SEARCH_KEY.size + 8
         for _ in range(nr):
             _, _, offset, typ, length = _SEARCH_HEADER.unpack_from(buf, pos)
@@ -162,17 +179,7 @@ def chunk_map(fd: int) -> list[Chunk]:
             pos += length
             min_offset = offset + 1
         if min_offset == 0:     # wrapped past the last possible offset
-            return chunks
-
-
-def covered(chunks: list[Chunk], logical: int, length: int, reached: dict[int, int]) -> bool:
-    """The ``length`` bytes at ``logical`` lie, in some whole copy, below where that device's scrub reached
-    (``reached``: devid -> physical offset; every byte below it verified)."""
-    i = bisect.bisect_right([c.logical for c in chunks], logical) - 1 if chunks else -1
-    if i < 0 or logical + length > chunks[i].logical + chunks[i].length:
-        return False
-    c = chunks[i]
-    return any(phys + (logical - c.logical) + length <= reached.get(devid, 0) for devid, phys in c.copies)
+            return ChunkMap(chunks)
 
 
 def progress_dict(p: _Progress) -> dict[str, int]:
