@@ -24,6 +24,7 @@ import math
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -124,11 +125,62 @@ def read_bytes_io(pid: int | str = "self") -> int:
 @dataclass
 class _Ahead:
     """A file whose device read was started ahead of its turn: its info, an open descriptor, and the pages that
-    were resident before (the rest the run brought in)."""
+    were resident before (the rest the run brought in). ``started`` is set once its read-ahead has been asked
+    for (by :class:`_Hints`): only then may the descriptor be used or closed."""
 
     file: FileInfo
     fd: int
     pre: BitMap
+    started: threading.Event | None = None
+
+    def wait(self) -> None:
+        if self.started is not None:
+            self.started.wait()
+
+
+class _Hints:
+    """The run's page-cache hints — read-ahead (``POSIX_FADV_WILLNEED``) and eviction (``DONTNEED``) — given in
+    a thread of their own, in order. Both return only once the kernel has queued the reads or dropped the pages
+    (about 30–60 µs a file here, more while the device's queue is full), time the loop's thread spends on the
+    tasks' work instead; the system calls release the GIL. A descriptor handed over is closed here."""
+
+    def __init__(self) -> None:
+        import queue
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="duet-hints", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while (job := self._q.get()) is not None:
+            fn, args, done = job
+            try:
+                fn(*args)
+            except OSError:
+                pass        # a hint: the file may have gone meanwhile
+            finally:
+                if done is not None:
+                    done.set()
+
+    def willneed(self, ahead: _Ahead) -> None:
+        ahead.started = threading.Event()
+        self._q.put((os.posix_fadvise, (ahead.fd, 0, ahead.file.size, os.POSIX_FADV_WILLNEED), ahead.started))
+
+    def evict_and_close(self, fd: int, runs: list[tuple[int, int]]) -> None:
+        """Evict ``runs`` (first page, count) of ``fd``, then close it."""
+        self._q.put((_evict_and_close, (fd, runs), None))
+
+    def close(self) -> None:
+        """Wait for every hint given so far, then end the thread."""
+        self._q.put(None)
+        self._thread.join()
+
+
+def _evict_and_close(fd: int, runs: list[tuple[int, int]]) -> None:
+    try:
+        for first, count in runs:
+            residency.evict(fd, first * PAGE_SIZE, count * PAGE_SIZE)
+    finally:
+        os.close(fd)
 
 
 class _TaskRun:
@@ -525,10 +577,12 @@ class Runner:
         self.store.begin_batch()
         # The scope's root stays open for the loop: every file is opened beneath it (never through a symlink).
         self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._hints = _Hints()
         try:
             self._loop_inner(started)
         finally:
             self._drop_prefetched()
+            self._hints.close()     # every eviction asked for is done before the run reports
             for file_id in list(self._kept):
                 self._release_kept(file_id)
             os.close(self._root_fd)
@@ -559,6 +613,7 @@ class Runner:
     def _release_ahead(self, file_id: int) -> None:
         """Forget a file read ahead and not processed: evict what the read-ahead brought in, close it."""
         ahead = self._ahead.pop(file_id)
+        ahead.wait()
         try:
             if self.opts.cache_hygiene:
                 for first, count in runs_of(residency.resident_pages(ahead.fd, ahead.file.size) - ahead.pre):
@@ -794,14 +849,14 @@ class Runner:
                 continue
             try:
                 pre = residency.resident_pages(fd, f.size)
-                if pre:   # partly cached: someone may be reading it right now; let them bring the rest
-                    os.close(fd)
-                    continue
-                os.posix_fadvise(fd, 0, f.size, os.POSIX_FADV_WILLNEED)
             except OSError:
                 os.close(fd)
                 continue
-            self._ahead[nxt] = _Ahead(f, fd, pre)   # kept open: processing it needs no second open
+            if pre:   # partly cached: someone may be reading it right now; let them bring the rest
+                os.close(fd)
+                continue
+            ahead = self._ahead[nxt] = _Ahead(f, fd, pre)   # kept open: processing it needs no second open
+            self._hints.willneed(ahead)
             in_flight += f.size
 
     def _idle_wait(self, seconds: float | None = None) -> None:
@@ -931,6 +986,8 @@ class Runner:
     def _process_file(self, file_id: int, cached_pass: bool) -> None:
         """Hand one file to every task that needs it — at once, in threads, when several do — then clean up."""
         ahead = self._ahead.pop(file_id, None)
+        if ahead is not None:
+            ahead.wait()
         if ahead is not None and not self._still_at(ahead):
             self._ahead[file_id] = ahead
             self._release_ahead(file_id)
@@ -950,6 +1007,7 @@ class Runner:
         except OSError as exc:
             self._vanished(f, needs, f"cannot open: {exc.strerror}")
             return
+        handed = False      # fd passed on to _hints, which closes it
         try:
             st = os.fstat(fd)
             if st.st_ino != f.fid.ino:
@@ -1005,10 +1063,11 @@ class Runner:
                     self._kept[f.id] = runs_of(brought)     # evicted on release_cached or at the end of the run
                     self._kept_bytes += nbytes
                 else:
-                    for first, count in runs_of(brought):
-                        residency.evict(fd, first * PAGE_SIZE, count * PAGE_SIZE)
+                    self._hints.evict_and_close(fd, runs_of(brought))
+                    handed = True
         finally:
-            os.close(fd)
+            if not handed:
+                os.close(fd)
 
     def _foreign(self, fid: FileId) -> BitMap:
         """Pages of ``fid`` other processes brought into the cache (the engine does not report the run's own), as
