@@ -14,6 +14,7 @@ from typing import Callable, Iterable, NamedTuple, Protocol
 
 import numpy as np
 
+from duet_core.bpf import MERGE_ENTRIES
 from duet_core.bpf.loader import CHUNK_KEY, CHUNK_SHIFT, CHUNK_VAL, SCOPE_CHECK_IGNORE
 from duet_core.errors import BpfUnavailable
 from duet_core.events import Event, FileId
@@ -66,7 +67,7 @@ class BpfSource:
 
     name = "bpf"
 
-    def __init__(self, merge_entries: int = 65536, skip_own_reads: bool = False, ring_bytes: int = 0):
+    def __init__(self, merge_entries: int = MERGE_ENTRIES, skip_own_reads: bool = False, ring_bytes: int = 0):
         from duet_core.bpf.build import build
         from duet_core.bpf.loader import PageCacheBpf
 

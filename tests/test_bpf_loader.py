@@ -34,7 +34,7 @@ def structs():
 
 
 @pytest.mark.parametrize("name, mirror", [
-    ("chunk_key", loader.CHUNK_KEY), ("chunk_val", loader.CHUNK_VAL),
+    ("chunk_key", loader.CHUNK_KEY), ("chunk_val", loader.KERNEL_CHUNK_VAL),
     ("file_key", loader.FileKey), ("lost_key", loader.LostKey),
 ])
 def test_user_space_mirrors_match_the_objects_btf(structs, name, mirror):

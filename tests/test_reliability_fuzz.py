@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from duet_core import units
+from duet_core.bpf.loader import CHUNK_KEY, KERNEL_CHUNK_VAL, split_words
 from duet_core.config import ConfigError, parse_config
 from duet_core.engine import MAX_PAGE, mask_pages
 from duet_core.errors import DuetError, printable
@@ -211,6 +212,38 @@ def test_kernel_page_masks_decode_to_exactly_their_set_bits(records):
     masks = np.array([m for _, m in records], dtype=np.uint64)
     want = sorted(c * 64 + b for c, m in records for b in range(64) if m >> b & 1 and c * 64 + b <= MAX_PAGE)
     assert sorted(mask_pages(chunks, masks)) == want
+
+
+WORD_BITS = st.one_of(st.just(0), st.just((1 << 64) - 1), st.integers(min_value=0, max_value=(1 << 64) - 1))
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(min_value=0, max_value=(MAX_PAGE >> 9) + 1),
+                          st.lists(st.tuples(WORD_BITS, WORD_BITS, WORD_BITS), min_size=8, max_size=8),
+                          st.integers(min_value=0, max_value=1 << 62)),
+                unique_by=lambda r: r[0], max_size=12))
+def test_kernel_chunks_split_into_words_keep_every_page_and_its_chunks_dirty_time(records):
+    """The kernel merges 512-page chunks of eight words; user space splits them into one record per word with
+    events. Every added, removed and dirtied page must come out the same, with its chunk's dirtying time."""
+    keys = np.zeros(len(records), CHUNK_KEY)
+    vals = np.zeros(len(records), KERNEL_CHUNK_VAL)
+    want: dict[str, set] = {"added": set(), "removed": set(), "dirtied": set()}
+    want_ns = {}
+    for i, (chunk, words, ns) in enumerate(records):
+        keys[i]["chunk"], keys[i]["ino"] = chunk, 257
+        vals[i]["last_dirty_ns"] = ns
+        for w, bits in enumerate(words):
+            for name, b in zip(("added", "removed", "dirtied"), bits):
+                vals[i]["w"][w][name] = b
+                page0 = chunk * 512 + w * 64
+                want[name] |= {page0 + k for k in range(64) if b >> k & 1 and page0 + k <= MAX_PAGE}
+                if any(bits):
+                    want_ns[chunk * 8 + w] = ns
+    out_k, out_v = split_words(keys, vals)
+    for name, pages in want.items():
+        assert set(mask_pages(out_k["chunk"], out_v[name])) == pages
+    assert dict(zip(out_k["chunk"].tolist(), out_v["last_dirty_ns"].tolist())) == want_ns
+    assert (out_k["ino"] == 257).all()
 
 
 # -- paths beneath a scope ---------------------------------------------------------------------------------------------

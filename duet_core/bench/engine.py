@@ -38,6 +38,7 @@ from typing import Callable
 
 from duet_core import residency
 from duet_core.bench.stabilize import evict, stabilize
+from duet_core.bpf import MERGE_ENTRIES
 from duet_core.errors import DuetError
 from duet_core.events import PAGE_SIZE, Event
 from duet_core.loopfs import LoopFs, loop_fs
@@ -67,7 +68,7 @@ class Config:
     rate_s: float = 2.0
     only: list[str] = field(default_factory=list)
     mask: Event = Event.ADDED | Event.REMOVED
-    merge_entries: int = 65536          # the engine's merge map (smaller: to see loss being counted)
+    merge_entries: int = MERGE_ENTRIES          # the engine's merge map (smaller: to see loss being counted)
     retries: int = 1                    # re-runs of a noisy run
     steal_max_pct: float = 3.0          # noisy: the hypervisor stole more than this share of all CPUs
     other_cpu_max_pct: float = 10.0     # noisy: other processes used more than this share (CPU-bound workloads)

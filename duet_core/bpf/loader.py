@@ -30,11 +30,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from duet_core.bpf import MERGE_ENTRIES
 from duet_core.errors import BpfUnavailable
 
 # Mirrors of pagecache.h ------------------------------------------------------------------------------------------
 
-CHUNK_SHIFT = 6
+WORD_SHIFT = 6                   # pages per bitmap word: 64
+CHUNK_WORDS = 8
+KERNEL_CHUNK_SHIFT = WORD_SHIFT + 3   # the kernel merges per 512 pages ...
+CHUNK_SHIFT = WORD_SHIFT        # ... and user space gets one record per 64-page word that has events (drain)
 CHUNK_PAGES = 1 << CHUNK_SHIFT
 SCOPE_CHECK_IGNORE = 0x100
 STATS = ("events", "pages", "lost_map", "lost_folio", "lost_ring", "flushes", "ignored", "retries")
@@ -60,8 +64,27 @@ class FlushRec(Structure):
 
 # numpy views of the merge map's keys and values, so a drain is parsed without a Python loop per record.
 CHUNK_KEY = np.dtype([("dev", "<u4"), ("gen", "<u4"), ("subvol", "<u8"), ("ino", "<u8"), ("chunk", "<u8")])
-CHUNK_VAL = np.dtype([("added", "<u8"), ("removed", "<u8"), ("present", "<u8"), ("dirtied", "<u8"),
-                      ("first_dirty_ns", "<u8"), ("last_dirty_ns", "<u8")])
+_WORD = [("added", "<u8"), ("removed", "<u8"), ("present", "<u8"), ("dirtied", "<u8")]
+_DIRTY_NS = [("first_dirty_ns", "<u8"), ("last_dirty_ns", "<u8")]
+KERNEL_CHUNK_VAL = np.dtype([("w", np.dtype(_WORD), (CHUNK_WORDS,)), *_DIRTY_NS])   # struct chunk_val
+# What user space works with: one 64-page word of a chunk, its key's "chunk" counted in words (page >> 6).
+CHUNK_VAL = np.dtype([*_WORD, *_DIRTY_NS])
+
+
+def split_words(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel records (512-page chunks, KERNEL_CHUNK_VAL) -> one CHUNK_KEY/CHUNK_VAL record per word with any
+    event, keyed by word (chunk * 8 + word). The dirtying times are the chunk's, for each of its words."""
+    w = vals["w"]
+    rows, words = np.nonzero((w["added"] | w["removed"] | w["dirtied"]) != 0)
+    out_k = keys[rows]
+    out_k["chunk"] = (keys["chunk"][rows] << np.uint64(CHUNK_WORDS.bit_length() - 1)) + words.astype(np.uint64)
+    out_v = np.empty(len(rows), CHUNK_VAL)
+    picked = w[rows, words]
+    for name, _ in _WORD:
+        out_v[name] = picked[name]
+    for name, _ in _DIRTY_NS:
+        out_v[name] = vals[name][rows]
+    return out_k, out_v
 
 PROGRAMS = ("tp_btf_added", "tp_btf_removed", "tp_btf_dirtied", "tp_btf_flushed")
 
@@ -190,7 +213,8 @@ class PageCacheBpf:
     Use as a context manager, or call :meth:`close`; links and the object are released on every path.
     """
 
-    def __init__(self, obj_path: str, merge_entries: int = 65536, skip_added_tgid: int = 0, ring_bytes: int = 0):
+    def __init__(self, obj_path: str, merge_entries: int = MERGE_ENTRIES, skip_added_tgid: int = 0,
+                 ring_bytes: int = 0):
         self._lib = libbpf()
         self._obj = None
         self._links: list[int] = []
@@ -311,7 +335,7 @@ class PageCacheBpf:
         fd = self.fd[f"merge{old}"]
         cap = self.merge_entries
         keys = np.empty(cap, CHUNK_KEY)
-        vals = np.empty(cap, CHUNK_VAL)
+        vals = np.empty(cap, KERNEL_CHUNK_VAL)
         total = 0
         out_batch = c_uint64()
         in_batch = None
@@ -319,7 +343,7 @@ class PageCacheBpf:
             count = c_uint32(cap - total)
             err = self._lib.bpf_map_lookup_and_delete_batch(
                 fd, in_batch, byref(out_batch),
-                keys.ctypes.data + total * CHUNK_KEY.itemsize, vals.ctypes.data + total * CHUNK_VAL.itemsize,
+                keys.ctypes.data + total * CHUNK_KEY.itemsize, vals.ctypes.data + total * KERNEL_CHUNK_VAL.itemsize,
                 byref(count), None)
             total += count.value
             if err:
@@ -328,7 +352,7 @@ class PageCacheBpf:
                     break
                 raise _fail("drain the merge map", e)
             in_batch = byref(out_batch)
-        return Drained(keys[:total], vals[:total])
+        return Drained(*split_words(keys[:total], vals[:total]))
 
     def _on_flush(self, _ctx, data, size) -> int:
         if size >= sizeof(FlushRec):

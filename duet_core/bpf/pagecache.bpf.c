@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * duet's kernel side: page-cache events for registered filesystems, merged per (file, 64-page chunk).
+ * duet's kernel side: page-cache events for registered filesystems, merged per (file, 512-page chunk).
  *
  * Four BTF tracepoints (tp_btf, so the programs read the folio and inode directly, with CO-RE offsets):
  *   mm_filemap_add_to_page_cache       -> ADDED    (one event per folio: weighted by 1 << order)
@@ -14,7 +14,7 @@
  * Scope: an event is kept only if its (superblock dev, subvolume) is in `scopes`, and, when that scope is only
  * part of the subvolume, its inode is not in `ignore` (files user space found outside every scope, or done by
  * every task). Merge: ADDED/REMOVED/DIRTIED set bits in a hash entry per (file, chunk), so a record stands for
- * up to 64 pages and a Python loop never runs per page. Two merge maps alternate: programs write the active one
+ * up to 512 pages and a Python loop never runs per page. Two merge maps alternate: programs write the active one
  * while user space drains the other (draining a map under update loses pages, measured in DESIGN.md); a
  * per-buffer in-flight count tells user space when the last writer has left. FLUSHED records are rare and
  * travel on a ring buffer. Every page that cannot be recorded is counted, per scope, in `lost`.
@@ -36,7 +36,7 @@ const volatile struct duet_config cfg = { .dirty_mark_bit = 25, .skip_added_tgid
 
 struct merge_map {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536); /* user space may resize before load */
+	__uint(max_entries, 32768); /* user space sets it before load (loader.MERGE_ENTRIES) */
 	__type(key, struct chunk_key);
 	__type(value, struct chunk_val);
 };
@@ -154,24 +154,41 @@ static __always_inline __u32 resolve(struct inode *inode, struct file_key *fk)
 	return *scope;
 }
 
-static __always_inline void apply(struct chunk_val *v, __u64 bits, __u32 ev)
+/* Set `bits` in words [w, w + nw) of the chunk (nw > 1 only for whole words: a folio of 64 pages or more). */
+static __always_inline void apply(struct chunk_val *v, __u32 w, __u32 nw, __u64 bits, __u32 ev)
 {
-	if (ev == DUET_ADDED) {
-		__sync_fetch_and_or(&v->added, bits);
-		__sync_fetch_and_or(&v->present, bits);
-	} else if (ev == DUET_REMOVED) {
-		__sync_fetch_and_or(&v->removed, bits);
-		__sync_fetch_and_and(&v->present, ~bits);
-	} else {
+	int i;
+
+	for (i = 0; i < CHUNK_WORDS; i++) {
+		struct chunk_word *cw;
+		__u32 j = w + i;
+
+		if (i >= nw)
+			break;
+		/* Callers keep w + nw <= CHUNK_WORDS; the mask is for the verifier, which must see the index
+		 * bounded (the barrier keeps the compiler from proving the mask useless and dropping it). */
+		asm volatile("" : "+r"(j));
+		cw = &v->w[j & (CHUNK_WORDS - 1)];
+		if (ev == DUET_ADDED) {
+			__sync_fetch_and_or(&cw->added, bits);
+			__sync_fetch_and_or(&cw->present, bits);
+		} else if (ev == DUET_REMOVED) {
+			__sync_fetch_and_or(&cw->removed, bits);
+			__sync_fetch_and_and(&cw->present, ~bits);
+		} else {
+			__sync_fetch_and_or(&cw->dirtied, bits);
+		}
+	}
+	if (ev == DUET_DIRTIED) {
 		__u64 now = bpf_ktime_get_ns();
 
-		__sync_fetch_and_or(&v->dirtied, bits);
 		__sync_val_compare_and_swap(&v->first_dirty_ns, 0, now);
 		v->last_dirty_ns = now;
 	}
 }
 
-static __always_inline int update_map(void *map, const struct chunk_key *k, __u64 bits, __u32 ev)
+static __always_inline int update_map(void *map, const struct chunk_key *k, __u32 w, __u32 nw, __u64 bits,
+				      __u32 ev)
 {
 	struct chunk_val *v = bpf_map_lookup_elem(map, k);
 
@@ -183,13 +200,13 @@ static __always_inline int update_map(void *map, const struct chunk_key *k, __u6
 		if (!v)
 			return -1; /* map full */
 	}
-	apply(v, bits, ev);
+	apply(v, w, nw, bits, ev);
 	return 0;
 }
 
 /* Record `bits` of one chunk in the active merge buffer. A global function, so the verifier checks it once
  * rather than at every call site of the per-chunk loop. */
-__noinline int update_chunk(const struct chunk_key *k, __u64 bits, __u32 ev)
+__noinline int update_chunk(const struct chunk_key *k, __u32 w, __u32 nw, __u64 bits, __u32 ev)
 {
 	__u32 slot = CTL_ACTIVE;
 	__u32 *active = bpf_map_lookup_elem(&ctl, &slot);
@@ -213,9 +230,9 @@ __noinline int update_chunk(const struct chunk_key *k, __u64 bits, __u32 ev)
 			continue;
 		}
 		if (idx)
-			err = update_map(&merge1, k, bits, ev);
+			err = update_map(&merge1, k, w, nw, bits, ev);
 		else
-			err = update_map(&merge0, k, bits, ev);
+			err = update_map(&merge0, k, w, nw, bits, ev);
 		__sync_fetch_and_sub(busy, 1);
 		break;
 	}
@@ -254,14 +271,22 @@ static __always_inline void record_folio(struct folio *folio, struct inode *inod
 	stat_add(STAT_EVENTS, 1);
 	stat_add(STAT_PAGES, nr);
 
-	if (order < CHUNK_SHIFT) {
-		/* Folios are naturally aligned, so a small one lies within one chunk. */
+	/* Folios are naturally aligned: one smaller than a word lies within a word, one smaller than a chunk is
+	 * whole words of one chunk. */
+	if (order < WORD_SHIFT) {
 		k.chunk = index >> CHUNK_SHIFT;
-		if (update_chunk(&k, ((1ULL << nr) - 1) << (index & (CHUNK_PAGES - 1)), ev))
+		if (update_chunk(&k, (index >> WORD_SHIFT) & (CHUNK_WORDS - 1), 1,
+				 ((1ULL << nr) - 1) << (index & (WORD_PAGES - 1)), ev))
 			note_lost(&k.file, nr, STAT_LOST_MAP);
 		return;
 	}
-	if (order > CHUNK_SHIFT + 5) { /* more than MAX_FOLIO_CHUNKS chunks */
+	if (order < CHUNK_SHIFT) {
+		k.chunk = index >> CHUNK_SHIFT;
+		if (update_chunk(&k, (index >> WORD_SHIFT) & (CHUNK_WORDS - 1), nr >> WORD_SHIFT, ~0ULL, ev))
+			note_lost(&k.file, nr, STAT_LOST_MAP);
+		return;
+	}
+	if (order > MAX_FOLIO_ORDER) {
 		note_lost(&k.file, nr, STAT_LOST_FOLIO);
 		return;
 	}
@@ -271,7 +296,7 @@ static __always_inline void record_folio(struct folio *folio, struct inode *inod
 		if (i >= nr)
 			break;
 		k.chunk = first + i;
-		if (update_chunk(&k, ~0ULL, ev))
+		if (update_chunk(&k, 0, CHUNK_WORDS, ~0ULL, ev))
 			note_lost(&k.file, CHUNK_PAGES, STAT_LOST_MAP);
 	}
 }

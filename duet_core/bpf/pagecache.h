@@ -6,11 +6,17 @@
 #ifndef DUET_PAGECACHE_H
 #define DUET_PAGECACHE_H
 
-/* Pages per merged chunk: one hash entry holds 64-page bitmaps for one file. */
-#define CHUNK_SHIFT 6
+/* Pages per merged chunk: one hash entry holds the bitmaps of 512 pages (2 MiB) of one file, as 8 words of 64.
+ * A random event touches one hash entry per 2 MiB instead of per 256 KiB: a 2 GiB file read at random needs
+ * 1,024 entries, which stay in the CPU's cache, where 8,192 did not (docs/benchmarks.md). */
+#define WORD_SHIFT 6
+#define WORD_PAGES (1u << WORD_SHIFT)
+#define CHUNK_WORDS 8
+#define CHUNK_SHIFT (WORD_SHIFT + 3)
 #define CHUNK_PAGES (1u << CHUNK_SHIFT)
-/* A folio larger than this many chunks (2048 pages) is counted as lost rather than looped over. */
-#define MAX_FOLIO_CHUNKS 32
+/* A folio larger than this (2048 pages, 4 chunks) is counted as lost rather than looped over. */
+#define MAX_FOLIO_ORDER 11
+#define MAX_FOLIO_CHUNKS (1u << (MAX_FOLIO_ORDER - CHUNK_SHIFT))
 
 /* Event mask bits, as in Duet (also duet_core/events.py). */
 #define DUET_ADDED    0x01
@@ -59,12 +65,17 @@ struct chunk_key {
 	__u64 chunk;          /* page index >> CHUNK_SHIFT */
 };
 
-/* Bit i of each bitmap is page (chunk << CHUNK_SHIFT) + i. */
-struct chunk_val {
+/* Bit i of word w is page (chunk << CHUNK_SHIFT) + (w << WORD_SHIFT) + i. The four bitmaps of a word lie
+ * side by side, so that an event touches one cache line of the value. */
+struct chunk_word {
 	__u64 added;          /* pages added to the cache since the last drain */
 	__u64 removed;        /* pages removed from the cache since the last drain */
 	__u64 present;        /* for pages in added|removed: 1 if the last of those events was an add */
 	__u64 dirtied;        /* pages dirtied since the last drain */
+};
+
+struct chunk_val {
+	struct chunk_word w[CHUNK_WORDS];
 	__u64 first_dirty_ns; /* bpf_ktime_get_ns() of the first and last dirtying in this chunk, to order */
 	__u64 last_dirty_ns;  /* dirtying against flush records, which travel on the ring */
 };

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from duet_core import units
+from duet_core.bpf import MERGE_ENTRIES
 from duet_core.cli.output import console, emit_json, err_console, is_tty, note
 from duet_core.errors import DuetError
 from duet_core.events import Event
@@ -111,7 +112,7 @@ def engine(
     rate_seconds: float = typer.Option(2.0, "--rate-seconds", min=0, help="How long the rate-limited workload runs."),
     only: list[str] = typer.Option([], "--only", help="Run only this workload (repeatable)."),
     mask: str = typer.Option("added,removed", "--mask", help="The registration's events/states."),
-    merge_entries: int = typer.Option(65536, "--merge-entries", min=64,
+    merge_entries: int = typer.Option(MERGE_ENTRIES, "--merge-entries", min=64,
                                       help="The engine's merge map entries (small: watch loss being counted)."),
     retries: int = typer.Option(1, "--retries", min=0, help="Re-runs of a run disturbed by steal or other load."),
     bpf_stats: bool = typer.Option(False, "--bpf-stats", help="Measure ns per BPF run (kernel.bpf_stats_enabled; "
