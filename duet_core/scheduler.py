@@ -157,6 +157,8 @@ class _Hints:
                 fn(*args)
             except OSError:
                 pass        # a hint: the file may have gone meanwhile
+            except Exception:   # noqa: BLE001 - a bug here must not stop the hints after it (their waiters hang)
+                log.exception("page-cache hint %s failed", getattr(fn, "__name__", fn))
             finally:
                 if done is not None:
                     done.set()
