@@ -46,13 +46,18 @@ def mask_pages(chunks: np.ndarray, masks: np.ndarray) -> array:
     Returned as ``array('I')``: a Roaring bitmap is built from one ten times faster than from a numpy array.
     """
     nonzero = masks != 0
-    if not nonzero.any():
+    if not nonzero.all():
+        chunks, masks = chunks[nonzero], masks[nonzero]
+    if not len(masks):
         return array("I")
-    chunks, masks = chunks[nonzero], masks[nonzero]
-    bits = np.unpackbits(masks.astype("<u8").view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
-    rows, cols = np.nonzero(bits)
-    pages = chunks[rows].astype(np.uint64) * 64 + cols.astype(np.uint64)
-    return array("I", pages[pages <= MAX_PAGE].astype(np.uint32).tobytes())
+    # One flat bit array: bit i of word r is at r * 64 + i, so its index gives both (half the time of nonzero
+    # over rows and columns).
+    bits = np.unpackbits(np.ascontiguousarray(masks, dtype="<u8").view(np.uint8), bitorder="little")
+    idx = np.flatnonzero(bits)
+    pages = (chunks.astype(np.uint64) << np.uint64(6))[idx >> 6] + (idx & 63).astype(np.uint64)
+    if int(chunks.max()) >= MAX_PAGE >> 6:
+        pages = pages[pages <= MAX_PAGE]
+    return array("I", pages.astype(np.uint32).tobytes())
 
 
 @dataclass
