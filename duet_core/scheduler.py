@@ -22,6 +22,7 @@ import heapq
 import logging
 import math
 import os
+import queue
 import re
 import signal
 import threading
@@ -145,7 +146,6 @@ class _Hints:
     tasks' work instead; the system calls release the GIL. A descriptor handed over is closed here."""
 
     def __init__(self) -> None:
-        import queue
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="duet-hints", daemon=True)
         self._thread.start()
@@ -616,14 +616,13 @@ class Runner:
         """Forget a file read ahead and not processed: evict what the read-ahead brought in, close it."""
         ahead = self._ahead.pop(file_id)
         ahead.wait()
-        try:
-            if self.opts.cache_hygiene:
-                for first, count in runs_of(residency.resident_pages(ahead.fd, ahead.file.size) - ahead.pre):
-                    residency.evict(ahead.fd, first * PAGE_SIZE, count * PAGE_SIZE)
-        except OSError:
-            pass
-        finally:
-            os.close(ahead.fd)
+        runs = []
+        if self.opts.cache_hygiene:
+            try:
+                runs = runs_of(residency.resident_pages(ahead.fd, ahead.file.size) - ahead.pre)
+            except OSError:
+                pass
+        self._hints.evict_and_close(ahead.fd, runs)
 
     def _loop_inner(self, started: float) -> None:
         self._last_commit = time.monotonic()

@@ -35,9 +35,9 @@ from duet_core.errors import BpfUnavailable
 
 # Mirrors of pagecache.h ------------------------------------------------------------------------------------------
 
-WORD_SHIFT = 6                   # pages per bitmap word: 64
-CHUNK_WORDS = 8
-KERNEL_CHUNK_SHIFT = WORD_SHIFT + 3   # the kernel merges per 512 pages ...
+WORD_SHIFT = 6                  # pages per bitmap word: 64
+KERNEL_CHUNK_SHIFT = 9          # the kernel merges per 512 pages ...
+CHUNK_WORDS = 1 << (KERNEL_CHUNK_SHIFT - WORD_SHIFT)
 CHUNK_SHIFT = WORD_SHIFT        # ... and user space gets one record per 64-page word that has events (drain)
 CHUNK_PAGES = 1 << CHUNK_SHIFT
 SCOPE_CHECK_IGNORE = 0x100
@@ -77,7 +77,7 @@ def split_words(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndar
     w = vals["w"]
     rows, words = np.nonzero((w["added"] | w["removed"] | w["dirtied"]) != 0)
     out_k = keys[rows]
-    out_k["chunk"] = (keys["chunk"][rows] << np.uint64(CHUNK_WORDS.bit_length() - 1)) + words.astype(np.uint64)
+    out_k["chunk"] = (keys["chunk"][rows] << np.uint64(KERNEL_CHUNK_SHIFT - WORD_SHIFT)) + words.astype(np.uint64)
     out_v = np.empty(len(rows), CHUNK_VAL)
     picked = w[rows, words]
     for name, _ in _WORD:

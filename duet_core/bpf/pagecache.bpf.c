@@ -273,16 +273,12 @@ static __always_inline void record_folio(struct folio *folio, struct inode *inod
 
 	/* Folios are naturally aligned: one smaller than a word lies within a word, one smaller than a chunk is
 	 * whole words of one chunk. */
-	if (order < WORD_SHIFT) {
-		k.chunk = index >> CHUNK_SHIFT;
-		if (update_chunk(&k, (index >> WORD_SHIFT) & (CHUNK_WORDS - 1), 1,
-				 ((1ULL << nr) - 1) << (index & (WORD_PAGES - 1)), ev))
-			note_lost(&k.file, nr, STAT_LOST_MAP);
-		return;
-	}
 	if (order < CHUNK_SHIFT) {
+		__u32 small = order < WORD_SHIFT;
+
 		k.chunk = index >> CHUNK_SHIFT;
-		if (update_chunk(&k, (index >> WORD_SHIFT) & (CHUNK_WORDS - 1), nr >> WORD_SHIFT, ~0ULL, ev))
+		if (update_chunk(&k, (index >> WORD_SHIFT) & (CHUNK_WORDS - 1), small ? 1 : nr >> WORD_SHIFT,
+				 small ? ((1ULL << nr) - 1) << (index & (WORD_PAGES - 1)) : ~0ULL, ev))
 			note_lost(&k.file, nr, STAT_LOST_MAP);
 		return;
 	}
