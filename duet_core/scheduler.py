@@ -497,7 +497,7 @@ class Runner:
                           shared=SharedResults(lambda f, n: store.shared_get(f, n),
                                                lambda f, n, v, name=name: store.shared_put(f, n, v, name)),
                           files=lambda: store.files(sid), release_cached=self._release_kept,
-                          stopping=self.stopping, say=lambda line, name=name: self.ui.message(f"{name}: {line}"))
+                          stopping=self.stopping)
             prog = store.progress(sid, name)
             if prog.complete:
                 prog = TaskProgress(round=prog.round + 1, complete=False)

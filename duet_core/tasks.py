@@ -66,10 +66,6 @@ class FileInfo:
         return (self.size + PAGE_SIZE - 1) // PAGE_SIZE
 
 
-def _quiet(line: str) -> None:
-    """RunInfo.say outside a run of the scheduler: nobody to tell."""
-
-
 def _never() -> bool:
     return False
 
@@ -94,10 +90,6 @@ class RunInfo:
     :class:`~duet_core.errors.Stopped` then: call it in long loops of ``duet_plan`` and ``duet_finish`` (a sync
     pass over a large tree) so a stop is honoured within a second; a ``duet_finish`` of a stopped run should
     publish nothing that takes long (the next run resumes).
-
-    ``say(line)`` tells the user one line outside an item (``ItemResult.message`` is the way within one): shown
-    above the progress bars, or as a log line, after the task's name — for what ``duet_plan`` or ``duet_finish``
-    learns that the user must hear of at once (backup: the target failed under work done in the background).
     """
 
     run_id: int
@@ -111,7 +103,6 @@ class RunInfo:
     files: "Callable[[], Iterator[FileInfo]] | None" = None
     release_cached: "Callable[[int], None] | None" = None
     stopping: Callable[[], bool] = _never
-    say: Callable[[str], None] = _quiet
 
     def checkpoint(self) -> None:
         """Raise :class:`~duet_core.errors.Stopped` if the run is stopping; return at once otherwise."""

@@ -196,30 +196,3 @@ def physical_extents(path: str) -> list[tuple[int, int, int]]:
         logical, physical, length = struct.unpack_from("QQQ", buf, 32 + 56 * i)
         out.append((logical, physical, length))
     return out
-
-
-def writer_processes(pid: int) -> list[int]:
-    """The backup writer processes (``python -m duet_backup.writer``) that the process ``pid`` started."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                argv = fh.read().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue        # gone meanwhile
-        if ppid == pid and b"duet_backup.writer" in argv:
-            out.append(int(entry))
-    return out
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -22,7 +22,6 @@ from duet_core.filesystems import remove_tree_at
 from duet_core.identity import open_beneath
 
 CHUNK = 1 << 20
-DIR_CACHE = 64     # tree directories a copier keeps open (files come a directory at a time, except cached ones)
 TMP_PREFIX = ".duet-tmp."
 _ZEROS = bytes(CHUNK)
 _tmp_counter = itertools.count()
@@ -54,12 +53,11 @@ def sig(st: os.stat_result) -> tuple[int, int, int, int]:
 class Copied:
     """One file copied: the hash of its contents, the source version copied, and whether it kept changing."""
 
-    blake3: str | None     # None while the writer process has not said it yet (``build``)
+    blake3: str
     sig: tuple[int, int, int, int]
     changed: bool          # the source changed during every attempt: the copy may mix versions
     nbytes: int            # data bytes read (holes are not read)
     tmp: str | None = None  # durable=False: the temporary name the copy still has
-    attempts: int = 1      # copies made: more than one when the source changed while it was copied
 
 
 # --------------------------------------------------------------------------------------------------- directories
@@ -96,14 +94,10 @@ def open_dir(root_fd: int, reldir: str, create: bool = False) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ metadata
-def read_xattrs(fd: int) -> dict[str, bytes]:
-    """The extended attributes of the open file ``fd`` (POSIX ACLs included: ``system.posix_acl_*``)."""
-    return {n: os.getxattr(fd, n) for n in os.listxattr(fd)}
-
-
-def set_xattrs(dst: int, want: dict[str, bytes], fresh: bool = False) -> None:
-    """Make the open file ``dst``'s extended attributes exactly ``want``. ``fresh``: ``dst`` was just created by us
-    and has none yet."""
+def copy_xattrs(src: int, dst: int, fresh: bool = False) -> None:
+    """Make the open file ``dst``'s extended attributes (POSIX ACLs included: ``system.posix_acl_*``) exactly those
+    of ``src``. ``fresh``: ``dst`` was just created by us and has none yet."""
+    want = {n: os.getxattr(src, n) for n in os.listxattr(src)}
     have = set() if fresh else set(os.listxattr(dst))
     for name in have - set(want):
         os.removexattr(dst, name)
@@ -111,94 +105,9 @@ def set_xattrs(dst: int, want: dict[str, bytes], fresh: bool = False) -> None:
         os.setxattr(dst, name, value)
 
 
-def copy_xattrs(src: int, dst: int, fresh: bool = False) -> None:
-    """Make the open file ``dst``'s extended attributes exactly those of ``src``."""
-    set_xattrs(dst, read_xattrs(src), fresh)
-
-
-@dataclass(frozen=True)
-class Meta:
-    """What a copy takes of its source besides the data: size (holes at the end included), owner, mode, xattrs and
-    ns times — from the ``fstat`` taken before the data was read, like the version recorded for it."""
-
-    size: int
-    uid: int
-    gid: int
-    mode: int
-    atime_ns: int
-    mtime_ns: int
-    xattrs: dict[str, bytes]
-
-    @classmethod
-    def of(cls, fd: int, st: os.stat_result) -> "Meta":
-        return cls(st.st_size, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns,
-                   read_xattrs(fd))
-
-
 # ------------------------------------------------------------------------------------------------------- copying
-class FileBuilder:
-    """A copy being built under a temporary name in one directory of the tree: data written at its offsets (the
-    gaps stay holes and hash as zeros), hashed with blake3 on the way, then the source's metadata. The same code
-    makes a copy in this process (the sync pass) and in the writer process (:mod:`duet_backup.writer`)."""
-
-    def __init__(self, dir_fd: int, tmp: str):
-        self.tmp = tmp
-        self.dir_fd = dir_fd
-        self.fd: int | None = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                          dir_fd=dir_fd)
-        self.hasher = blake3.blake3(max_threads=1)
-        self.pos = 0
-
-    def copy_in(self, src_fd: int, off: int, n: int) -> int:
-        """Copy up to ``n`` bytes of ``src_fd`` at ``off``; returns how many there were (0: the end of the file)."""
-        chunk = os.pread(src_fd, n, off)
-        if chunk:
-            self.write(off, chunk)
-        return len(chunk)
-
-    def write(self, off: int, data) -> None:
-        _hash_zeros(self.hasher, off - self.pos)
-        self.hasher.update(data)
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, off)
-            view, off = view[n:], off + n
-        self.pos = off
-
-    def finish(self, meta: Meta, durable: bool) -> str:
-        """Give the copy its full size, owner, mode, xattrs and times (fsynced if ``durable``), close it; returns
-        the blake3 hex digest of its contents. On failure the temporary file is removed."""
-        try:
-            _hash_zeros(self.hasher, meta.size - self.pos)
-            if self.pos != meta.size:   # a hole at the end (or a file that shrank while read): the full size
-                os.ftruncate(self.fd, meta.size)
-            os.fchown(self.fd, meta.uid, meta.gid)
-            os.fchmod(self.fd, meta.mode)
-            set_xattrs(self.fd, meta.xattrs, fresh=True)
-            os.utime(self.fd, ns=(meta.atime_ns, meta.mtime_ns))
-            if durable:
-                os.fsync(self.fd)
-        except BaseException:
-            self.abandon()
-            raise
-        os.close(self.fd)
-        self.fd = None
-        return self.hasher.hexdigest()
-
-    def abandon(self) -> None:
-        """Close and remove the unfinished copy (once)."""
-        if self.fd is None:
-            return
-        os.close(self.fd)
-        self.fd = None
-        try:
-            os.unlink(self.tmp, dir_fd=self.dir_fd)
-        except FileNotFoundError:
-            pass
-
-
 def copy_file(src_fd: int, dst_dir: int, name: str, attempts: int = 3, durable: bool = True,
-              checkpoint: Callable[[], None] = _carry_on, build: Callable[[str], FileBuilder] | None = None) -> Copied:
+              checkpoint: Callable[[], None] = _carry_on) -> Copied:
     """Copy the open regular file ``src_fd`` to ``name`` in ``dst_dir``: exactly and atomically.
 
     Data is read with ``pread`` (``src_fd`` may be shared with other tasks: its offset is never used); holes are
@@ -211,47 +120,41 @@ def copy_file(src_fd: int, dst_dir: int, name: str, attempts: int = 3, durable: 
     who makes a whole batch durable at once (one ``syncfs``) before renaming each into place — the same guarantee
     (no name ever points at data that is not on disk) at a fraction of the cost of one fsync per file.
 
-    ``build`` makes the copy elsewhere: given the temporary name, it returns an object with the methods of
-    :class:`FileBuilder` (the backup's writer process: ``finish`` returns None, the digest comes later).
-
     ``checkpoint`` is called before every chunk (``ctx.checkpoint``: the rate limit, a stop). Whatever it raises
     (:class:`~duet_core.errors.Stopped`) abandons the copy: the temporary file is removed, ``name`` is untouched.
     """
-    build = build or (lambda tmp: FileBuilder(dst_dir, tmp))
     for attempt in range(attempts):
         before = os.fstat(src_fd)
-        out = build(tmp_name())
-        try:
-            nbytes = 0
-            for start, end in data_ranges(src_fd, before):
-                off = start
-                while off < end:
-                    checkpoint()
-                    n = out.copy_in(src_fd, off, min(CHUNK, end - off))
-                    if not n:
-                        break   # the file shrank while read
-                    off += n
-                nbytes += off - start
-            changed = sig(os.fstat(src_fd))[1:] != sig(before)[1:]
-            if changed and attempt < attempts - 1:
-                out.abandon()
-                continue    # still changing after the last attempt: keep it rather than nothing; it is flagged
-            digest = out.finish(Meta.of(src_fd, before), durable)
-        except BaseException:
-            out.abandon()
-            raise
-        break
+        tmp, digest, nbytes = _build_copy(src_fd, dst_dir, before, durable, checkpoint)
+        changed = sig(os.fstat(src_fd))[1:] != sig(before)[1:]
+        if not changed or attempt == attempts - 1:
+            break   # still changing after the last attempt: keep it rather than nothing; it is flagged
+        os.unlink(tmp, dir_fd=dst_dir)
     if not durable:
-        return Copied(digest, sig(before), changed, nbytes, out.tmp, attempt + 1)
-    replace(dst_dir, out.tmp, name)
-    return Copied(digest, sig(before), changed, nbytes, attempts=attempt + 1)
+        return Copied(digest, sig(before), changed, nbytes, tmp)
+    replace(dst_dir, tmp, name)
+    return Copied(digest, sig(before), changed, nbytes)
 
 
-def data_ranges(fd: int, st: os.stat_result) -> list[tuple[int, int]]:
-    """The (start, end) byte ranges of the file that hold data (holes are not read)."""
-    size = st.st_size
-    # A file with as many blocks as bytes has no hole: skip the SEEK_DATA/SEEK_HOLE walk (most files).
-    return [(0, size)] if size and st.st_blocks * 512 >= size else data_segments(fd, size)
+def _build_copy(src_fd: int, dst_dir: int, st: os.stat_result, durable: bool,
+                checkpoint: Callable[[], None]) -> tuple[str, str, int]:
+    """Write a complete copy under a temporary name; returns (name, blake3 hex, data bytes read)."""
+    tmp = tmp_name()
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst_dir)
+    try:
+        digest, nbytes = _copy_data(src_fd, out, st, checkpoint)
+        os.fchown(out, st.st_uid, st.st_gid)
+        os.fchmod(out, stat.S_IMODE(st.st_mode))
+        copy_xattrs(src_fd, out, fresh=True)
+        os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if durable:
+            os.fsync(out)
+    except BaseException:
+        os.close(out)
+        os.unlink(tmp, dir_fd=dst_dir)
+        raise
+    os.close(out)
+    return tmp, digest, nbytes
 
 
 def replace(dir_fd: int, tmp: str, name: str) -> None:
@@ -266,6 +169,40 @@ def replace(dir_fd: int, tmp: str, name: str) -> None:
             raise
         remove_tree_at(dir_fd, name)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def _copy_data(src_fd: int, out: int, st: os.stat_result, checkpoint: Callable[[], None]) -> tuple[str, int]:
+    """Copy the file's bytes, data segments only; returns (blake3 hex of the contents, data bytes read)."""
+    hasher = blake3.blake3(max_threads=1)
+    size = st.st_size
+    nbytes = 0
+    pos = 0
+    # A file with as many blocks as bytes has no hole: skip the SEEK_DATA/SEEK_HOLE walk (most files).
+    segments = [(0, size)] if size and st.st_blocks * 512 >= size else data_segments(src_fd, size)
+    for start, end in segments:
+        _hash_zeros(hasher, start - pos)
+        off = start
+        while off < end:
+            checkpoint()
+            chunk = os.pread(src_fd, min(CHUNK, end - off), off)
+            if not chunk:
+                break
+            hasher.update(chunk)
+            _write_all(out, chunk, off)
+            off += len(chunk)
+        nbytes += off - start
+        pos = off
+    _hash_zeros(hasher, size - pos)
+    if pos != size:   # a hole at the end (or a file that shrank while read): give the copy its full size
+        os.ftruncate(out, size)
+    return hasher.hexdigest(), nbytes
+
+
+def _write_all(fd: int, data: bytes, off: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, off)
+        view, off = view[n:], off + n
 
 
 def _hash_zeros(hasher, n: int) -> None:

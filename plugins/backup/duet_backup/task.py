@@ -28,10 +28,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from duet_backup.fsops import DIR_CACHE, Copied, copy_file, open_dir, replace, syncfs
+from duet_backup.fsops import copy_file, open_dir, replace, syncfs
 from duet_backup.target import Snapshot, Target
 from duet_backup.tree import SyncResult, TreeSync, unchanged
-from duet_backup.writer import Writer, WriterGone
 from duet_core import ItemResult
 from duet_core.errors import DuetError, Stopped
 from duet_core.tasks import FileInfo
@@ -43,6 +42,7 @@ MANIFEST_FORMAT = 1
 BATCH_FILES = 1000
 BATCH_BYTES = 64 << 20
 BATCH_SECONDS = 1.0
+DIR_CACHE = 64     # tree directories kept open by duet_process
 # Errors only the target can cause (the source is only read): the target is full or read-only.
 TARGET_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
@@ -55,18 +55,6 @@ class _Pending:
     relpath: str
     record: list
     nbytes: int
-
-
-@dataclass
-class _Sent:
-    """A copy made (by the writer process: waiting for its answer), to be made durable and published."""
-
-    reldir: str
-    name: str
-    relpath: str
-    sig: tuple[int, int, int, int]
-    nbytes: int
-    share: tuple | None     # (the run's shared results, the FileInfo the digest is for), if it is to be published
 
 
 @dataclass
@@ -85,12 +73,8 @@ class _Open:
     _dirs: dict[str, int] = field(default_factory=dict)
     _committer: ThreadPoolExecutor | None = None
     _commits: list[Future] = field(default_factory=list)
-    writer: Writer | None = None    # the writer process making this run's copies (started with the first)
-    writer_lost: str | None = None  # why the writer ended under the run: the run copies the rest itself
-    sent: dict[str, _Sent] = field(default_factory=dict)   # temporary name -> copy the writer has not answered
     broken: str | None = None     # why the target cannot be written any more (full, read-only, gone)
     marked: bool = False          # this run noted that the tree is about to change (Target.mark_tree_changed)
-    said: bool = False            # the user was told that the target failed (once)
 
     def mark_changed(self) -> None:
         if not self.marked:
@@ -110,13 +94,6 @@ class _Open:
                 except OSError as probe:
                     self.broken = probe.strerror or str(probe)
         return self.broken is not None
-
-    def tell(self) -> str | None:
-        """The line saying the target failed, the first time only."""
-        if self.said:
-            return None
-        self.said = True
-        return self.broken_message()
 
     def broken_message(self) -> str:
         return (f"the backup target {self.target.path} cannot be written ({self.broken}): no snapshot published, "
@@ -170,60 +147,6 @@ class _Open:
             for fd in dirs.values():
                 os.close(fd)
 
-    def copy(self, run, fd: int, reldir: str, name: str, checkpoint) -> Copied:
-        """Copy one file into the tree's ``reldir`` under a temporary name: by the writer process (started with the
-        first copy; the digest comes with its answer), or here, by this process, once the writer was lost."""
-        if self.writer_lost is None:
-            try:
-                if self.writer is None:
-                    try:
-                        self.writer = Writer(self.tree_fd)
-                    except OSError as exc:
-                        raise WriterGone(f"the backup's writer process could not start ({exc.strerror})") from None
-                writer = self.writer
-                return copy_file(fd, -1, name, durable=False, checkpoint=checkpoint,
-                                 build=lambda tmp: writer.build(reldir, tmp))
-            except WriterGone as exc:
-                self.lose_writer(run, str(exc))
-        return copy_file(fd, self.tree_dir(reldir), name, durable=False, checkpoint=checkpoint)
-
-    def lose_writer(self, run, why: str) -> None:
-        """The writer process ended under the run (killed, or it failed): the run copies the rest itself. The copies
-        it had not answered for are not in the tree: the sync pass makes them (nothing is lost, one line says so)."""
-        self.writer_lost = why
-        if self.writer is not None:
-            self.writer.kill()
-            self.writer = None
-        self.sent.clear()
-        run.say(f"{why}: the run copies the rest itself (the sync pass makes the copies it had not finished)")
-
-    def collect(self, run, wait: bool = False) -> None:
-        """Take the writer's answers (all of them, ending it, with ``wait``): each finished copy joins the pending
-        batch and its digest is published; a failed one is left out of the tree (the sync pass copies that file)
-        — or, when the target itself failed, the run stops copying and says why."""
-        if self.writer is None:
-            return
-        try:
-            answers = self.writer.close() if wait else self.writer.replies()
-        except WriterGone as exc:
-            self.lose_writer(run, str(exc))
-            return
-        if wait:
-            self.writer = None
-        for a in answers:
-            sent = self.sent.pop(a.tmp, None) if a.tmp else None
-            if a.errno:
-                self.target_failed(OSError(a.errno, os.strerror(a.errno)))
-            elif sent is not None:
-                self.copied(sent, a.tmp, a.blake3)
-
-    def copied(self, sent: _Sent, tmp: str, digest: str) -> None:
-        """A copy complete under ``tmp``: pending until its batch is durable; its digest published."""
-        self.add(_Pending(sent.reldir, tmp, sent.name, sent.relpath, [*sent.sig, digest], sent.nbytes))
-        if sent.share:
-            shared, info = sent.share
-            shared.put(info, "blake3", digest)
-
     def tree_dir(self, reldir: str) -> int:
         """The tree's directory ``reldir`` (created if missing), kept open while files of it keep coming (the
         scheduler hands files over in scan order, a directory at a time, except for cached ones)."""
@@ -242,20 +165,18 @@ class _Open:
         return any((rec := recs.get(f.relpath)) is not None and rec[:4] == want
                    for recs in (self.staged, self.published))
 
-    def staged_in_tree(self, f: FileInfo, reldir: str, name: str) -> bool:
+    def staged_in_tree(self, f: FileInfo, tree_dir: int, name: str) -> bool:
         """The journal says this version was copied into the tree, and the tree's file agrees (size, mtime)."""
         rec = self.staged.get(f.relpath)
         if rec is None or rec[:4] != [f.fid.ino, f.size, f.mtime_ns, f.ctime_ns]:
             return False
         try:
-            st = os.stat(name, dir_fd=self.tree_dir(reldir), follow_symlinks=False)
+            st = os.stat(name, dir_fd=tree_dir, follow_symlinks=False)
         except OSError:
             return False
         return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (f.size, f.mtime_ns)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.kill()
         if self._committer is not None:
             self._committer.shutdown(wait=True)
         for fd in self._dirs.values():
@@ -304,34 +225,28 @@ class BackupTask:
         held.mark_changed()
         f = ctx.file
         reldir, _, name = f.relpath.rpartition("/")
-        if held.staged_in_tree(f, reldir, name):
+        tree_dir = held.tree_dir(reldir)
+        if held.staged_in_tree(f, tree_dir, name):
             # Copied by an earlier run of this round that was killed before its progress was committed.
             return ItemResult(counters={"already_copied": 1})
-        held.collect(ctx.run)
         if held.broken is not None:
-            return ItemResult(done=False, message=held.tell())   # left for the next run: the target failed
+            return ItemResult(done=False)      # left for the next run: the target failed (said once, below)
         try:
-            copied = held.copy(ctx.run, ctx.fd, reldir, name, ctx.checkpoint)
+            copied = copy_file(ctx.fd, tree_dir, name, durable=False, checkpoint=ctx.checkpoint)
         except OSError as exc:
             if not held.target_failed(exc):
                 raise
-            return ItemResult(done=False, message=held.tell())
-        ino, size, mtime_ns, ctime_ns = copied.sig
-        share = None
-        if not copied.changed and ino == f.fid.ino:
-            share = (ctx.shared, FileInfo(f.id, f.fid, f.relpath, size, mtime_ns, ctime_ns))
-        sent = _Sent(reldir, name, f.relpath, copied.sig, copied.nbytes, share)
-        if copied.blake3 is None:
-            held.sent[copied.tmp] = sent      # the writer's: pending once it answers
-        else:
-            held.copied(sent, copied.tmp, copied.blake3)
+            return ItemResult(done=False, message=held.broken_message())
+        record = [*copied.sig, copied.blake3]
+        held.add(_Pending(reldir, copied.tmp, name, f.relpath, record, copied.nbytes))
         ctx.progress.advance(copied.nbytes)   # holes are not read
         counters = {"copied": 1, "copied_bytes": copied.nbytes}
-        if copied.attempts > 1:
-            counters["copied_again"] = copied.attempts - 1     # changed while copied, then copied again
         if copied.changed:
             counters["changed_during_backup"] = 1
             return ItemResult(counters=counters, message="changed while being copied: the copy may mix versions")
+        ino, size, mtime_ns, ctime_ns = copied.sig
+        if ino == f.fid.ino:
+            ctx.shared.put(FileInfo(f.id, f.fid, f.relpath, size, mtime_ns, ctime_ns), "blake3", copied.blake3)
         return ItemResult(counters=counters)
 
     def finish(self, run, report):
@@ -340,7 +255,6 @@ class BackupTask:
         target = held.target
         try:
             try:
-                held.collect(run, wait=True)
                 held.flush()
                 stopped = {"snapshot": None, "target": target.path,
                            "note": "stopped early: no snapshot published; the next run resumes"}
@@ -356,8 +270,6 @@ class BackupTask:
                 if not held.target_failed(exc):
                     raise
             # The target failed: nothing is published; the run fails with one line saying why.
-            if (line := held.tell()) is not None:
-                run.say(line)
             report.items_failed += 1
             report.errors.append(held.broken_message())
             return {"snapshot": None, "target": target.path, "error": held.broken_message()}
