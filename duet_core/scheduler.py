@@ -53,7 +53,8 @@ COMMIT_EVERY_S = 1.0   # commit progress at least this often ...
 SLOW_ITEM_S = 0.1      # ... and after every item that took this long: a crash then redoes at most one of them
 PREFETCH_MAX = 64 << 20       # no file larger than this is read ahead
 PREFETCH_BYTES = 32 << 20     # read ahead at most this much ...
-PREFETCH_FILES = 64           # ... in at most this many files
+PREFETCH_FILES = 256          # ... in at most this many files (small files need many in flight: 64 left the
+                              # device idle between them, docs/benchmarks.md; each is one open descriptor)
 KEEP_BYTES = 32 << 20         # pages kept cached for tasks that will read a file again (keep_cached), in all
 ID_CACHE = 1 << 16     # FileId <-> file id pairs kept in memory (the store has them all)
 INFO_BATCH = 256       # the run looks its next files up in the store this many at a time
@@ -271,6 +272,8 @@ class Runner:
         self.scope = scope = Scope(self.root, one_file_system=self.opts.one_file_system)
         self.runs: list[_TaskRun] = []
         self._todo = BitMap()     # files some task still needs: the union of pending, kept up to date
+        self._ahead: dict[int, _Ahead] = {}   # files read ahead, open, not processed yet: all of them in _todo
+        self._ahead_bytes = 0                 # ... and their sizes, summed
         source, engine_stats = "none", {}
         phases: dict[str, float] = {}
         dataset_bytes: int | None = None
@@ -612,9 +615,24 @@ class Runner:
         finally:
             os.close(fd)
 
+    def _take_ahead(self, file_id: int) -> _Ahead | None:
+        """The file's read-ahead, if it was read ahead, no longer counted as in flight."""
+        ahead = self._ahead.pop(file_id, None)
+        if ahead is not None:
+            self._ahead_bytes -= ahead.file.size
+        return ahead
+
+    def _leave(self, file_id: int) -> None:
+        """No task needs the file any more in this run: out of the schedule, and out of the read-ahead."""
+        self._todo.discard(file_id)
+        if file_id in self._ahead:
+            self._release_ahead(file_id)
+
     def _release_ahead(self, file_id: int) -> None:
         """Forget a file read ahead and not processed: evict what the read-ahead brought in, close it."""
-        ahead = self._ahead.pop(file_id)
+        self._release(self._take_ahead(file_id))
+
+    def _release(self, ahead: _Ahead) -> None:
         ahead.wait()
         runs = []
         if self.opts.cache_hygiene:
@@ -629,7 +647,8 @@ class Runner:
         self._device_bytes = 0
         self._started = started
         self._item_io = 0                          # /proc/self/io read_bytes when the current task got its item
-        self._ahead: dict[int, _Ahead] = {}        # files read ahead, open, not processed yet
+        self._ahead = {}
+        self._ahead_bytes = 0
         self._prefetch_cursor = -1                 # the last file id prefetched
         self._prefetch_window = min(PREFETCH_BYTES, self.store.dataset_bytes(self.scope_id) // 16)
         self._last_read_device = False             # prefetch only once tasks are seen reading what is not cached
@@ -823,12 +842,7 @@ class Runner:
         need to come near the device's speed. Their pages count as brought in by the run: evicted after use, and
         read from the device in the report.
         """
-        in_flight = 0
-        for fid_ in list(self._ahead):
-            if fid_ in self._todo:
-                in_flight += self._ahead[fid_].file.size
-            else:   # left the round without being processed (vanished, failed): no longer in flight
-                self._release_ahead(fid_)
+        in_flight = self._ahead_bytes
         window = self._prefetch_window
         nxt = max(file_id, self._prefetch_cursor)
         order = self._uncached_order()
@@ -857,6 +871,7 @@ class Runner:
                 os.close(fd)
                 continue
             ahead = self._ahead[nxt] = _Ahead(f, fd, pre)   # kept open: processing it needs no second open
+            self._ahead_bytes += f.size
             self._hints.willneed(ahead)
             in_flight += f.size
 
@@ -986,12 +1001,11 @@ class Runner:
     # -- one file --------------------------------------------------------------------------------------------------
     def _process_file(self, file_id: int, cached_pass: bool) -> None:
         """Hand one file to every task that needs it — at once, in threads, when several do — then clean up."""
-        ahead = self._ahead.pop(file_id, None)
+        ahead = self._take_ahead(file_id)
         if ahead is not None:
             ahead.wait()
         if ahead is not None and not self._still_at(ahead):
-            self._ahead[file_id] = ahead
-            self._release_ahead(file_id)
+            self._release(ahead)
             ahead = None
         f = ahead.file if ahead else self._info(file_id)
         needs = sorted(self._needs(file_id), key=lambda r: r.spec.granularity != "file")
@@ -1096,7 +1110,7 @@ class Runner:
             r.report.items_total = len(r.progress.relevant)
             r.progress.complete = not r.progress.pending
             r.report.counters["vanished"] = r.report.counters.get("vanished", 0) + 1
-        self._todo.discard(f.id)
+        self._leave(f.id)
         log.info("%s: %s, skipped", printable(f.relpath), why)
 
     def _item(self, r: _TaskRun, f: FileInfo, fd: int, cached_pass: bool, pre: BitMap,
@@ -1148,7 +1162,7 @@ class Runner:
         self.ui.message(f"{r.name}: {f.relpath}: {why}")
         r.failed.add(f.id)
         if not self._needs(f.id):
-            self._todo.discard(f.id)
+            self._leave(f.id)
 
     def _account(self, r: _TaskRun, ctx: ItemContext, result: object, device_share: int) -> int:
         """Count one processed item in the task's report and progress; returns the device bytes charged to it."""
@@ -1174,7 +1188,7 @@ class Runner:
                 r.failed.add(f.id)
                 r.report.counters["deferred"] = r.report.counters.get("deferred", 0) + 1
                 if not self._needs(f.id):
-                    self._todo.discard(f.id)
+                    self._leave(f.id)
                 return device
         if r.spec.granularity == "file":
             self._mark_done(r, f.id)
@@ -1213,7 +1227,7 @@ class Runner:
         if len(p.done) >= len(p.relevant) and p.relevant <= p.done:
             p.complete = True
         if not self._needs(file_id):
-            self._todo.discard(file_id)
+            self._leave(file_id)
 
     def _on_rescan(self, scope: Scope, diff) -> None:
         """Files that appeared during the run join the current round (those planned in)."""
