@@ -647,8 +647,6 @@ class Runner:
         self._device_bytes = 0
         self._started = started
         self._item_io = 0                          # /proc/self/io read_bytes when the current task got its item
-        self._ahead = {}
-        self._ahead_bytes = 0
         self._prefetch_cursor = -1                 # the last file id prefetched
         self._prefetch_window = min(PREFETCH_BYTES, self.store.dataset_bytes(self.scope_id) // 16)
         self._last_read_device = False             # prefetch only once tasks are seen reading what is not cached

@@ -107,13 +107,18 @@ def evict_file(path: str) -> None:
         os.close(fd)
 
 
-def resident_pages(path: str) -> int:
-    """How many pages of the file at ``path`` are in the page cache now."""
+def cached_pages(path: str) -> set[int]:
+    """The pages of the file at ``path`` in the page cache now, as the kernel says (cachestat/mincore)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        return len(residency.resident_pages(fd, os.fstat(fd).st_size))
+        return set(residency.resident_pages(fd, os.fstat(fd).st_size))
     finally:
         os.close(fd)
+
+
+def resident_pages(path: str) -> int:
+    """How many pages of the file at ``path`` are in the page cache now."""
+    return len(cached_pages(path))
 
 
 @pytest.fixture

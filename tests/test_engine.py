@@ -16,7 +16,7 @@ from duet_core import residency
 from duet_core.engine import Engine
 from duet_core.events import EVENTS, PAGE_SIZE, Event, FileId
 from duet_core.identity import file_id
-from duet_core.testing import evict_file
+from duet_core.testing import cached_pages, evict_file
 
 pytestmark = pytest.mark.bpf
 
@@ -241,15 +241,6 @@ def test_new_file_written_and_fsynced_is_dirtied_and_flushed(btrfs_fs, engine):
     assert pages_by(batch.items, Event.MODIFIED) == {}
 
 
-def resident(path: str) -> set[int]:
-    """The file's pages in the page cache now, as the kernel says (cachestat/mincore)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return set(residency.resident_pages(fd, os.fstat(fd).st_size))
-    finally:
-        os.close(fd)
-
-
 def test_overflow_is_counted_and_turned_into_a_resync(bpf_required, btrfs_fs):
     path = os.path.join(btrfs_fs.mnt, "big")
     write_file(path, 16 << 20)   # 4096 pages = 8 chunks of 512, into a merge map of 4 entries
@@ -268,8 +259,8 @@ def test_overflow_is_counted_and_turned_into_a_resync(bpf_required, btrfs_fs):
         removed = engine.counters["pages_removed"]
         assert added + removed + stats["kernel_lost_map"] == stats["kernel_pages"] >= 4096
         # After the resync, EXISTS is the truth again: what the kernel has cached of the file.
-        assert pages_by(batch.items, Event.EXISTS)[file_id(path)] == resident(path)
-        assert len(resident(path)) >= 4096 - removed
+        assert pages_by(batch.items, Event.EXISTS)[file_id(path)] == cached_pages(path)
+        assert len(cached_pages(path)) >= 4096 - removed
 
 
 def test_page_counts_equal_the_kernels_own_trace(ext4_fs, engine, tracefs):

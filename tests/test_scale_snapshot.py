@@ -20,7 +20,7 @@ from duet_core.events import PAGE_SIZE, Event, FileId
 from duet_core.identity import file_id
 from duet_core.scope import Scope
 from duet_core.snapshotter import SnapshotChild
-from duet_core.testing import evict_file
+from duet_core.testing import cached_pages, evict_file
 
 pytestmark = pytest.mark.bpf
 
@@ -39,15 +39,6 @@ def read_pages(path: str, pages: int) -> set[int]:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.pread(fd, pages * PAGE_SIZE, 0)
-        return set(residency.resident_pages(fd, os.fstat(fd).st_size))
-    finally:
-        os.close(fd)
-
-
-def cached(path: str) -> set[int]:
-    """What mincore says is cached of the file now."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
         return set(residency.resident_pages(fd, os.fstat(fd).st_size))
     finally:
         os.close(fd)
@@ -107,7 +98,7 @@ def test_pages_cached_before_and_after_the_child_read_are_both_known(ext4_fs, en
     exists = exists_pages(engine, reg)
     # What the kernel has cached now: the pages read before and after the child, less any it reclaimed meanwhile
     # (DAMON's pageout runs on these machines, at moments no test controls).
-    now = {fid: pages for p in paths.values() if (pages := cached(p)) for fid in [file_id(p)]}
+    now = {fid: pages for p in paths.values() if (pages := cached_pages(p)) for fid in [file_id(p)]}
     assert now.keys() <= {file_id(paths["before"]), file_id(paths["after"])}
     assert now.get(file_id(paths["before"]), set()) <= truth_before
     assert now.get(file_id(paths["after"]), set()) <= truth_after

@@ -10,24 +10,15 @@ from plugin_dist import evict_tree, make_dataset, read_log
 from test_engine import cold_read, evict, write_file
 from test_framework import M, direct_fs, registry, run_tasks, scan_order  # noqa: F401 - direct_fs is a fixture
 
-from duet_core import residency
 from duet_core.engine import Engine
 from duet_core.events import PAGE_SIZE, Event
 from duet_core.identity import file_id
 from duet_core.scheduler import EXIT_OK, EXIT_STOPPED
 from duet_core.scope import Scope
 from duet_core.state import StateStore
+from duet_core.testing import cached_pages
 
 pytestmark = pytest.mark.bpf
-
-
-def truth(path: str) -> set[int]:
-    """The pages of ``path`` in the page cache now (mincore/cachestat)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return set(residency.resident_pages(fd, os.fstat(fd).st_size))
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.usefixtures("bpf_required")
@@ -90,16 +81,16 @@ def test_a_registration_reads_the_files_it_names_and_reports_all_it_knows(ext4_f
         write_file(p, 1 << 20)
         evict(p)
         cold_read(p, 64 * PAGE_SIZE)
-    assert truth(a) and truth(b), "the reads left nothing cached"
+    assert cached_pages(a) and cached_pages(b), "the reads left nothing cached"
     with Engine(source="bpf") as engine:
         scope = Scope(root)
         for _ in scope.scan():
             pass
         first = engine.register("t", Event.EXISTS, root, scope=scope, snapshot=[(file_id(a), "a")])
-        assert exists_pages(engine.fetch(first)) == {file_id(a): truth(a)}   # b was not named: not read
+        assert exists_pages(engine.fetch(first)) == {file_id(a): cached_pages(a)}   # b was not named: not read
         # A second state registration that reads nothing is still told of what the engine knows is cached.
         second = engine.register("u", Event.EXISTS, root, scope=scope, snapshot=())
-        assert exists_pages(engine.fetch(second)) == {file_id(a): truth(a)}
+        assert exists_pages(engine.fetch(second)) == {file_id(a): cached_pages(a)}
 
 
 def test_the_whole_scope_pass_opens_only_the_regular_files_the_walk_saw(ext4_fs):
