@@ -3,7 +3,10 @@
 Both copy the same mixed data set (share.make_dataset: small, medium and large files) from a btrfs loop
 filesystem in direct-I/O mode to a fresh target filesystem of their own (same type for both), in the same bench
 run, so only ratios are compared. Before every timed run the source files are evicted from the page cache one by
-one (fadvise; never the global drop_caches, other work on this machine relies on its cache). rsync's time is
+one (fadvise; never the global drop_caches, other work on this machine relies on its cache) and everything written
+so far goes to disk (``sync``): the loop devices of the targets are files here, and the copies a tool left in
+their page cache would otherwise be written back during the next tool's run. The tools take turns at going first
+(the order rotates with each repetition). rsync's time is
 reported alone and with the ``sync -f`` that makes its copies durable (duet fsyncs every file before it counts as
 backed up); the target is duet (defaults) at most as slow as plain ``rsync -a``, on both runs. duet is also timed
 "unthrottled" (``--no-idle-io --no-cache-hygiene``: normal I/O priority and a page cache left full, as rsync
@@ -36,6 +39,12 @@ def evict_tree(root: str) -> None:
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
             evict(os.path.join(dirpath, name))
+
+
+def settle(src: str) -> None:
+    """The same start for every timed run: the source not cached, nothing of an earlier run left to write back."""
+    evict_tree(src)
+    os.sync()
 
 
 def _timed(argv: list[str], env: dict | None = None) -> tuple[float, subprocess.CompletedProcess]:
@@ -90,13 +99,14 @@ def run_backup_bench(size: int = 1 << 30, target_fs: str = "ext4", runs: int = 1
                     tools = (("rsync", functools.partial(_rsync, src, rt.mnt)),
                              ("duet", functools.partial(_duet, src, dt.mnt, state, config)),
                              ("duet_unthrottled", functools.partial(_duet, src, ut.mnt, ustate, config, *UNTHROTTLED)))
+                    tools = tools[i % len(tools):] + tools[:i % len(tools)]
                     for label, fn in tools:
                         say(f"run {i + 1}/{runs}: {label}, initial backup")
-                        evict_tree(src)
+                        settle(src)
                         sample[f"{label}_initial"] = fn()
                     for label, fn in tools:
                         say(f"run {i + 1}/{runs}: {label}, no-change rerun")
-                        evict_tree(src)
+                        settle(src)
                         sample[f"{label}_rerun"] = fn()
                     samples.append(sample)
 
