@@ -18,12 +18,14 @@ called as after any early stop.
 from __future__ import annotations
 
 import ctypes
+import errno
 import heapq
 import logging
 import math
 import os
 import queue
 import re
+import resource
 import signal
 import threading
 import time
@@ -113,6 +115,20 @@ def set_idle_io() -> bool:
     """Put this process in the idle I/O class: its reads wait while anyone else wants the disk."""
     libc = ctypes.CDLL(None, use_errno=True)
     return libc.syscall(SYS_IOPRIO_SET, IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << 13) == 0
+
+
+# What opening a file the scan saw can fail with when it is no longer there as it was: deleted, replaced (by another
+# inode: ESTALE, or by something not a regular file: EINVAL), or a component of its path no longer a directory
+# (ENOTDIR) or now a symlink (ELOOP), or leading out of the scope (EXDEV). Any other error is the item's failure.
+GONE_ERRNOS = frozenset({errno.ENOENT, errno.ESTALE, errno.EINVAL, errno.ENOTDIR, errno.ELOOP, errno.EXDEV})
+
+
+def fd_room() -> int:
+    """How many more descriptors this process may open: RLIMIT_NOFILE's soft limit less those open now."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return soft - len(os.listdir("/proc/self/fd"))
 
 
 def read_bytes_io(pid: int | str = "self") -> int:
@@ -649,6 +665,7 @@ class Runner:
         self._item_io = 0                          # /proc/self/io read_bytes when the current task got its item
         self._prefetch_cursor = -1                 # the last file id prefetched
         self._prefetch_window = min(PREFETCH_BYTES, self.store.dataset_bytes(self.scope_id) // 16)
+        self._prefetch_files = max(1, min(PREFETCH_FILES, fd_room() // 2))   # each is an open descriptor
         self._last_read_device = False             # prefetch only once tasks are seen reading what is not cached
         self._item_started_ns = 0
         self._foreground_added = 0          # pages others brought in since the engine attached (_foreground_reading)
@@ -834,8 +851,9 @@ class Runner:
     def _prefetch_ahead(self, file_id: int) -> None:
         """Keep the device busy with the next uncached files while the tasks work on this one (I/O overlaps CPU).
 
-        Up to PREFETCH_FILES files and PREFETCH_BYTES ahead in the run's order, and never more than a sixteenth of the
-        data set (one file is always allowed; none above PREFETCH_MAX), so the page cache the run uses stays small
+        Up to PREFETCH_FILES files (and half the descriptors the process may still open: ``ulimit -n``) and
+        PREFETCH_BYTES ahead in the run's order, and never more than a sixteenth of the data set (one file is always
+        allowed; none above PREFETCH_MAX), so the page cache the run uses stays small
         and most files are still open to foreground reads, while many reads are queued at once — what small files
         need to come near the device's speed. Their pages count as brought in by the run: evicted after use, and
         read from the device in the report.
@@ -844,7 +862,7 @@ class Runner:
         window = self._prefetch_window
         nxt = max(file_id, self._prefetch_cursor)
         order = self._uncached_order()
-        while len(self._ahead) < PREFETCH_FILES and in_flight < window:
+        while len(self._ahead) < self._prefetch_files and in_flight < window:
             if not order or order.max() <= nxt:
                 return
             nxt = order.next_set_bit(nxt + 1)
@@ -1013,12 +1031,12 @@ class Runner:
             return
         try:
             fd = ahead.fd if ahead else open_regular(self._root_fd, f.relpath)
-        except PermissionError as exc:   # there but unreadable: a failure the user must hear of, not a vanishing
-            for r in needs:
-                self._item_failed(r, f, f"cannot open: {exc.strerror}")
-            return
         except OSError as exc:
-            self._vanished(f, needs, f"cannot open: {exc.strerror}")
+            if exc.errno in GONE_ERRNOS:
+                self._vanished(f, needs, f"cannot open: {exc.strerror}")
+            else:   # there but unreadable (permissions, out of descriptors): a failure the user must hear of
+                for r in needs:
+                    self._item_failed(r, f, f"cannot open: {exc.strerror}")
             return
         handed = False      # fd passed on to _hints, which closes it
         try:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
+import subprocess
 import threading
 import time
 
@@ -309,3 +311,27 @@ def test_stopped_early_publishes_nothing_and_a_busy_target_is_refused(duet, sour
         rest = duet.backup(scope, tgt.mnt)
         assert rest["counters"]["copied"] + rest["counters"].get("already_copied", 0) == 20 - rep["items_done"]
         bh.assert_same_tree(scope, snap(tgt, rest["snapshot"]))
+
+
+def test_a_low_open_file_limit_costs_read_ahead_not_files(duet, source, target):
+    """Under ``ulimit -n 256`` (a service manager's or a user's), the run reads ahead fewer files at once, and never
+    so many that the copies themselves run out of descriptors: every file is copied, exactly."""
+    scope = os.path.join(source.mnt, "data")
+    for d in range(4):
+        for i in range(150):
+            bh.write(os.path.join(scope, f"d{d}", f"f{i:03d}"), os.urandom(4096 + i))
+    # A large file last, so that the read-ahead's byte window (1/16 of the data set) would hold hundreds of the
+    # small ones: only the limit on files in flight holds it back.
+    bh.write(os.path.join(scope, "z", "large"), os.urandom(64 << 20))
+    bh.evict_regular(scope)
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    proc = subprocess.run(duet.argv("run", "backup", "--path", scope, "--target", target.mnt, "--json"),
+                          capture_output=True, text=True, timeout=300, env=duet.env, preexec_fn=low_limit)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "Too many open files" not in proc.stderr, proc.stderr
+    rep = json.loads(proc.stdout)["tasks"]["backup"]
+    assert rep["counters"]["copied"] == 601 and rep["copied_at_finish"] == 0, rep
+    bh.assert_same_tree(scope, snap(target, rep["snapshot"]))
