@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import signal
 import sqlite3
 import subprocess
@@ -171,6 +172,34 @@ def test_run_without_json_prints_a_table_and_the_device_line(duet, direct_fs):
     assert proc.returncode == 0, proc.stderr
     assert "reader" in proc.stdout and "3/3" in proc.stdout
     assert "read from the device by this run" in proc.stdout
+
+
+def test_run_on_a_terminal_draws_progress_bars(duet, direct_fs):
+    """On a terminal (a pseudo-terminal here) the run shows a bar per task, then the same table."""
+    scope, files = make_dataset(direct_fs.mnt, n=3)
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(duet.argv("run", "reader", "--path", scope), stdin=subprocess.DEVNULL,
+                                stdout=follower, stderr=follower, env={**duet.env, "COLUMNS": "120"})
+        os.close(follower)
+        follower = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:     # EIO: the terminal's other side is closed, the run has exited
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(timeout=60) == 0, out
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    text = out.decode(errors="replace")
+    assert "0:00:0" in text, text      # the bars' elapsed-time column: only the bars print it
+    assert "reader" in text and "3/3" in text and "read from the device by this run" in text, text
 
 
 @excused_by_cache_drops

@@ -10,7 +10,6 @@ import time
 from typing import TYPE_CHECKING
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from duet_core import metrics, units
 from duet_core.cli.output import console, emit_json, is_tty, note
@@ -21,6 +20,8 @@ from duet_core.state import DEFAULT_STATE_DIR, StateStore
 from duet_core.tasks import TaskReport
 
 if TYPE_CHECKING:   # the scheduler (numpy, the engine, BPF) is imported by the commands that run: see _execute_runs
+    from rich.progress import Progress
+
     from duet_core.scheduler import Runner
 
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -96,6 +97,10 @@ class LiveUI:
             return
         note(f"{len(reports)} task(s) over {units.format_bytes(dataset_bytes)} with the {source} source")
         if is_tty():
+            # Imported here: runs from cron and systemd (no terminal) never draw bars, and rich.progress is 20 ms of
+            # every start.
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
             self.bars = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console)
             self.bars.start()
