@@ -75,9 +75,15 @@ def test_cold_read_adds_every_page_and_evict_removes_them(request, fs, engine):
     fid = file_id(path)
     assert pages_by(batch.items, Event.ADDED) == {fid: set(range(size // PAGE_SIZE))}
     assert not batch.resync
+    # The kernel may reclaim a page or two on its own before the eviction (DAMON's pageout runs on these
+    # machines): those are REMOVED already, in the batch above. Every page is removed exactly once.
+    early = pages_by(batch.items, Event.REMOVED).get(fid, set())
     evict(path)
     batch = settle(engine, reg)
-    assert pages_by(batch.items, Event.REMOVED) == {fid: set(range(size // PAGE_SIZE))}
+    late = pages_by(batch.items, Event.REMOVED).get(fid, set())
+    assert early | late == set(range(size // PAGE_SIZE)) and not early & late, \
+        (sorted(early), len(late), sorted(cached_pages(path)))
+    assert len(early) < 64, sorted(early)     # reclaim took a few pages, not the eviction's work
     assert engine.path_of(reg, fid) == path
 
 
