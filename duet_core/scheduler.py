@@ -55,8 +55,8 @@ COMMIT_EVERY_S = 1.0   # commit progress at least this often ...
 SLOW_ITEM_S = 0.1      # ... and after every item that took this long: a crash then redoes at most one of them
 PREFETCH_MAX = 64 << 20       # no file larger than this is read ahead
 PREFETCH_BYTES = 32 << 20     # read ahead at most this much ...
-PREFETCH_FILES = 256          # ... in at most this many files (small files need many in flight: 64 left the
-                              # device idle between them, docs/benchmarks.md; each is one open descriptor)
+PREFETCH_FILES = 256          # ... in at most this many files (small files need many in flight: 64 was slower
+                              # here, docs/benchmarks.md; each is one open descriptor, see fd_room)
 KEEP_BYTES = 32 << 20         # pages kept cached for tasks that will read a file again (keep_cached), in all
 ID_CACHE = 1 << 16     # FileId <-> file id pairs kept in memory (the store has them all)
 INFO_BATCH = 256       # the run looks its next files up in the store this many at a time
@@ -858,11 +858,10 @@ class Runner:
         need to come near the device's speed. Their pages count as brought in by the run: evicted after use, and
         read from the device in the report.
         """
-        in_flight = self._ahead_bytes
         window = self._prefetch_window
         nxt = max(file_id, self._prefetch_cursor)
         order = self._uncached_order()
-        while len(self._ahead) < self._prefetch_files and in_flight < window:
+        while len(self._ahead) < self._prefetch_files and self._ahead_bytes < window:
             if not order or order.max() <= nxt:
                 return
             nxt = order.next_set_bit(nxt + 1)
@@ -871,7 +870,7 @@ class Runner:
             f = self._info(nxt)
             if f is None or not f.size:
                 continue
-            if f.size > PREFETCH_MAX or (in_flight and in_flight + f.size > window):
+            if f.size > PREFETCH_MAX or (self._ahead_bytes and self._ahead_bytes + f.size > window):
                 return
             self._prefetch_cursor = nxt
             try:
@@ -889,7 +888,6 @@ class Runner:
             ahead = self._ahead[nxt] = _Ahead(f, fd, pre)   # kept open: processing it needs no second open
             self._ahead_bytes += f.size
             self._hints.willneed(ahead)
-            in_flight += f.size
 
     def _idle_wait(self, seconds: float | None = None) -> None:
         """Watch mode (or nothing cached), or waiting for other programs: wait for the page cache to bring work."""

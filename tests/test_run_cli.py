@@ -181,8 +181,9 @@ def test_run_on_a_terminal_draws_progress_bars(duet, direct_fs):
     try:
         proc = subprocess.Popen(duet.argv("run", "reader", "--path", scope), stdin=subprocess.DEVNULL,
                                 stdout=follower, stderr=follower, env={**duet.env, "COLUMNS": "120"})
-        os.close(follower)
-        follower = -1
+    finally:
+        os.close(follower)      # the run holds its own copy: reading ends when the run exits
+    try:
         out = b""
         while True:
             try:
@@ -195,8 +196,6 @@ def test_run_on_a_terminal_draws_progress_bars(duet, direct_fs):
         assert proc.wait(timeout=60) == 0, out
     finally:
         os.close(leader)
-        if follower >= 0:
-            os.close(follower)
     text = out.decode(errors="replace")
     assert "0:00:0" in text, text      # the bars' elapsed-time column: only the bars print it
     assert "reader" in text and "3/3" in text and "read from the device by this run" in text, text

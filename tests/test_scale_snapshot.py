@@ -14,7 +14,6 @@ import time
 import pytest
 from fsimage import btrfs_subvol
 
-from duet_core import residency
 from duet_core.engine import Engine
 from duet_core.events import PAGE_SIZE, Event, FileId
 from duet_core.identity import file_id
@@ -39,9 +38,9 @@ def read_pages(path: str, pages: int) -> set[int]:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.pread(fd, pages * PAGE_SIZE, 0)
-        return set(residency.resident_pages(fd, os.fstat(fd).st_size))
     finally:
         os.close(fd)
+    return cached_pages(path)
 
 
 def exists_pages(engine: Engine, reg) -> dict[FileId, set[int]]:
@@ -98,7 +97,10 @@ def test_pages_cached_before_and_after_the_child_read_are_both_known(ext4_fs, en
     exists = exists_pages(engine, reg)
     # What the kernel has cached now: the pages read before and after the child, less any it reclaimed meanwhile
     # (DAMON's pageout runs on these machines, at moments no test controls).
-    now = {fid: pages for p in paths.values() if (pages := cached_pages(p)) for fid in [file_id(p)]}
+    now = {}
+    for p in paths.values():
+        if pages := cached_pages(p):
+            now[file_id(p)] = pages
     assert now.keys() <= {file_id(paths["before"]), file_id(paths["after"])}
     assert now.get(file_id(paths["before"]), set()) <= truth_before
     assert now.get(file_id(paths["after"]), set()) <= truth_after
