@@ -31,8 +31,10 @@ MiB = 1 << 20
 
 @contextlib.contextmanager
 def scrub_speed(fs, bytes_per_s: int):
-    """Limit the kernel's scrub of the image's device to ``bytes_per_s`` (btrfs' sysfs knob), lifted on the way out."""
-    fsid = subprocess.run(["blkid", "-s", "UUID", "-o", "value", fs.loopdev], capture_output=True, text=True,
+    """Limit the kernel's scrub of the image's device to ``bytes_per_s`` (btrfs' sysfs knob), lifted on the way out.
+    The UUID is probed on the device (``-p``): blkid's cache can still hold an earlier filesystem of the same loop
+    device (a full run of the suite failed on that once)."""
+    fsid = subprocess.run(["blkid", "-p", "-s", "UUID", "-o", "value", fs.loopdev], capture_output=True, text=True,
                           check=True).stdout.strip()
     knob = f"/sys/fs/btrfs/{fsid}/devinfo/1/scrub_speed_max"
     with open(knob, "w") as fh:
