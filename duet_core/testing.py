@@ -79,15 +79,24 @@ class ScratchFs:
         Per file (``POSIX_FADV_DONTNEED``): never the global ``drop_caches``, which would disturb everything else
         running on the machine.
         """
-        paths = [self.path(relpath)] if relpath else [
-            os.path.join(d, n) for d, _dirs, names in os.walk(self.root) for n in names]
-        for path in paths:
-            if not os.path.islink(path) and os.path.isfile(path):
-                evict_file(path)
+        if relpath is None:
+            evict_tree(self.root)
+        else:
+            evict_file(self.path(relpath))
 
     def resident_pages(self, relpath: str) -> int:
         """How many pages of a file are in the page cache now."""
         return resident_pages(self.path(relpath))
+
+
+def evict_tree(root: str) -> None:
+    """Write back and drop from the page cache every regular file under ``root``, file by file (never the global
+    cache; symlinks are neither followed nor evicted)."""
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path) and os.path.isfile(path):
+                evict_file(path)
 
 
 def evict_file(path: str) -> None:

@@ -341,14 +341,8 @@ def make_dataset(root: str, n: int = 20, sizes: tuple[int, ...] = (64 << 10, 128
     return scope, files
 
 
-def evict_tree(scope: str) -> None:
-    """fsync and drop from the page cache every regular file under ``scope``."""
-    for dirpath, _dirs, names in os.walk(scope):
-        for name in names:
-            evict(os.path.join(dirpath, name))
-
-
 evict = testing.evict_file          # write back and drop one file from the page cache
+evict_tree = testing.evict_tree     # ... and every regular file under a directory
 resident = testing.resident_pages   # how many pages of a file are in the page cache now
 
 

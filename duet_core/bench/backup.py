@@ -27,18 +27,12 @@ import tempfile
 import time
 
 from duet_core.bench.share import make_dataset
-from duet_core.bench.stabilize import evict
 from duet_core.errors import DuetError
 from duet_core.loopfs import loop_fs
+from duet_core.testing import evict_tree
 
 # duet as rsync runs: normal I/O priority, and what it read left in the page cache.
 UNTHROTTLED = ("--no-idle-io", "--no-cache-hygiene")
-
-
-def evict_tree(root: str) -> None:
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            evict(os.path.join(dirpath, name))
 
 
 def settle(src: str) -> None:

@@ -26,7 +26,6 @@ import shutil
 import time
 
 from duet_core.bench.cgroup import MemoryCgroup
-from duet_core.bench.scrub import evict_tree
 from duet_core.bench.together import (
     TASKS,
     check_tools,
@@ -38,6 +37,7 @@ from duet_core.bench.together import (
     testbed,
 )
 from duet_core.loopfs import loop_fs
+from duet_core.testing import evict_tree
 
 JOBS = ("backup", "scrub", "defrag", "dedupe")
 DUET_TASK = {"backup": "backup", "scrub": "scrub", "defrag": "defrag", "dedupe": "gc"}

@@ -31,7 +31,7 @@ import json
 import os
 import time
 
-from duet_core.bench.scrub import cached_tree_bytes, evict_tree
+from duet_core.bench.scrub import cached_tree_bytes
 from duet_core.bench.share import loop_read_bytes
 from duet_core.bench.together import (
     TASKS,
@@ -46,6 +46,7 @@ from duet_core.bench.together import (
 )
 from duet_core.errors import DuetError
 from duet_core.loopfs import loop_fs
+from duet_core.testing import evict_tree
 
 DEVICE_SLACK = 0.05      # × data set, on top of (1 − f)
 SLOWDOWN_TARGET = 0.05   # the foreground's throughput at most this much lower

@@ -38,6 +38,7 @@ from duet_core import residency
 from duet_core.bench.share import loop_read_bytes, make_dataset
 from duet_core.errors import DuetError
 from duet_core.loopfs import loop_fs
+from duet_core.testing import evict_tree
 
 COLD_RATIO = 1.5
 FOREGROUND_DEVICE_SHARE = 0.55
@@ -58,17 +59,6 @@ def make_large_files(root: str, size: int, seed: int = 1) -> int:
         n += 1
     os.sync()
     return written
-
-
-def evict_tree(root: str) -> None:
-    """Drop every file of ``root`` from the page cache (file by file, never the global cache)."""
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                residency.evict(fd)
-            finally:
-                os.close(fd)
 
 
 def cached_tree_bytes(root: str) -> int:

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from duet_core.bench.cgroup import MemoryCgroup
-from duet_core.bench.scrub import evict_tree
 from duet_core.bench.share import RSS_HEADROOM, loop_read_bytes
 from duet_core.errors import DuetError
 from duet_core.loopfs import loop_fs
+from duet_core.testing import evict_tree
 
 TASKS = ("backup", "scrub", "defrag", "gc")
 DEVICE_TARGET = 1.05     # × data set, duet together
