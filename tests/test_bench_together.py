@@ -61,10 +61,11 @@ def test_bench_together(bpf_required, tmp_path):
 def test_bench_piggyback(bpf_required, tmp_path):
     r = bench("piggyback", tmp_path, "--fraction", "1", "--runs", "2")
     ds = r["dataset_bytes"]
-    # Two repetitions, each fio alone and fio with duet on a fresh copy; the report is the one with the lower
-    # slowdown of the two (the lower middle), and the maintenance's target holds in both.
+    # Two repetitions, each fio alone and fio with duet on a fresh copy; the report is the one with the higher
+    # slowdown of the two (the upper middle: the target is judged on the worse), and the maintenance's target
+    # holds in both.
     assert r["runs"] == len(r["samples"]) == 2
-    assert r["foreground_slowdown"] == min(r["foreground_slowdowns"])
+    assert r["foreground_slowdown"] == max(r["foreground_slowdowns"])
     assert r["foreground_slowdowns"] == [s["foreground_slowdown"] for s in r["samples"]]
     for s in r["samples"]:
         assert s["fio_alone"]["io_bytes"] == s["fio_with_duet"]["io_bytes"] > 0

@@ -124,10 +124,10 @@ def _slowdown(fio_alone: dict, fio_both: dict) -> float:
 
 def piggyback_report(facts: dict, cap: int, fraction: float, duet_alone: dict, samples: list[dict],
                      took_s: float) -> dict:
-    """The JSON report, from the repetition with the median slowdown (the lower middle one of an even number);
-    every repetition is under ``"samples"``."""
+    """The JSON report, from the repetition with the median slowdown (of an even number, the upper middle one: the
+    target is judged on the worse of the two); every repetition is under ``"samples"``."""
     ds = facts["dataset_bytes"]
-    mid = sorted(samples, key=lambda s: s["foreground_slowdown"])[(len(samples) - 1) // 2]
+    mid = sorted(samples, key=lambda s: s["foreground_slowdown"])[len(samples) // 2]
     fio_alone, fio_both, duet_both = mid["fio_alone"], mid["fio_with_duet"], mid["duet_with_fio"]
     f = min(fio_alone["cached_bytes"], ds) / ds
     slowdown = _slowdown(fio_alone, fio_both)
