@@ -267,7 +267,10 @@ def test_overflow_is_counted_and_turned_into_a_resync(bpf_required, btrfs_fs):
         # After the resync, EXISTS is the truth again: what the kernel has cached of the file.
         cached = cached_pages(path)
         assert pages_by(batch.items, Event.EXISTS)[file_id(path)] == cached
-        assert len(cached) >= 4096 - removed
+        # The read added every page at least once (A >= 4096 of the kernel's A + R pages); a page not cached now
+        # was removed, and its REMOVED is in the kernel's count even when the full map lost it (it failed once with
+        # 4,095 cached and no removal delivered): cached = A - R, so cached >= 2 * 4096 - (A + R).
+        assert len(cached) >= 2 * 4096 - stats["kernel_pages"]
 
 
 def test_page_counts_equal_the_kernels_own_trace(ext4_fs, engine, tracefs):
