@@ -88,6 +88,34 @@ def test_a_flipped_bit_the_kernels_scrub_finds_is_named_with_its_file(btrfs_dire
     assert rep["items_done"] == len(files) and rep["items_damaged"] == 1
 
 
+def test_a_filesystem_mounted_inside_the_scope_is_the_one_the_kernel_scrubs(btrfs_direct, duet):
+    """A scope on one btrfs with another btrfs mounted inside it, whose files alone need verifying: the kernel's
+    scrub must be that filesystem's. One of the scope root's would vouch for files it never read (a flipped bit
+    in them went unseen that way)."""
+    with fsimage.loop_fs("btrfs", direct_io=True) as inner:
+        data, files = make_dataset(inner.mnt, n=12, sizes=(1 * MiB, 256 << 10))
+        bad = sorted(files)[5]
+        flip_bit(inner, os.path.join(data, bad), 70000)
+        scope = os.path.join(btrfs_direct.mnt, "scope")
+        mounted = os.path.join(scope, "inner")
+        os.makedirs(mounted)
+        subprocess.run(["mount", "--bind", data, mounted], check=True)
+        try:
+            evict_tree(scope)
+            before = sectors_read(inner.loopdev)
+            code, rep, err = duet.scrub(scope)
+            read = sectors_read(inner.loopdev) - before
+        finally:
+            subprocess.run(["umount", mounted], check=True)
+    assert code == 6, err
+    assert rep["counters"]["kernel_scrub_errors"] >= 1 and "reading each file to name the damaged ones" in err
+    assert rep["counters"]["kernel_scrub_bytes"] >= sum(files.values())    # the inner filesystem was read
+    assert read >= sum(files.values())
+    found = corrupt_map(rep)
+    assert list(found) == [os.path.join(mounted, bad)] and covers(found[os.path.join(mounted, bad)], 70000), found
+    assert rep["items_done"] == len(files) and rep["items_damaged"] == 1
+
+
 def stopped_after(fs, duet, scope: str, nbytes: int) -> tuple[int, str, float]:
     """``duet run scrub`` with the kernel's scrub slowed, SIGTERM once ``nbytes`` were read: (exit, stderr, how
     long the stop took). Not slower than 48 MiB/s: below 16 MiB/s the kernel paces its scrub in 1 s sleeps, which

@@ -277,8 +277,12 @@ class Scrub:
             devs.add(f.fid.dev)
         if first is None or len(devs) != 1 or self._fstype(first) != "btrfs":
             return None
+        # The ioctls go to the filesystem the files are on, through one of them: not necessarily the scope root's
+        # (another btrfs mounted inside the scope, whose files alone are left, must not be vouched for by a scrub of
+        # the root's filesystem).
+        root_fd = self._root_fd(run)
         try:
-            fd = os.open(run.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = open_regular(root_fd, first.relpath, first.fid.ino)
         except OSError:
             return None
         try:
@@ -292,19 +296,21 @@ class Scrub:
                 kscrub.commit(fd)
             if total < KERNEL_PASS_MIN_SHARE * kscrub.used_bytes(fd):
                 return None
-            return self._kernel_scrub(run, fd, pending, give_way, progress, started_ns, readonly)
+            return self._kernel_scrub(run, fd, root_fd, pending, give_way, progress, started_ns, readonly)
         finally:
             os.close(fd)
 
-    def _kernel_scrub(self, run: RunInfo, fd: int, pending, give_way, progress, started_ns: int,
+    def _kernel_scrub(self, run: RunInfo, fd: int, root_fd: int, pending, give_way, progress, started_ns: int,
                       readonly: bool) -> PassResult:
         """Run (or resume) the kernel's scrub of the filesystem of ``fd`` and judge what it found. What a resume
-        needs — where each device got to, and the counters so far (errors found before a stop must not be
-        forgotten) — is kept in the task's store until the pass is over."""
+        needs — which filesystem, where each device got to, and the counters so far (errors found before a stop
+        must not be forgotten) — is kept in the task's store until the pass is over. ``root_fd``: the scope's root,
+        beneath which the files are opened."""
         state_key = f"kernel-pass:{run.root}"
         saved = run.state.get(state_key)
-        if not saved or saved.get("round") != run.round:
-            saved = {"round": run.round, "started_ns": started_ns, "resume": {}, "totals": {}}
+        fsid = kscrub.fsid(fd)
+        if not saved or saved.get("round") != run.round or saved.get("fsid") != fsid:
+            saved = {"round": run.round, "fsid": fsid, "started_ns": started_ns, "resume": {}, "totals": {}}
         ks = kscrub.KernelScrub(fd, {int(d): p for d, p in saved["resume"].items()}, readonly=readonly)
         ks.start()
 
@@ -341,7 +347,7 @@ class Scrub:
                               message=f"the kernel's scrub found {bad} error(s) it could not repair: "
                                       "reading each file to name the damaged ones")
         if gave_way:
-            done = self._covered_so_far(run, fd, pending, saved)
+            done = self._covered_so_far(run, fd, root_fd, pending, saved)
             counters["kernel_scrub_gave_way"] = 1
             return PassResult(done=done, from_device=nbytes, counters=counters,
                               message=f"the kernel's scrub gave way (budget, or other programs reading) with "
@@ -364,7 +370,7 @@ class Scrub:
             message = f"the kernel's scrub repaired {totals['corrected_errors']} error(s) from good copies"
         return PassResult(done=done, from_device=nbytes, counters=counters, message=message)
 
-    def _covered_so_far(self, run: RunInfo, fd: int, pending, saved: dict) -> list[int]:
+    def _covered_so_far(self, run: RunInfo, fd: int, root_fd: int, pending, saved: dict) -> list[int]:
         """Files a cancelled pass verified: every extent, in some copy, below where its device's scrub got to
         (over this round's runs: they resume one another). Inline and striped (RAID0/10/5/6) data is not placed
         this way: those files are read one by one."""
@@ -379,7 +385,7 @@ class Scrub:
             if f.ctime_ns >= saved["started_ns"]:
                 continue
             try:
-                ffd = open_regular(fd, f.relpath, f.fid.ino)
+                ffd = open_regular(root_fd, f.relpath, f.fid.ino)
             except OSError:
                 continue
             try:

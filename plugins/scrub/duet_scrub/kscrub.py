@@ -78,6 +78,14 @@ IOC_FS_INFO = _ior(31, ctypes.sizeof(_FsInfo))
 IOC_SPACE_INFO = _iowr(20, 16)
 
 
+def fsid(fd: int) -> str:
+    """The UUID of the filesystem of ``fd`` (``BTRFS_IOC_FS_INFO``), as ``btrfs filesystem show`` prints it."""
+    info = _FsInfo()
+    fcntl.ioctl(fd, IOC_FS_INFO, info, True)
+    h = bytes(info.fsid).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def devices(fd: int) -> list[int]:
     """The device ids of the filesystem of ``fd`` (ids may have gaps after a device was removed)."""
     info = _FsInfo()
