@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from duet_backup.fsops import syncfs
 from duet_core.errors import DuetError
 from duet_core.filesystems import BTRFS_SUPER_MAGIC, fs_magic
-from duet_core.identity import open_beneath
+from duet_core.identity import mounts, open_beneath, statx
 
 SNAPSHOTS = "snapshots"
 INTERNAL = ".duet"
@@ -50,6 +50,25 @@ class TargetBusy(DuetError):
 
 def inside(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def _where(path: str) -> tuple[int, str]:
+    """Where the directory ``path`` (a real path) lies: its filesystem's device and its path within that
+    filesystem — the same for every mount of that filesystem it can be reached through (a bind mount, a second
+    mount of the device, a btrfs subvolume mounted elsewhere)."""
+    mount = mounts().get(statx(path).mnt_id)
+    return mount.dev, os.path.normpath(os.path.join(mount.root, os.path.relpath(path, mount.mount_point)))
+
+
+def _tree(path: str) -> list[tuple[int, str]]:
+    """Every (filesystem, path within it) the tree below the directory ``path`` reaches: its own, and that of each
+    mount below it (a walk of the tree crosses into them)."""
+    return [_where(path)] + [(m.dev, m.root) for m in mounts()
+                             if m.mount_point != path and inside(m.mount_point, path)]
+
+
+def _reaches(tree: list[tuple[int, str]], where: tuple[int, str]) -> bool:
+    return any(dev == where[0] and inside(where[1], root) for dev, root in tree)
 
 
 def snapshot_name(when: float) -> str:
@@ -85,6 +104,20 @@ def check_target(path: str, scope: str | None = None) -> str:
                             hint="choose a target outside the tree being backed up")
     if not os.path.isdir(real):
         raise DuetError(f"backup target {path} is not an existing directory")
+    if scope is not None and os.path.isdir(scope):
+        # The same, through mounts: a bind mount of the target (or of a directory above it) inside the scope would
+        # have every run back up the snapshots before it, and the scope under the target the other way round.
+        try:
+            target_at, scope_at = _where(real), _where(scope)
+            if _reaches(_tree(scope), target_at):
+                raise DuetError(f"backup target {real} can be reached inside the scope {scope} through a mount",
+                                hint="a backup cannot be stored in the tree it backs up: unmount it there, or "
+                                     "choose another target")
+            if _reaches(_tree(real), scope_at):
+                raise DuetError(f"the scope {scope} can be reached inside the backup target {real} through a mount",
+                                hint="choose a target outside the tree being backed up")
+        except OSError as exc:
+            raise DuetError(f"cannot tell where the backup target {real} lies: {exc.strerror or exc}") from None
     return real
 
 
