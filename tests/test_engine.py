@@ -216,7 +216,9 @@ def test_files_outside_the_scope_produce_nothing(btrfs_fs, ext4_fs, engine):
     evict(paths["sibling"])
     cold_read(paths["sibling"])
     batch = settle(engine, reg)
-    assert batch.items == []
+    # Nothing of the sibling. (The file in scope may lose a page meanwhile: DAMON's pageout runs on these
+    # machines, and a fresh run once saw one REMOVED of it here. Its REMOVED is in scope; an ADDED would not be.)
+    assert [i for i in batch.items if i.fid != file_id(paths["in"]) or i.flags & Event.ADDED] == []
     assert engine.stats()["kernel_ignored"] > before
 
 
