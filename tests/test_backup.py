@@ -166,6 +166,19 @@ def test_snapshots_and_restore_commands(duet, source, target, tmp_path):
     one_error(duet("restore", "--target", target.mnt, "--snapshot", "yesterday", "links", "--to", str(dest)), 2,
               "bad snapshot name")
     one_error(duet("restore", "--target", target.mnt, "../../etc", "--to", str(dest)), 2, "leaves the snapshot")
+    # Never into the target: a snapshot's tree (shared with the others by hard links off btrfs) would change, and
+    # "." restored into the snapshot it is read from would grow while it is walked.
+    name = second["snapshot"]
+    inside_snapshot = os.path.join(snap(target, name), "restored-here")
+    before = sorted(os.listdir(snap(target, name)))
+    if target.fstype != "btrfs":            # a btrfs snapshot is read-only: no directory can be made in it
+        os.mkdir(inside_snapshot)
+        before = sorted(os.listdir(snap(target, name)))
+        one_error(duet("restore", "--target", target.mnt, ".", "--to", inside_snapshot), 2,
+                  "is inside the backup target")
+        assert os.listdir(inside_snapshot) == []
+    one_error(duet("restore", "--target", target.mnt, "links", "--to", target.mnt), 2, "is inside the backup target")
+    assert sorted(os.listdir(snap(target, name))) == before
 
 
 def test_a_target_inside_the_scope_or_around_it_is_refused(duet, source):

@@ -75,11 +75,16 @@ def restore(
       duet restore --target /mnt/backup --snapshot 2026-11-26T041500Z /home/alice/.bashrc --to /tmp
     """
     from duet_backup.fsops import copy_file
-    from duet_backup.target import Target
+    from duet_backup.target import Target, in_tree
     from duet_backup.tree import TreeSync
 
     t = Target(target, create=False)
     try:
+        if os.path.isdir(to) and in_tree(os.path.realpath(to), t.path):
+            # Into a snapshot (a hard-link tree shares its files with the others), or a tree restored into the
+            # very snapshot it is read from, growing while it is walked.
+            raise DuetError(f"--to {to} is inside the backup target {t.path}",
+                            hint="restore to a directory outside the target")
         names = t.snapshot_names()
         if not names:
             raise DuetError(f"no snapshots at {t.path}")

@@ -71,6 +71,12 @@ def _reaches(tree: list[tuple[int, str]], where: tuple[int, str]) -> bool:
     return any(dev == where[0] and inside(where[1], root) for dev, root in tree)
 
 
+def in_tree(path: str, top: str) -> bool:
+    """The directory ``path`` lies in the tree below the directory ``top`` (both real paths): by path, or through
+    a mount."""
+    return inside(path, top) or _reaches(_tree(top), _where(path))
+
+
 def snapshot_name(when: float) -> str:
     return dt.datetime.fromtimestamp(when, dt.timezone.utc).strftime(NAME_FORMAT)
 
