@@ -80,14 +80,14 @@ def restore(
 
     t = Target(target, create=False)
     try:
+        names = t.snapshot_names()
+        if not names:
+            raise DuetError(f"no snapshots at {t.path}")
         if os.path.isdir(to) and in_tree(os.path.realpath(to), t.path):
             # Into a snapshot (a hard-link tree shares its files with the others), or a tree restored into the
             # very snapshot it is read from, growing while it is walked.
             raise DuetError(f"--to {to} is inside the backup target {t.path}",
                             hint="restore to a directory outside the target")
-        names = t.snapshot_names()
-        if not names:
-            raise DuetError(f"no snapshots at {t.path}")
         name = snapshot or names[-1]
         scope = (t.manifest(name) or {}).get("scope")
         snap = t.open_snapshot(name)
