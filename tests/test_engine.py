@@ -126,7 +126,10 @@ def test_exists_and_modified_states_cancel(btrfs_fs, engine):
     fa, fb = file_id(a), file_id(b)
     cold_read(a)
     batch = settle(engine, reg)
-    assert pages_by(batch.items, Event.EXISTS) == {fa: set(range(64))}
+    # What the kernel has cached of a: all 64 pages read, unless it reclaimed one meanwhile (DAMON's pageout runs on
+    # these machines; a fresh run once saw page 27 go).
+    cached = cached_pages(a)
+    assert pages_by(batch.items, Event.EXISTS) == {fa: cached} and len(cached) >= 60
     # b: added then removed between two fetches -> nothing to report.
     cold_read(b)
     time.sleep(0.25)
