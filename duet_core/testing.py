@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -95,7 +96,11 @@ def evict_tree(root: str) -> None:
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
             path = os.path.join(dirpath, name)
-            if not os.path.islink(path) and os.path.isfile(path):
+            try:
+                regular = stat.S_ISREG(os.lstat(path).st_mode)
+            except FileNotFoundError:   # gone since it was listed
+                continue
+            if regular:
                 evict_file(path)
 
 

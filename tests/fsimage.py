@@ -49,6 +49,18 @@ def clean_leaks() -> list[str]:
     return mounts + loops
 
 
+@contextlib.contextmanager
+def bind_mount(what: str, where: str):
+    """``what`` bind-mounted at ``where`` (made if missing) for the block; unmounted on the way out, also on a
+    failure."""
+    os.makedirs(where, exist_ok=True)
+    run(["mount", "--bind", what, where])
+    try:
+        yield where
+    finally:
+        unmount(where)
+
+
 def drop_file_cache(path: str) -> None:
     """Write back and evict one file's page cache (fsync, then POSIX_FADV_DONTNEED)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

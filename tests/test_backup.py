@@ -8,7 +8,6 @@ mtimes, owners, modes, xattrs, ACLs, link targets, hard-link groups) is equal.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -197,16 +196,6 @@ def test_a_target_reachable_inside_the_scope_through_a_mount_is_refused(duet, so
     """By path the target is elsewhere, but a bind mount shows it (or a directory above it) inside the scope: every
     run would back up the snapshots before it. The scope shown inside the target is refused too; a mount of another
     part of the target's filesystem inside the scope is not a reason to refuse."""
-
-    @contextlib.contextmanager
-    def bound(what: str, where: str):
-        os.makedirs(where, exist_ok=True)
-        subprocess.run(["mount", "--bind", what, where], check=True)
-        try:
-            yield
-        finally:
-            subprocess.run(["umount", where], check=True)
-
     with fsimage.loop_fs("ext4") as other:
         scope = os.path.join(source.mnt, "data")
         target = os.path.join(other.mnt, "backups", "nightly")
@@ -214,16 +203,16 @@ def test_a_target_reachable_inside_the_scope_through_a_mount_is_refused(duet, so
         bh.write(os.path.join(scope, "f"), b"x")
         bh.write(os.path.join(other.mnt, "media", "song"), b"la")
         shown = os.path.join(scope, "media")
-        with bound(other.mnt, shown):                       # the whole filesystem of the target, inside the scope
+        with fsimage.bind_mount(other.mnt, shown):          # the whole filesystem of the target, inside the scope
             one_error(duet("run", "backup", "--path", scope, "--target", target), 2,
                       "can be reached inside the scope")
         assert not os.path.exists(os.path.join(target, "snapshots"))
-        with bound(os.path.join(other.mnt, "media"), shown):   # only another directory of it
+        with fsimage.bind_mount(os.path.join(other.mnt, "media"), shown):      # only another directory of it
             proc = duet("run", "backup", "--path", scope, "--target", target)
             assert proc.returncode == 0, proc.stderr
         (name,) = os.listdir(os.path.join(target, "snapshots"))
         assert open(os.path.join(target, "snapshots", name, "media", "song"), "rb").read() == b"la"
-        with bound(scope, os.path.join(target, "seen")):    # the scope, inside the target
+        with fsimage.bind_mount(scope, os.path.join(target, "seen")):       # the scope, inside the target
             one_error(duet("run", "backup", "--path", scope, "--target", target), 2,
                       "can be reached inside the backup target")
         assert os.listdir(os.path.join(target, "snapshots")) == [name]

@@ -98,15 +98,11 @@ def test_a_filesystem_mounted_inside_the_scope_is_the_one_the_kernel_scrubs(btrf
         flip_bit(inner, os.path.join(data, bad), 70000)
         scope = os.path.join(btrfs_direct.mnt, "scope")
         mounted = os.path.join(scope, "inner")
-        os.makedirs(mounted)
-        subprocess.run(["mount", "--bind", data, mounted], check=True)
-        try:
+        with fsimage.bind_mount(data, mounted):
             evict_tree(scope)
             before = sectors_read(inner.loopdev)
             code, rep, err = duet.scrub(scope)
             read = sectors_read(inner.loopdev) - before
-        finally:
-            subprocess.run(["umount", mounted], check=True)
     assert code == 6, err
     assert rep["counters"]["kernel_scrub_errors"] >= 1 and "reading each file to name the damaged ones" in err
     assert rep["counters"]["kernel_scrub_bytes"] >= sum(files.values())    # the inner filesystem was read

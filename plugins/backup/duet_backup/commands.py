@@ -78,12 +78,13 @@ def restore(
     from duet_backup.target import Target, in_tree
     from duet_backup.tree import TreeSync
 
+    dest_real = os.path.realpath(to)
     t = Target(target, create=False)
     try:
         names = t.snapshot_names()
         if not names:
             raise DuetError(f"no snapshots at {t.path}")
-        if os.path.isdir(to) and in_tree(os.path.realpath(to), t.path):
+        if os.path.isdir(dest_real) and in_tree(dest_real, t.path):
             # Into a snapshot (a hard-link tree shares its files with the others), or a tree restored into the
             # very snapshot it is read from, growing while it is walked.
             raise DuetError(f"--to {to} is inside the backup target {t.path}",
@@ -93,7 +94,6 @@ def restore(
         snap = t.open_snapshot(name)
     finally:
         t.close()
-    dest_real = os.path.realpath(to)
     try:
         dest = os.open(dest_real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:

@@ -114,12 +114,11 @@ def check_target(path: str, scope: str | None = None) -> str:
         # The same, through mounts: a bind mount of the target (or of a directory above it) inside the scope would
         # have every run back up the snapshots before it, and the scope under the target the other way round.
         try:
-            target_at, scope_at = _where(real), _where(scope)
-            if _reaches(_tree(scope), target_at):
+            if in_tree(real, scope):
                 raise DuetError(f"backup target {real} can be reached inside the scope {scope} through a mount",
                                 hint="a backup cannot be stored in the tree it backs up: unmount it there, or "
                                      "choose another target")
-            if _reaches(_tree(real), scope_at):
+            if in_tree(scope, real):
                 raise DuetError(f"the scope {scope} can be reached inside the backup target {real} through a mount",
                                 hint="choose a target outside the tree being backed up")
         except OSError as exc:

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import struct
 import threading
+import uuid
 from dataclasses import dataclass, field
 
 _IOC_MAGIC = 0x94
@@ -78,18 +79,20 @@ IOC_FS_INFO = _ior(31, ctypes.sizeof(_FsInfo))
 IOC_SPACE_INFO = _iowr(20, 16)
 
 
-def fsid(fd: int) -> str:
-    """The UUID of the filesystem of ``fd`` (``BTRFS_IOC_FS_INFO``), as ``btrfs filesystem show`` prints it."""
+def _fs_info(fd: int) -> _FsInfo:
     info = _FsInfo()
     fcntl.ioctl(fd, IOC_FS_INFO, info, True)
-    h = bytes(info.fsid).hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return info
+
+
+def fsid(fd: int) -> str:
+    """The UUID of the filesystem of ``fd`` (``BTRFS_IOC_FS_INFO``), as ``btrfs filesystem show`` prints it."""
+    return str(uuid.UUID(bytes=bytes(_fs_info(fd).fsid)))
 
 
 def devices(fd: int) -> list[int]:
     """The device ids of the filesystem of ``fd`` (ids may have gaps after a device was removed)."""
-    info = _FsInfo()
-    fcntl.ioctl(fd, IOC_FS_INFO, info, True)
+    info = _fs_info(fd)
     found = []
     for devid in range(1, info.max_id + 1):
         dev = _DevInfo(devid=devid)
