@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 from duet_core import units
 from duet_core.errors import DuetError
+from duet_core.exclude import check_pattern
 
 DEFAULT_PATH = "/etc/duet/duet.toml"
 DEFAULT_STATE_DIR = "/var/lib/duet"
@@ -42,6 +43,7 @@ class Defaults:
     idle_io: bool = True            # run I/O in the idle ioprio class
     cache_hygiene: bool = True      # drop from the page cache what the run itself brought in
     one_file_system: bool = False   # stay on the scope root's filesystem (rsync -x)
+    exclude: tuple[str, ...] = ()   # exclude patterns for every scope (duet_core.exclude)
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,14 @@ class ScopeConfig:
     """One ``[[scope]]``: a directory tree and the tasks that maintain it.
 
     ``one_file_system``, ``budget`` and ``rate_limit`` are the effective values: the scope's own if it sets them,
-    else those of ``[defaults]``. ``path`` is absolute and normalised, but not resolved: it need not exist yet.
+    else those of ``[defaults]``; ``exclude`` is the patterns of ``[defaults]`` followed by the scope's own.
+    ``path`` is absolute and normalised, but not resolved: it need not exist yet.
     """
 
     path: str
     tasks: tuple[str, ...]
     one_file_system: bool = False
+    exclude: tuple[str, ...] = ()
     budget: float | None = None
     rate_limit: int | None = None
 
@@ -124,8 +128,8 @@ def parse_config(text: str, source: str = "<config>") -> Config:
 
 # -- validation --------------------------------------------------------------------------------------------------------
 _TOP_KEYS = ("state_dir", "defaults", "scope", "task", "metrics_dir")
-_DEFAULT_KEYS = ("rate_limit", "budget", "idle_io", "cache_hygiene", "one_file_system")
-_SCOPE_KEYS = ("path", "tasks", "one_file_system", "budget", "rate_limit")
+_DEFAULT_KEYS = ("rate_limit", "budget", "idle_io", "cache_hygiene", "one_file_system", "exclude")
+_SCOPE_KEYS = ("path", "tasks", "one_file_system", "budget", "rate_limit", "exclude")
 _SCALARS = (str, int, float, bool, datetime.datetime, datetime.date, datetime.time)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -202,6 +206,17 @@ class _Checker:
             self.fail(key, f"a path cannot contain a NUL character, got {_show(value)}")
         return os.path.normpath(value)
 
+    def patterns(self, key: str, value: object) -> tuple[str, ...]:
+        self.expect(key, value, list, 'a list of exclude patterns like ["*.tmp", ".cache/", "/var/tmp"]')
+        assert isinstance(value, list)
+        for i, pattern in enumerate(value):
+            self.expect(f"{key}[{i}]", pattern, str, "an exclude pattern (a string)")
+            try:
+                check_pattern(pattern)
+            except DuetError as exc:
+                self.fail(f"{key}[{i}]", str(exc))
+        return tuple(value)
+
     def option(self, key: str, value: object) -> object:
         if isinstance(value, list):
             return [self.option(f"{key}[{i}]", item) for i, item in enumerate(value)]
@@ -232,7 +247,7 @@ class _Checker:
 
         return Defaults(rate_limit=get("rate_limit", self.rate), budget=get("budget", self.budget),
                         idle_io=get("idle_io", self.boolean), cache_hygiene=get("cache_hygiene", self.boolean),
-                        one_file_system=get("one_file_system", self.boolean))
+                        one_file_system=get("one_file_system", self.boolean), exclude=get("exclude", self.patterns))
 
     def scopes(self, items: object, defaults: Defaults) -> tuple[ScopeConfig, ...]:
         if isinstance(items, dict):
@@ -259,6 +274,8 @@ class _Checker:
 
             scopes.append(ScopeConfig(path=path, tasks=self.task_list(f"{key}.tasks", table["tasks"]),
                                       one_file_system=get("one_file_system", self.boolean),
+                                      exclude=defaults.exclude + (self.patterns(f"{key}.exclude", table["exclude"])
+                                                                  if "exclude" in table else ()),
                                       budget=get("budget", self.budget), rate_limit=get("rate_limit", self.rate)))
         return tuple(scopes)
 

@@ -26,6 +26,7 @@ from duet_core import residency
 from duet_core.bpf import MERGE_ENTRIES
 from duet_core.errors import BpfUnavailable, DuetError, require_directory
 from duet_core.events import EVENTS, STATES, Batch, Event, FileId
+from duet_core.exclude import NOTHING, Exclusions
 from duet_core.identity import DevMap, file_id
 from duet_core.scope import Scope
 from duet_core.snapshotter import SnapshotChild
@@ -147,9 +148,10 @@ class Engine:
 
     # -- registrations ---------------------------------------------------------------------------------------------
     def register(self, name: str, mask: Event | int, path: str, one_file_system: bool = False,
-                 scope: Scope | None = None, snapshot=None) -> Registration:
+                 scope: Scope | None = None, snapshot=None, exclude: Exclusions = NOTHING) -> Registration:
         """Watch ``path`` for the events/states in ``mask``; files already cached are reported as EXISTS.
 
+        ``exclude``: what of the tree below ``path`` is not watched (:mod:`duet_core.exclude`).
         ``scope``: a Scope of ``path`` the caller has already scanned (duet run records the scan in its state).
         ``snapshot``: the ``(fid, relpath)`` pairs whose residency to read now (default: every file of the scope) —
         fewer when the caller cares only about some files (duet run: those a task still needs; none for a second
@@ -162,12 +164,12 @@ class Engine:
             raise DuetError(f"registration {name!r} asks for no events")
         require_directory(path)
         root = os.path.realpath(path)
-        key = (root, one_file_system)
+        key = (root, one_file_system, exclude)
         if scope is not None:
             self.scopes[key] = scope
         scope = self.scopes.get(key)
         if scope is None:
-            scope = Scope(root, one_file_system=one_file_system)
+            scope = Scope(root, one_file_system=one_file_system, exclude=exclude)
             for _ in scope.scan():
                 pass
             self.scopes[key] = scope
@@ -193,7 +195,8 @@ class Engine:
                           if any(fid in s.files for s in self.scopes.values())}
         self._sync_kernel_scopes()
 
-    def start_snapshot(self, path: str, mask: Event | int, one_file_system: bool = False) -> SnapshotChild | None:
+    def start_snapshot(self, path: str, mask: Event | int, one_file_system: bool = False,
+                       exclude: Exclusions = NOTHING) -> SnapshotChild | None:
         """Start reading what is cached under ``path`` in a child process now, before the caller scans the scope and
         registers it with ``snapshot=`` the child (duet run scans, syncs and plans meanwhile).
 
@@ -214,7 +217,7 @@ class Engine:
         self.source.set_scope(*pair, kernel_mask(Event(mask)), True)   # partial: nothing is ignored yet anyway
         self._kernel_pairs.add(pair)
         try:
-            return SnapshotChild(root, {pair}, one_file_system)
+            return SnapshotChild(root, {pair}, one_file_system, exclude)
         except OSError as exc:
             log.info("start-up snapshot stays in-process: cannot start its process: %s", exc)
             return None

@@ -39,6 +39,7 @@ from duet_core import residency
 from duet_core.engine import Engine
 from duet_core.errors import DuetError, Stopped, printable, require_directory
 from duet_core.events import PAGE_SIZE, Event, FileId
+from duet_core.exclude import Exclusions
 from duet_core.identity import inode_generation
 from duet_core.lock import ScopeLock
 from duet_core.plugins import LoadedTask, TaskRegistry
@@ -81,6 +82,7 @@ class RunOptions:
     idle_io: bool = True                   # ioprio idle class, and uncached files wait while others read the scope
     cache_hygiene: bool = True             # evict what the run itself brought into the cache
     one_file_system: bool = False
+    exclude: tuple[str, ...] = ()          # exclude patterns (duet_core.exclude); duet's state is always left out
     source: str = "auto"
     mode: str = "run"                      # "run", or "watch": only what is already cached, until stopped
     watch_interval: float = 0.5
@@ -241,6 +243,7 @@ class Runner:
         self.stop_reason: str | None = None
         self._item_started_ns = 0       # when the current item started; also read by the first _absorb
         self.options = {t.name: resolve_options(t, self.opts.task_options.get(t.name, {})) for t in self.tasks}
+        self.exclude = Exclusions(self.opts.exclude, own=_inside(self.root, store.dir))
         self._early: tuple[Engine, SnapshotChild | None] | None = None   # see _start_early_engine
 
     # -- the run ---------------------------------------------------------------------------------------------------
@@ -285,7 +288,7 @@ class Runner:
         store = self.store
         self.scope_id = store.scope_id(self.root)
         self.run_id = store.start_run(self.scope_id, [t.name for t in self.tasks])
-        self.scope = scope = Scope(self.root, one_file_system=self.opts.one_file_system)
+        self.scope = scope = Scope(self.root, one_file_system=self.opts.one_file_system, exclude=self.exclude)
         self.runs: list[_TaskRun] = []
         self._todo = BitMap()     # files some task still needs: the union of pending, kept up to date
         self._ahead: dict[int, _Ahead] = {}   # files read ahead, open, not processed yet: all of them in _todo
@@ -384,7 +387,7 @@ class Runner:
         except DuetError:   # BPF unavailable, or its object cannot be built: said later, if some task has work
             return
         self._early = engine, engine.start_snapshot(self.root, Event.EXISTS | Event.MODIFIED,
-                                                    self.opts.one_file_system)
+                                                    self.opts.one_file_system, self.exclude)
 
     def _close_early_engine(self) -> None:
         """Stop the start-up snapshot's child (if still running) and unload the early engine, if not used."""
@@ -411,11 +414,12 @@ class Runner:
             # read now: only the files some task still needs (a resumed round: a few).
             self.reg = engine.register("duet-run", Event.EXISTS | Event.MODIFIED, self.root,
                                        self.opts.one_file_system, scope=self.scope,
-                                       snapshot=child or self._pending_files())
+                                       snapshot=child or self._pending_files(), exclude=self.exclude)
             self.reg_added = None
             if any(r.spec.granularity == "range" and r.spec.events & Event.ADDED for r in self.runs):
                 self.reg_added = engine.register("duet-run-reads", Event.ADDED | Event.DIRTIED, self.root,
-                                                 self.opts.one_file_system, scope=self.scope, snapshot=())
+                                                 self.opts.one_file_system, scope=self.scope, snapshot=(),
+                                                 exclude=self.exclude)
             # Files every task is done with have their events dropped in the kernel — unless a task wants to hear
             # of writes to them (MODIFIED puts them back in the round).
             self._wants_modified = any(r.spec.events & Event.MODIFIED for r in self.runs)
@@ -516,7 +520,8 @@ class Runner:
                           shared=SharedResults(lambda f, n: store.shared_get(f, n),
                                                lambda f, n, v, name=name: store.shared_put(f, n, v, name)),
                           files=lambda: store.files(sid), release_cached=self._release_kept,
-                          stopping=self.stopping)
+                          stopping=self.stopping, one_file_system=self.opts.one_file_system,
+                          exclude=self.exclude)
             prog = store.progress(sid, name)
             if prog.complete:
                 prog = TaskProgress(round=prog.round + 1, complete=False)
@@ -1283,6 +1288,15 @@ class Runner:
 
         self.store.commit_batch(again=again, extra=progress)
         self._last_commit = time.monotonic()
+
+
+def _inside(root: str, path: str) -> list[str]:
+    """``[path relative to root]`` when ``path`` lies below ``root`` (both real paths), else ``[]``: duet's own
+    state (its database, changing all through the run, and its locks) is never part of a scope."""
+    path = os.path.realpath(path)
+    if path != root and os.path.commonpath([root, path]) == root:
+        return [os.path.relpath(path, root)]
+    return []
 
 
 def resolve_options(task: LoadedTask, given: dict[str, Any]) -> dict[str, Any]:

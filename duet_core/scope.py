@@ -33,6 +33,7 @@ import numpy as np
 
 from duet_core.errors import DuetError, printable
 from duet_core.events import FileId
+from duet_core.exclude import NOTHING, Exclusions
 from duet_core.identity import DevMap, mounts, open_beneath, statx
 
 log = logging.getLogger(__name__)
@@ -240,14 +241,16 @@ class Scope:
     """The regular files under ``root``; :meth:`scan` once, then :meth:`rescan` to follow changes.
 
     ``files`` maps each FileId to a path relative to root. ``skipped`` counts the directories and entries the last
-    walk could not read or that vanished while it ran; ``listed`` counts the directories it read.
+    walk could not read or that vanished while it ran; ``listed`` counts the directories it read. Entries that
+    ``exclude`` leaves out are not in the scope, and an excluded directory is not entered.
     """
 
-    def __init__(self, root: str, one_file_system: bool = False):
+    def __init__(self, root: str, one_file_system: bool = False, exclude: Exclusions = NOTHING):
         self.root = os.path.realpath(root)
         if not os.path.isdir(self.root):
             raise DuetError(f"scope root {root!r} is not an existing directory")
         self.one_file_system = one_file_system
+        self.exclude = exclude
         self.files = FileIndex({})
         self.skipped = 0
         self.listed = 0
@@ -266,14 +269,14 @@ class Scope:
         """Like :meth:`devs`, each with ``partial``: False when the scope holds the whole subvolume/filesystem.
 
         A pair is whole when a directory of the scope is its root: a btrfs subvolume root (inode 256), or the
-        root of a mounted filesystem. Then every event on that pair is in scope and the kernel need not consult
-        its ignore set.
+        root of a mounted filesystem — and nothing is excluded. Then every event on that pair is in scope and the
+        kernel need not consult its ignore set.
         """
         out: dict[tuple[int, int], bool] = {}
         for rel, d in self._dirs.items():
             if out.get(d.key) is False:
                 continue
-            out[d.key] = not self._is_root_of(rel, d)
+            out[d.key] = bool(self.exclude) or not self._is_root_of(rel, d)   # excluded files are in it too
         return out
 
     def _is_root_of(self, rel: str, d: "_Dir") -> bool:
@@ -448,16 +451,20 @@ class Scope:
         subdirs: list[str] = []
         dev, subvol = key
         prefix = f"{rel}/" if rel else ""
+        exclude = self.exclude
         # Once per file of the scope (a million in duet bench scale): kept lean.
         with os.scandir(fd) as entries:
             for entry in entries:
                 name = entry.name
                 try:
                     if entry.is_dir(follow_symlinks=False):
-                        subdirs.append(name)
+                        if not (exclude and exclude.excluded(prefix + name, name, True)):
+                            subdirs.append(name)
                         continue
                     if not entry.is_file(follow_symlinks=False):
                         continue  # symlinks, devices, fifos, sockets
+                    if exclude and exclude.excluded(prefix + name, name, False):
+                        continue
                     ino = entry.inode()
                     if known.get(name) != ino:
                         relpath = prefix + name

@@ -26,6 +26,7 @@ Why it is still exact:
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import struct
@@ -37,6 +38,7 @@ from collections.abc import Callable, Generator, Iterator
 from pyroaring import BitMap
 
 from duet_core.events import FileId
+from duet_core.exclude import NOTHING, Exclusions
 
 RECORD = struct.Struct("<QQQI")    # dev, subvol, ino, length of the serialized page bitmap that follows
 END = (1 << 64) - 1                # dev = subvol = ino = END: the last record; its length field is unused
@@ -53,7 +55,8 @@ class SnapshotChild:
     child and returns what it found; :meth:`close` (idempotent) kills it if it still runs and reaps it.
     """
 
-    def __init__(self, root: str, pairs: set[tuple[int, int]], one_file_system: bool = False):
+    def __init__(self, root: str, pairs: set[tuple[int, int]], one_file_system: bool = False,
+                 exclude: Exclusions = NOTHING):
         self.pairs = frozenset(pairs)
         self.error: str | None = None
         self.complete = False
@@ -64,7 +67,7 @@ class SnapshotChild:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
         argv = [sys.executable, "-P", "-m", "duet_core.snapshotter", str(self._out), str(os.getpid()),
-                "1" if one_file_system else "0", os.fsencode(root),
+                "1" if one_file_system else "0", json.dumps(exclude.record()), os.fsencode(root),
                 *(f"{dev}:{subvol}" for dev, subvol in sorted(self.pairs))]
         try:
             self.proc: subprocess.Popen | None = subprocess.Popen(
@@ -145,9 +148,10 @@ def _read_records(fd: int) -> Generator[tuple[FileId, BitMap], None, tuple[int, 
 # ------------------------------------------------------------------------------------------------------ the child
 
 
-def snapshot_tree(root: str | bytes, pairs: set[tuple[int, int]], one_file_system: bool, out) -> tuple[int, int]:
-    """Walk ``root`` as :class:`~duet_core.scope.Scope` does and write a record to ``out`` for every regular file
-    on ``pairs`` with pages in the cache; return (files read, files cached).
+def snapshot_tree(root: str | bytes, pairs: set[tuple[int, int]], one_file_system: bool, out,
+                  exclude: Exclusions = NOTHING) -> tuple[int, int]:
+    """Walk ``root`` as :class:`~duet_core.scope.Scope` does (``exclude`` left out) and write a record to ``out``
+    for every regular file on ``pairs`` with pages in the cache; return (files read, files cached).
 
     Every directory is listed (one on another pair may hold more of a covered one below it), and unreadable or
     vanished entries are skipped, as the scan skips them.
@@ -181,9 +185,14 @@ def snapshot_tree(root: str | bytes, pairs: set[tuple[int, int]], one_file_syste
                     for entry in entries:
                         try:
                             if entry.is_dir(follow_symlinks=False):
-                                subdirs.append(f"{rel}/{entry.name}" if rel else entry.name)
+                                sub = f"{rel}/{entry.name}" if rel else entry.name
+                                if not (exclude and exclude.excluded(sub, entry.name, True)):
+                                    subdirs.append(sub)
                                 continue
                             if not covered or not entry.is_file(follow_symlinks=False):
+                                continue
+                            if exclude and exclude.excluded(f"{rel}/{entry.name}" if rel else entry.name,
+                                                            entry.name, False):
                                 continue
                             fd = open_regular(dir_fd, entry.name, entry.inode())
                         except OSError:
@@ -216,15 +225,18 @@ def snapshot_tree(root: str | bytes, pairs: set[tuple[int, int]], one_file_syste
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m duet_core.snapshotter OUT_FD PARENT_PID ONE_FS ROOT DEV:SUBVOL...`` (started by SnapshotChild)."""
-    out_fd, parent, one_fs, root = int(argv[0]), int(argv[1]), argv[2] == "1", os.fsencode(argv[3])
+    """``python -m duet_core.snapshotter OUT_FD PARENT_PID ONE_FS EXCLUDE_JSON ROOT DEV:SUBVOL...`` (started by
+    SnapshotChild)."""
+    out_fd, parent, one_fs, root = int(argv[0]), int(argv[1]), argv[2] == "1", os.fsencode(argv[4])
+    rules = json.loads(argv[3])
+    exclude = Exclusions(rules["patterns"], rules["own"])
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:   # the parent died before the line above: nobody wants the result
         return 1
-    pairs = {(int(d), int(s)) for d, s in (p.split(":") for p in argv[4:])}
+    pairs = {(int(d), int(s)) for d, s in (p.split(":") for p in argv[5:])}
     with open(out_fd, "wb", buffering=1 << 20) as out:
-        snapshot_tree(root, pairs, one_fs, out)
+        snapshot_tree(root, pairs, one_fs, out, exclude)
     return 0
 
 

@@ -9,6 +9,7 @@ from typing import Any, Callable, Literal
 
 from duet_core.errors import Stopped
 from duet_core.events import PAGE_SIZE, Event, FileId
+from duet_core.exclude import NOTHING, Exclusions
 
 Granularity = Literal["file", "range"]
 OPTION_TYPES = ("str", "int", "float", "bool", "size", "duration", "path")
@@ -85,6 +86,11 @@ class RunInfo:
     ``release_cached(file_id)`` lets go of a file kept cached with ``ItemResult(keep_cached=True)`` before the end of
     the run: the pages the run brought in are evicted now (cache hygiene), not at the end.
 
+    ``one_file_system`` and ``exclude`` say what of the tree below ``root`` is the scope: a task that walks the tree
+    itself (backup's sync pass) must leave out what they leave out — directories on other filesystems than the
+    root's (nested btrfs subvolumes are the same filesystem), and every entry ``exclude.excluded(relpath, name,
+    is_dir)`` is true for, without entering an excluded directory — as the scan did.
+
     ``stopping()`` is True once the run was asked to stop (SIGTERM, SIGINT; SIGHUP for ``duet watch``) — not when
     a ``--for`` budget runs out, which only stops the run between items. ``checkpoint()`` raises
     :class:`~duet_core.errors.Stopped` then: call it in long loops of ``duet_plan`` and ``duet_finish`` (a sync
@@ -103,6 +109,8 @@ class RunInfo:
     files: "Callable[[], Iterator[FileInfo]] | None" = None
     release_cached: "Callable[[int], None] | None" = None
     stopping: Callable[[], bool] = _never
+    one_file_system: bool = False
+    exclude: Exclusions = NOTHING
 
     def checkpoint(self) -> None:
         """Raise :class:`~duet_core.errors.Stopped` if the run is stopping; return at once otherwise."""

@@ -15,6 +15,7 @@ from duet_core import metrics, units
 from duet_core.cli.output import console, emit_json, is_tty, note
 from duet_core.config import Config, load_config
 from duet_core.errors import DuetError, printable, require_directory
+from duet_core.exclude import Exclusions
 from duet_core.plugins import TaskRegistry, load_plugins
 from duet_core.state import DEFAULT_STATE_DIR, StateStore
 from duet_core.tasks import TaskReport
@@ -26,6 +27,22 @@ if TYPE_CHECKING:   # the scheduler (numpy, the engine, BPF) is imported by the 
 
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 log = logging.getLogger("duet.cli")
+EXCLUDE_HELP = ("Leave out what matches (repeatable): a name at any depth ('*.tmp', '.cache/': directories only) "
+                "or a path from PATH's root ('/var/tmp', 'home/*/.cache'); added to the config's.")
+EXCLUDE_FROM_HELP = "Read exclude patterns from FILE, one per line ('#' comments and blank lines skipped)."
+
+
+def read_patterns(path: str | None) -> list[str]:
+    """The patterns of an ``--exclude-from`` file: one per line, blank lines and ``#`` comments skipped."""
+    if path is None:
+        return []
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise DuetError(f"cannot read --exclude-from {path}: {exc.strerror or exc}") from None
+    lines = os.fsdecode(raw).splitlines()
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
 def state_dir(option: str | None, config: Config) -> str:
@@ -260,10 +277,11 @@ class Reload:
             self.runner.stop_reason = "SIGHUP"
 
 
-def _execute(*args, reload: Reload | None = None) -> None:
+def _execute(*args, reload: Reload | None = None, exclude: list[str] | None = None,
+             exclude_from: str | None = None) -> None:
     """Unit parse errors (ValueError from duet_core.units) become a DuetError line."""
     try:
-        _execute_runs(*args, reload=reload)
+        _execute_runs(*args, reload=reload, exclude=list(exclude or []) + read_patterns(exclude_from))
     except ValueError as exc:
         raise DuetError(str(exc)) from None
 
@@ -288,7 +306,8 @@ def split_args(tokens: list[str]) -> tuple[list[str], list[str]]:
 def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget: str | None, rate_limit: str | None,
              idle_io: bool | None, cache_hygiene: bool | None, one_file_system: bool | None, json_out: bool,
              config_path: str | None, state_dir_opt: str | None, source: str, opts: list[str], mode: str,
-             quiet: bool, metrics_dir: str | None, reload: Reload | None = None) -> None:
+             quiet: bool, metrics_dir: str | None, reload: Reload | None = None, exclude: list[str] | None = None,
+             ) -> None:
     from duet_core.scheduler import Runner, RunOptions, resolve_options
 
     tasks, extra = split_args(list(tasks) + list(ctx.args))
@@ -317,6 +336,9 @@ def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget
     for text, parse in ((budget, units.parse_duration), (rate_limit, units.parse_rate)):
         if text:
             parse(text)
+    patterns = {root: (sc.exclude if sc else config.defaults.exclude) + tuple(exclude or ()) for root, _, sc in runs}
+    for pats in patterns.values():
+        Exclusions(pats)   # each pattern checked: one line for a bad one
     if source not in ("auto", "bpf", "poll"):
         raise DuetError(f"unknown event source {source!r} (use auto, bpf or poll)")
     store = StateStore(state_dir(state_dir_opt, config))
@@ -331,7 +353,7 @@ def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget
             cache_hygiene=d.cache_hygiene if cache_hygiene is None else cache_hygiene,
             one_file_system=(one_file_system if one_file_system is not None else
                              (sc.one_file_system if sc else d.one_file_system)),
-            source=source, mode=mode,
+            exclude=patterns[root], source=source, mode=mode,
             task_options=parse_task_args(extra, opts, names, registry, config, everyone))
         ui: LiveUI | MetricsUI = LiveUI(quiet=quiet or json_out)
         if metrics_dir:
@@ -372,6 +394,8 @@ def run(
                                        help="Evict what the run itself brought into the cache (default on)."),
     one_file_system: bool = typer.Option(None, "--one-file-system/--cross-file-systems", "-x",
                                          help="Stay on PATH's filesystem (nested subvolumes still count)."),
+    exclude: list[str] = typer.Option([], "--exclude", "-e", help=EXCLUDE_HELP),
+    exclude_from: str = typer.Option(None, "--exclude-from", help=EXCLUDE_FROM_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary object per scope."),
     config_path: str = typer.Option(None, "--config", help="Config file (default /etc/duet/duet.toml)."),
     state_dir_opt: str = typer.Option(None, "--state-dir", help="State directory (default /var/lib/duet)."),
@@ -392,7 +416,8 @@ def run(
       duet run --config /etc/duet/duet.toml --for 2h --rate-limit 50MB/s
     """
     _execute(ctx, tasks or [], path, budget, rate_limit, idle_io, cache_hygiene, one_file_system,
-                            json_out, config_path, state_dir_opt, source, opts, "run", quiet, metrics_dir)
+             json_out, config_path, state_dir_opt, source, opts, "run", quiet, metrics_dir,
+             exclude=exclude, exclude_from=exclude_from)
 
 
 def watch(
@@ -400,6 +425,8 @@ def watch(
     tasks: list[str] = typer.Argument(None, help="Tasks to run on what arrives in the cache.",
                                       autocompletion=complete_task),
     path: str = typer.Option(None, "--path", "-p", help="The scope."),
+    exclude: list[str] = typer.Option([], "--exclude", "-e", help=EXCLUDE_HELP),
+    exclude_from: str = typer.Option(None, "--exclude-from", help=EXCLUDE_FROM_HELP),
     budget: str = typer.Option(None, "--for", help="Stop after this long (default: until SIGTERM)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary object when stopped."),
     config_path: str = typer.Option(None, "--config", help="Config file."),
@@ -427,7 +454,8 @@ def watch(
         while True:
             try:
                 _execute(ctx, tasks or [], path, budget, None, True, False, None, json_out, config_path,
-                         state_dir_opt, source, opts, "watch", quiet, metrics_dir, reload=reload)
+                         state_dir_opt, source, opts, "watch", quiet, metrics_dir, reload=reload,
+                         exclude=exclude, exclude_from=exclude_from)
             except typer.Exit:
                 if reload.runner is None or reload.runner.stop_reason != "SIGHUP":   # SIGTERM wins over SIGHUP
                     raise

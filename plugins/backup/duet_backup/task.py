@@ -291,6 +291,7 @@ class BackupTask:
             "format": MANIFEST_FORMAT, "snapshot": name, "scope": run.root, "kind": kind,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "base": held.latest.name if held.latest else None,
+            "exclude": run.exclude.record(), "one_file_system": run.one_file_system,
             "files": result.files, "entries": result.entries,
             "bytes": sum(rec[1] for rec in result.files.values()),
             "changed_during_backup": result.changed, "special_files": result.special, "errors": result.errors,
@@ -314,7 +315,8 @@ class BackupTask:
         try:
             return TreeSync(src_fd, held.tree_fd, held.staged, held.published, prev_fd,
                             on_copy=held.target.journal_add, fatal=held.target_failed,
-                            checkpoint=run.checkpoint).run()
+                            checkpoint=run.checkpoint, exclude=run.exclude,
+                            one_file_system=run.one_file_system).run()
         finally:
             if prev_fd is not None:
                 os.close(prev_fd)
@@ -328,10 +330,13 @@ class BackupTask:
         listing), against the versions the last pass recorded; "the mirror is that snapshot" holds when the target
         says so (``Target.tree_is``: it was published from the mirror, and no run has written to the mirror since —
         not a newer snapshot deleted by hand, not a killed run's stray copies), no copy is journaled, and the last
-        snapshot is complete (no errors, nothing that changed while copied). On other filesystems every snapshot is
+        snapshot is complete (no errors, nothing that changed while copied), made with the same exclusions and
+        ``one_file_system`` as this run. On other filesystems every snapshot is
         a new tree of links, so there the full pass always runs."""
         latest = held.latest.manifest if held.latest else None
         if (not held.target.btrfs or not latest or "entries" not in latest or latest.get("scope") != run.root
+                or latest.get("exclude") != run.exclude.record()
+                or latest.get("one_file_system", False) != run.one_file_system
                 or latest.get("errors") or latest.get("changed_during_backup") or held.staged
                 or held.marked or not held.target.tree_is(held.latest.name)):
             return None

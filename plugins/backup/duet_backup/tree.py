@@ -26,8 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from duet_backup.fsops import copy_file, copy_xattrs, open_dir, replace, sig, tmp_name
+from duet_core.exclude import NOTHING, Exclusions
 from duet_core.filesystems import remove_tree_at
-from duet_core.identity import open_beneath
+from duet_core.identity import DevMap, open_beneath
 from duet_core.scope import open_regular
 
 Record = list   # [inode, size, mtime ns, ctime ns, blake3 hex]
@@ -90,8 +91,14 @@ class TreeSync:
                  published: dict[str, Record] | None = None, prev_fd: int | None = None,
                  on_copy: Callable[[str, Record], None] | None = None,
                  fatal: Callable[[OSError], bool] | None = None,
-                 checkpoint: Callable[[], None] | None = None):
+                 checkpoint: Callable[[], None] | None = None,
+                 exclude: Exclusions = NOTHING, one_file_system: bool = False):
         self.src_fd, self.tree_fd, self.prev_fd = src_fd, tree_fd, prev_fd
+        # What the scope leaves out (RunInfo.exclude, .one_file_system): not copied, and removed from the tree.
+        self.exclude, self.one_file_system = exclude, one_file_system
+        self._devmap = DevMap()
+        self._root_dev = self._devmap.info(os.fstat(src_fd).st_dev, src_fd).dev if one_file_system else 0
+        self._sealed: set[str] = set()    # directories on another filesystem (-x): kept, but as if empty
         self.staged, self.published = staged or {}, published or {}
         self.on_copy = on_copy or (lambda rel, rec: None)
         # An error that is the tree's, not one entry's (the target is full, read-only, gone): the pass stops.
@@ -131,8 +138,12 @@ class TreeSync:
             tree_dir = open_dir(self.tree_fd, reldir, create=True)
             prev_dir = self._open_prev(reldir)
             entries: list[tuple[str, os.stat_result]] = []
+            exclude = self.exclude
             with os.scandir(src_dir) as it:
                 for e in it:
+                    if reldir in self._sealed or (exclude and exclude.excluded(join(reldir, e.name), e.name,
+                                                                                 e.is_dir(follow_symlinks=False))):
+                        continue
                     try:
                         entries.append((e.name, e.stat(follow_symlinks=False)))
                     except FileNotFoundError:
@@ -154,6 +165,8 @@ class TreeSync:
                         self._dirs.append((rel, st))
                         self.result.dirs += 1
                         self.result.entries[rel] = entry_sig(st)
+                        if self._foreign(st, src_dir, name):
+                            self._sealed.add(rel)   # the mount point is kept (as rsync -x does), not what is on it
                         stack.append(rel)
                     elif stat.S_ISLNK(st.st_mode):
                         self._sync_symlink(src_dir, tree_dir, name, st)
@@ -178,6 +191,13 @@ class TreeSync:
             for fd in (src_dir, tree_dir, prev_dir):
                 if fd >= 0:
                     os.close(fd)
+
+    def _foreign(self, st: os.stat_result, src_dir: int, name: str) -> bool:
+        """A directory on another filesystem than the root's (a nested btrfs subvolume is the same one), when the
+        scope stays on one filesystem."""
+        if not self.one_file_system:
+            return False
+        return self._devmap.info(st.st_dev, name, src_dir).dev != self._root_dev
 
     def _dir_gone(self, reldir: str) -> None:
         """A directory its parent's listing showed is no longer one: it is left out, like a file deleted since it
