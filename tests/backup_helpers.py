@@ -108,9 +108,10 @@ def evict_regular(scope: str) -> None:
                     os.close(fd)
 
 
-def rsync_diff(src: str, dst: str) -> list[str]:
-    """What ``rsync -aHAX -c --delete`` would change to make ``dst`` equal ``src`` (nothing, for an exact copy)."""
-    proc = subprocess.run(["rsync", "-aHAX", "-n", "-c", "--delete", "--itemize-changes",
+def rsync_diff(src: str, dst: str, *rules: str) -> list[str]:
+    """What ``rsync -aHAX -c --delete`` would change to make ``dst`` equal ``src`` (nothing, for an exact copy);
+    ``rules``: more rsync options (``--exclude=...``, ``-x``)."""
+    proc = subprocess.run(["rsync", "-aHAX", "-n", "-c", "--delete", "--itemize-changes", *rules,
                            src.rstrip("/") + "/", dst.rstrip("/") + "/"], capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return [line for line in proc.stdout.decode(errors="backslashreplace").splitlines() if line.strip()]

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import backup_helpers as bh
 import fsimage
 import pytest
-from test_backup import Duet, one_error, snap
+from test_backup import Duet, one_error, snap, source, target  # noqa: F401 - fixtures: btrfs source, btrfs/ext4 target
 
 from duet_core.exclude import Exclusions
 
@@ -27,18 +26,6 @@ LEFT_OUT = ["b.tmp", "home/al/y.tmp", "home/al/.cache/big", "var/tmp/scratch", "
             "build/out.o", "src/deep/build/out.o"]
 
 
-@pytest.fixture
-def source(require_root):
-    with fsimage.loop_fs("btrfs", direct_io=True) as fs:
-        yield fs
-
-
-@pytest.fixture
-def target(require_root):
-    with fsimage.loop_fs("btrfs") as fs:
-        yield fs
-
-
 def make_tree(scope: str) -> None:
     for i, rel in enumerate(KEPT + LEFT_OUT):
         bh.write(os.path.join(scope, rel), f"{rel}\n".encode() * (i + 1))
@@ -51,14 +38,6 @@ def tree_files(root: str) -> set[str]:
         for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
             out.add(os.path.relpath(os.path.join(dirpath, name), root))
     return out
-
-
-def rsync_diff(src: str, dst: str, *rules: str) -> list[str]:
-    """What rsync, given the same rules, would change to make ``dst`` the source (nothing, for an exact copy)."""
-    proc = subprocess.run(["rsync", "-aHAX", "-n", "-c", "--delete", "--itemize-changes", *rules,
-                           src.rstrip("/") + "/", dst.rstrip("/") + "/"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return [line for line in proc.stdout.splitlines() if line.strip()]
 
 
 def test_the_patterns_match_as_documented():
@@ -85,7 +64,7 @@ def test_excluded_entries_are_in_no_snapshot_and_a_new_pattern_takes_them_out(du
     rep = duet.backup(scope, target.mnt, *args)
     taken = snap(target, rep["snapshot"])
     assert tree_files(taken) == set(KEPT), tree_files(taken) ^ set(KEPT)
-    assert rsync_diff(scope, taken, *(f"--exclude={p}" for p in PATTERNS)) == []
+    assert bh.rsync_diff(scope, taken, *(f"--exclude={p}" for p in PATTERNS)) == []
     assert rep["_summary"]["dataset_bytes"] == sum(os.path.getsize(os.path.join(scope, r)) for r in KEPT)
 
     # Nothing changed in the source, one more pattern: the next snapshot leaves that out too (no shortcut taken
@@ -116,7 +95,7 @@ def test_one_file_system_keeps_the_mount_point_but_not_what_is_mounted_on_it(due
             taken = snap(target, rep["snapshot"])
             assert os.path.isdir(os.path.join(taken, "mnt"))
             assert tree_files(taken) == {"top", "sub/in-subvolume"}
-            assert rsync_diff(scope, taken, "-x") == []
+            assert bh.rsync_diff(scope, taken, "-x") == []
             assert rep["_summary"]["dataset_bytes"] == 8
 
             rep = duet.backup(scope, target.mnt)        # crossing file systems again: the other one is in
