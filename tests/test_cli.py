@@ -71,6 +71,23 @@ def test_doctor_json_says_bpf_works(bpf_required):
     assert {c["name"] for c in report["checks"]} >= {"kernel", "btf", "tracepoints", "bpf"}
 
 
+def events_json(root: str, during, *args: str) -> list[dict]:
+    """``duet events --json`` over ``root`` for 5 s while ``during()`` runs (once it is watching): its lines."""
+    proc = subprocess.Popen([sys.executable, "-m", "duet_core.cli.main", "events", "--path", root,
+                             "--duration", "5", "--interval", "0.5", "--json", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()     # "watching ...": attached and registered (however long start-up took)
+        assert first.startswith("duet: watching "), first
+        during()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, first + err
+    return [json.loads(line) for line in out.splitlines()]
+
+
 @pytest.mark.bpf
 def test_events_json_reports_interval_deltas(bpf_required, btrfs_fs):
     """A file read during the run shows up with its pages added; counts are per interval, not running totals."""
@@ -81,12 +98,7 @@ def test_events_json_reports_interval_deltas(bpf_required, btrfs_fs):
         os.fsync(fh.fileno())
     evict_file(path)    # every page: one DONTNEED can leave one, and then the reads add one fewer
 
-    proc = subprocess.Popen([sys.executable, "-m", "duet_core.cli.main", "events", "--path", btrfs_fs.mnt,
-                             "--duration", "5", "--interval", "0.5", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        first = proc.stderr.readline()     # "watching ...": attached and registered (however long start-up took)
-        assert first.startswith("duet: watching "), first
+    def reads():
         rfd = os.open(path, os.O_RDONLY)
         os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_RANDOM)   # no readahead: exactly the pages read
         os.pread(rfd, 32 * PAGE_SIZE, 0)
@@ -94,12 +106,8 @@ def test_events_json_reports_interval_deltas(bpf_required, btrfs_fs):
         time.sleep(1.2)
         with open(path, "rb") as fh:
             fh.read()
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 0, first + err
-    lines = [json.loads(line) for line in out.splitlines()]
+
+    lines = events_json(btrfs_fs.mnt, reads)
     mine = [rec for rec in lines if rec["path"] == path]
     assert len(mine) >= 2, lines          # two reads, in two different intervals
     for rec in mine:
@@ -108,3 +116,21 @@ def test_events_json_reports_interval_deltas(bpf_required, btrfs_fs):
     # Net of removals, so that a cache drop by anything else on the machine cannot double-count a page.
     assert sum(rec["added"] - rec["removed"] for rec in mine) == 64
     assert mine[-1]["resident_pct"] == 100.0
+
+
+@pytest.mark.bpf
+def test_events_leaves_out_what_is_excluded(bpf_required, btrfs_fs):
+    paths = {rel: os.path.join(btrfs_fs.mnt, rel) for rel in ("keep", "d/.cache/skip", "d/skip.tmp")}
+    for p in paths.values():
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as fh:
+            fh.write(os.urandom(8 * PAGE_SIZE))
+        evict_file(p)
+
+    def reads():
+        for p in paths.values():
+            with open(p, "rb") as fh:
+                fh.read()
+
+    seen = {rec["path"] for rec in events_json(btrfs_fs.mnt, reads, "--exclude", ".cache/", "-e", "*.tmp")}
+    assert seen == {paths["keep"]}, seen

@@ -18,6 +18,7 @@ from duet_core import residency
 from duet_core.cli.output import console, emit_json, is_tty, note
 from duet_core.errors import DuetError, printable, require_directory
 from duet_core.events import EVENTS, Batch, Event, FileId
+from duet_core.exclude import Exclusions
 
 if TYPE_CHECKING:   # the engine (numpy, BPF) is imported by the command that uses it
     from duet_core.engine import Engine
@@ -82,6 +83,8 @@ def events(
     source: str = typer.Option("auto", "--source", help="auto, bpf or poll."),
     one_file_system: bool = typer.Option(False, "--one-file-system", "-x",
                                          help="Stay on the filesystem of PATH (subvolumes still included)."),
+    exclude: list[str] = typer.Option([], "--exclude", "-e", help="Leave out what matches (repeatable), as duet run "
+                                      "does: a name at any depth ('*.tmp', '.cache/') or a path from PATH's root."),
 ) -> None:
     """Show page-cache events for files under PATH, live, like top.
 
@@ -98,13 +101,14 @@ def events(
     if interval <= 0 or duration < 0:
         raise DuetError("--interval must be > 0 and --duration >= 0")
     require_directory(path)
+    rules = Exclusions(exclude)
     signal.signal(signal.SIGTERM, _sigterm)
     from duet_core.engine import Engine
 
     with Engine(source=source) as engine:
         if engine.source_warning:
             note(engine.source_warning)
-        reg = engine.register("events", ev_mask, path, one_file_system=one_file_system)
+        reg = engine.register("events", ev_mask, path, one_file_system=one_file_system, exclude=rules)
         note(f"watching {reg.path} ({len(reg.scope.files)} files) with the {engine.source_name} source")
         try:
             run_view(engine, reg, duration, interval, json_out)
