@@ -357,6 +357,7 @@ class Runner:
         reports = {t.name: TaskReport(t.name) for t in self.tasks} | {r.name: r.report for r in self.runs}
         summary = {
             "scope": self.root, "result": result, "source": source,
+            "exclude": list(self.exclude.patterns), "one_file_system": self.opts.one_file_system,
             "tasks": {name: rep.as_dict() for name, rep in reports.items()},
             "dataset_bytes": store.dataset_bytes(self.scope_id) if dataset_bytes is None else dataset_bytes,
             "scan_skipped": self.scope.skipped,
