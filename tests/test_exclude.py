@@ -136,3 +136,7 @@ def test_bad_exclude_patterns_are_one_line_and_exit_2(duet, source, tmp_path):
     bad.write_text('[defaults]\nexclude = ["ok", "//"]\n')
     one_error(duet("run", "--config", str(bad), "scrub", "--path", scope), 2, "defaults.exclude[1]")
     assert not os.path.exists(os.path.join(tmp_path, "snapshots"))
+    # An absolute path under the scope is taken as rsync takes it (from the scope's root): said, not refused.
+    proc = duet("run", "scrub", "--path", scope, "--exclude", os.path.join(scope, "f"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"for {os.path.join(scope, 'f')} write '/f'" in proc.stderr, proc.stderr

@@ -337,8 +337,13 @@ def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget
         if text:
             parse(text)
     patterns = {root: (sc.exclude if sc else config.defaults.exclude) + tuple(exclude or ()) for root, _, sc in runs}
-    for pats in patterns.values():
+    for root, pats in patterns.items():
         Exclusions(pats)   # each pattern checked: one line for a bad one
+        real = os.path.realpath(root)
+        for p in pats:
+            if real != "/" and p.startswith(real + "/"):
+                note(f"exclude pattern {p!r} is relative to the scope {real}: it names "
+                     f"{printable(real + p)}; for {printable(p)} write {p[len(real):]!r}")
     if source not in ("auto", "bpf", "poll"):
         raise DuetError(f"unknown event source {source!r} (use auto, bpf or poll)")
     store = StateStore(state_dir(state_dir_opt, config))
