@@ -1,0 +1,104 @@
+"""``duet verify``: snapshots read back against the blake3 their backup recorded, on real btrfs and ext4 targets.
+
+Damage is made as it happens: a bit flipped on the btrfs target's device under a snapshot's file (btrfs then refuses
+the block: EIO), and on ext4 bytes changed in place, a file truncated, removed, or added by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import backup_helpers as bh
+import pytest
+from test_backup import Duet, one_error, snap, source  # noqa: F401 - source: the btrfs source fixture
+from test_scrub import flip_bit
+
+from duet_core import residency
+from duet_core.testing import evict_tree
+
+pytestmark = pytest.mark.bpf
+
+duet = Duet.fixture()
+
+
+def verify(duet: Duet, target: str, *args: str) -> tuple[int, dict]:
+    proc = duet("verify", "--target", target, "--json", *args)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode in (0, 6), proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def problems(report: dict) -> dict[tuple[str, str], str]:
+    """(snapshot, path inside it) -> problem."""
+    return {(c["snapshot"], c["path"].split(f"/snapshots/{c['snapshot']}/", 1)[1]): c["problem"]
+            for c in report["corrupt"]}
+
+
+def test_damage_in_hard_link_snapshots_is_found_in_every_snapshot_sharing_it(duet, source, ext4_fs):
+    scope = bh.make_tree(source.mnt)
+    first = duet.backup(scope, ext4_fs.mnt)["snapshot"]
+    code, report = verify(duet, ext4_fs.mnt)
+    assert code == 0 and report["corrupt"] == [], report
+    (checked,) = report["snapshots"]
+    assert checked["files"] == len(bh.manifest(ext4_fs.mnt, first)["files"]) and checked["bytes"] > 3 << 20
+
+    bh.write(os.path.join(scope, "docs", "note00.txt"), b"changed for the second snapshot")
+    second = duet.backup(scope, ext4_fs.mnt)["snapshot"]
+    # The second snapshot links every unchanged file to the first: damage to one inode is damage to both.
+    taken = snap(ext4_fs, second)
+    with open(os.path.join(taken, "big", "blob.bin"), "r+b") as fh:     # one bit, in place: same size, same times
+        fh.seek(123456)
+        byte = fh.read(1)
+        fh.seek(123456)
+        fh.write(bytes([byte[0] ^ 1]))
+    os.truncate(os.path.join(taken, "docs", "note03.txt"), 10)
+    os.unlink(os.path.join(taken, "docs", "note00.txt"))
+    bh.write(os.path.join(taken, "docs", "planted"), b"nobody backed this up")
+    evict_tree(ext4_fs.mnt)
+
+    note03 = os.path.getsize(os.path.join(scope, "docs", "note03.txt"))
+    code, report = verify(duet, ext4_fs.mnt, "--all")
+    assert code == 6
+    found = problems(report)
+    assert found == {
+        (first, "big/blob.bin"): "content differs from what the backup recorded (blake3)",
+        (second, "big/blob.bin"): "content differs from what the backup recorded (blake3)",
+        (first, "docs/note03.txt"): f"size 10, the backup recorded {note03}",
+        (second, "docs/note03.txt"): found[(first, "docs/note03.txt")],
+        (second, "docs/note00.txt"): "missing",
+        (second, "docs/planted"): "not put there by the backup (not in the manifest)",
+    }, found
+    # What the check read is not left in the page cache.
+    assert report["snapshots"][1]["bytes"] > 3 << 20
+    fd = os.open(os.path.join(taken, "big", "blob.bin"), os.O_RDONLY)
+    try:
+        assert residency.resident_count(fd) == 0
+    finally:
+        os.close(fd)
+
+    code, report = verify(duet, ext4_fs.mnt, "--snapshot", first)
+    assert code == 6 and {s for s, _ in problems(report)} == {first}
+
+
+def test_a_bit_flipped_on_a_btrfs_target_is_found(duet, source, btrfs_fs):
+    scope = os.path.join(source.mnt, "data")
+    for i in range(4):
+        bh.write(os.path.join(scope, f"f{i}"), os.urandom(256 << 10))
+    name = duet.backup(scope, btrfs_fs.mnt)["snapshot"]
+    assert verify(duet, btrfs_fs.mnt)[0] == 0
+    flip_bit(btrfs_fs, os.path.join(snap(btrfs_fs, name), "f2"), 100_000)
+    code, report = verify(duet, btrfs_fs.mnt)
+    assert code == 6
+    assert problems(report) == {(name, "f2"): "unreadable: Input/output error"}, report
+    proc = duet("verify", "--target", btrfs_fs.mnt)       # the same, for people: one line per damaged file
+    assert proc.returncode == 6
+    assert f"CORRUPT {snap(btrfs_fs, name)}/f2: unreadable" in proc.stdout, proc.stdout
+
+
+def test_bad_input_is_one_line(duet, tmp_path, ext4_fs):
+    one_error(duet("verify", "--target", ext4_fs.mnt), 2, "no snapshots")
+    one_error(duet("verify", "--target", str(tmp_path / "nowhere")), 2, "nowhere")
+    os.makedirs(os.path.join(ext4_fs.mnt, "snapshots", "2026-01-01T000000Z"))
+    one_error(duet("verify", "--target", ext4_fs.mnt, "--snapshot", "2027-01-01T000000Z"), 2, "no snapshot")
+    one_error(duet("verify", "--target", ext4_fs.mnt), 2, "has no manifest")
