@@ -22,4 +22,6 @@ def test_bench_backup_reports_duet_and_rsync(bpf_required):
     sample = report["samples"][0]
     assert sample["duet_initial"]["copied"] == report["files"] == sample["duet_initial"]["files"]
     assert sample["duet_rerun"]["copied"] == 0 and report["duet_rerun_device_read_bytes"] < 1 << 20
+    assert sample["verify"]["files"] == report["files"] and sample["verify"]["bytes"] == report["dataset_bytes"]
+    assert report["verify_s"] > 0 and report["read_all_s"] > 0
     assert proc.returncode == (0 if all(report["targets"].values()) else 1)

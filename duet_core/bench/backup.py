@@ -10,8 +10,9 @@ their page cache would otherwise be written back during the next tool's run. The
 reported alone and with the ``sync -f`` that makes its copies durable (duet fsyncs every file before it counts as
 backed up); the target is duet (defaults) at most as slow as plain ``rsync -a``, on both runs. duet is also timed
 "unthrottled" (``--no-idle-io --no-cache-hygiene``: normal I/O priority and a page cache left full, as rsync
-runs), to show what its politeness costs. The backup plugin is run as a subprocess through its entry point: the
-core never imports it.
+runs), to show what its politeness costs. Last, ``duet verify`` reads duet's newest snapshot back against its
+blake3s, timed against ``cat`` of the same files (no target: for the record). The backup plugin is run as a
+subprocess through its entry point: the core never imports it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,25 @@ def _duet(src: str, dst: str, state: str, config: str, *extra: str) -> dict:
             "unchanged": rep.get("unchanged"), "duet_wall_s": summary.get("wall_s")}
 
 
+def _verify(dst: str) -> dict:
+    """``duet verify`` of the target's newest snapshot: every file read back and hashed (docs/backup.md)."""
+    wall, proc = _timed([sys.executable, "-m", "duet_core.cli.main", "verify", "--target", dst, "--json"])
+    report = json.loads(proc.stdout)
+    if report["corrupt"]:
+        raise DuetError(f"duet verify found damage in the bench's own snapshot: {report['corrupt'][:3]}")
+    return {"wall_s": wall, "files": report["snapshots"][0]["files"], "bytes": report["snapshots"][0]["bytes"]}
+
+
+def _read_all(tree: str) -> dict:
+    """What reading the same snapshot costs without checking it: ``cat`` of every regular file."""
+    files = [os.path.join(d, f) for d, _, names in os.walk(tree) for f in names
+             if os.path.isfile(os.path.join(d, f)) and not os.path.islink(os.path.join(d, f))]
+    t0 = time.monotonic()
+    subprocess.run(["xargs", "-0", "cat"], input=b"\0".join(os.fsencode(f) for f in files),
+                   stdout=subprocess.DEVNULL, check=True)
+    return {"wall_s": time.monotonic() - t0}
+
+
 def run_backup_bench(size: int = 1 << 30, target_fs: str = "ext4", runs: int = 1, progress=None) -> dict:
     if os.geteuid() != 0:
         raise DuetError("duet bench backup needs root (loop devices, BPF)")
@@ -102,6 +122,13 @@ def run_backup_bench(size: int = 1 << 30, target_fs: str = "ext4", runs: int = 1
                         say(f"run {i + 1}/{runs}: {label}, no-change rerun")
                         settle(src)
                         sample[f"{label}_rerun"] = fn()
+                    # Reading the backup back: duet verify of duet's newest snapshot, and cat of the same tree.
+                    checks = (("verify", functools.partial(_verify, dt.mnt)),
+                              ("read_all", functools.partial(_read_all, os.path.join(dt.mnt, "snapshots"))))
+                    for label, fn in checks[i % 2:] + checks[:i % 2]:
+                        say(f"run {i + 1}/{runs}: {label} of the snapshot")
+                        settle(os.path.join(dt.mnt, "snapshots"))
+                        sample[label] = fn()
                     samples.append(sample)
 
     def med(key: str, field: str = "wall_s") -> float:
@@ -118,12 +145,15 @@ def run_backup_bench(size: int = 1 << 30, target_fs: str = "ext4", runs: int = 1
         # Of duet's no-change rerun, the time inside the run (scan, plan, finish: its summary's wall_s); the rest
         # is the process starting (Python, imports, configuration) and exiting.
         "duet_rerun_in_run_s": med("duet_rerun", "duet_wall_s"),
+        # duet verify of one snapshot, against cat of every file of it (all snapshots: two links to each file)
+        "verify_s": med("verify"), "read_all_s": med("read_all"),
         "machine": {"nproc": os.cpu_count(), "kernel": os.uname().release},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "samples": samples,
     }
     report["initial_ratio"] = round(report["duet_initial_s"] / report["rsync_initial_s"], 3)
     report["rerun_ratio"] = round(report["duet_rerun_s"] / report["rsync_rerun_s"], 3)
+    report["verify_ratio"] = round(report["verify_s"] / report["read_all_s"], 3)
     report["targets"] = {"initial_at_most_rsync": report["initial_ratio"] <= 1.0,
                          "rerun_at_most_rsync": report["rerun_ratio"] <= 1.0}
     return report

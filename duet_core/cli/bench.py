@@ -444,6 +444,8 @@ def backup(
                       "finish), the rest is the process starting and exiting")
         console.print(f"duet no-change rerun read {units.format_bytes(report['duet_rerun_device_read_bytes'])} "
                       f"from the device")
+        console.print(f"duet verify of the newest snapshot: {report['verify_s']:.2f} s, cat of the same files "
+                      f"{report['read_all_s']:.2f} s ({report['verify_ratio']:.2f} x)")
         for name, ok in report["targets"].items():
             console.print(f"target {name}: {'[green]met[/]' if ok else '[red]MISSED[/]'}")
     if not all(report["targets"].values()):

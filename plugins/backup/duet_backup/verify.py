@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ from duet_core.identity import open_beneath
 from duet_core.scope import open_regular
 
 CHUNK = 1 << 20
+AHEAD_FILES = 64        # files opened and read ahead before their turn ...
+AHEAD_BYTES = 32 << 20  # ... and at most this much of them (one file always)
 
 
 @dataclass
@@ -38,11 +41,58 @@ class Checked:
     problems: dict[str, str] = field(default_factory=dict)
 
 
-def _digest(fd: int, size: int, progress: Callable[[int], None]) -> str:
-    """The blake3 of the file's first ``size`` bytes, read in chunks; the pages read for it are evicted after."""
+class _Opened:
+    """A file of the manifest, opened ahead of its turn: its descriptor (or why it could not be opened), its stat,
+    and its pages that were cached before the check read it ahead."""
+
+    def __init__(self, snap: int, rel: str):
+        self.rel, self.fd, self.error = rel, -1, None
+        self.ahead = 0      # bytes asked to be read ahead
+        try:
+            self.fd = open_regular(snap, rel)
+            self.st = os.fstat(self.fd)
+            self.before = residency.resident_pages(self.fd, self.st.st_size)
+        except OSError as exc:
+            self.close()
+            self.error = exc
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _ahead(snap: int, rels: list[str], hashed: dict) -> Iterator[_Opened]:
+    """The files in turn, each opened (and its read-ahead asked for) up to AHEAD_FILES / AHEAD_BYTES before its turn,
+    so the device reads the next files while this one is hashed — small files above all."""
+    window: deque[_Opened] = deque()
+    nbytes, nxt = 0, 0
+    try:
+        while nxt < len(rels) or window:
+            while nxt < len(rels) and len(window) < AHEAD_FILES and (not window or nbytes < AHEAD_BYTES):
+                o = _Opened(snap, rels[nxt])
+                nxt += 1
+                window.append(o)
+                if o.fd >= 0 and (o.st.st_dev, o.st.st_ino) not in hashed and not o.before:
+                    os.posix_fadvise(o.fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                    o.ahead = o.st.st_size
+                    nbytes += o.ahead
+            o = window.popleft()
+            nbytes -= o.ahead
+            try:
+                yield o
+            finally:
+                o.close()
+    finally:
+        for o in window:
+            o.close()
+
+
+def _digest(o: _Opened, progress: Callable[[int], None]) -> str:
+    """The blake3 of the file, read in chunks; the pages read for it are evicted after (those cached before stay)."""
     import blake3
 
-    before = residency.resident_pages(fd, size)
+    size, fd = o.st.st_size, o.fd
     h = blake3.blake3()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -56,10 +106,10 @@ def _digest(fd: int, size: int, progress: Callable[[int], None]) -> str:
             off += n
             progress(n)
     finally:
-        if not before:
+        if not o.before:
             residency.evict(fd)
         else:
-            for first, count in residency.runs_of(residency.resident_pages(fd, size) - before):
+            for first, count in residency.runs_of(residency.resident_pages(fd, size) - o.before):
                 residency.evict(fd, first * residency.PAGE_SIZE, count * residency.PAGE_SIZE)
     return h.hexdigest()
 
@@ -90,27 +140,24 @@ def check_snapshot(name: str, snap: int, manifest: dict, hashed: dict[tuple[int,
     (st_dev, st_ino) from one snapshot to the next."""
     out = Checked(name)
     files: dict[str, list] = manifest.get("files", {})
-    for rel, record in files.items():
+    for o in _ahead(snap, sorted(files), hashed):
+        rel, record = o.rel, files[o.rel]
         out.files += 1
         size, want = record[1], record[4] if len(record) > 4 else None
-        try:
-            fd = open_regular(snap, rel)
-        except OSError as exc:
+        if o.error is not None:
+            exc = o.error
             out.problems[rel] = ("missing" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else
                                  "not a regular file" if exc.errno == errno.EINVAL else
                                  f"cannot open: {exc.strerror or exc}")
             continue
+        key = (o.st.st_dev, o.st.st_ino)
         try:
-            st = os.fstat(fd)
-            key = (st.st_dev, st.st_ino)
             if key not in hashed:
-                hashed[key] = (st.st_size, _digest(fd, st.st_size, progress))
-            have_size, have = hashed[key]
+                hashed[key] = (o.st.st_size, _digest(o, progress))
         except OSError as exc:
             out.problems[rel] = f"unreadable: {exc.strerror or exc}"
             continue
-        finally:
-            os.close(fd)
+        have_size, have = hashed[key]
         out.bytes += have_size
         if have_size != size:
             out.problems[rel] = f"size {have_size}, the backup recorded {size}"
