@@ -82,6 +82,14 @@ def test_minus_one_keeps_every_bucket_and_an_empty_policy_keeps_everything():
         Policy(daily=-2)
 
 
+def test_keep_within_keeps_every_snapshot_near_the_newest_as_restic_does():
+    """restic's --keep-within: measured back from the newest snapshot (not from now), the bound included."""
+    assert kept(SIX_HOURLY, within=36 * 3600) == {name(t) for t in SIX_HOURLY if t >= T0 + timedelta(days=8, hours=6)}
+    assert kept(SIX_HOURLY, within=6 * 3600, daily=3) == {"2026-11-10T180000Z", "2026-11-10T120000Z",
+                                                          "2026-11-09T180000Z", "2026-11-08T180000Z"}
+    assert apply_policy(snaps(SIX_HOURLY), Policy(within=60)).keep == {"2026-11-10T180000Z": ["within"]}
+
+
 def test_snapshot_names_are_strict():
     assert parse_name("2026-11-26T041500Z") == datetime(2026, 11, 26, 4, 15, tzinfo=UTC)
     for bad in ("2026-11-26T0415Z", "2026-13-26T041500Z", "2026-11-26 041500Z", "latest", ".2026-11-26T041500Z",
@@ -184,6 +192,11 @@ def test_dry_run_lists_and_deletes_nothing_then_prune_keeps_exactly_the_policy_o
     assert set(rep["ignored"]) == {"2026-13-01T000000Z", "README"}
     assert listing(target) == before
     assert dry.stderr.count("would remove snapshot") == len(DAYS) - 2
+
+    # restic's --keep-within, measured from the newest snapshot (11-25T1615), the bound included.
+    within = gc_report(duet("run", "gc", "--path", scope, "--target", target, "--keep-within", "1d", "--json"))
+    assert set(within["retention"]["keep"]) == {"2026-11-25T161500Z", "2026-11-25T041500Z", "2026-11-24T161500Z"}
+    assert len(within["retention"]["remove"]) == len(DAYS) - 3 and listing(target) == before
 
     pruned = duet("run", "gc", "--path", scope, "--target", target, "--keep-daily", "2", "--prune", "--json")
     rep = gc_report(pruned)["retention"]
@@ -314,6 +327,7 @@ def test_with_a_backup_task_target_goes_to_both_and_the_new_snapshot_is_kept(ext
     (["--target", "/nonexistent-gc-target", "--keep-last", "1"], 2, "is not an existing directory"),
     (["--target", "relative/target"], 2, "not an absolute path"),
     (["--keep-daily", "many"], 2, "option 'keep_daily'"),
+    (["--keep-within", "soon"], 2, "option 'keep_within'"),
 ])
 def test_bad_retention_input_is_one_line(ext4_fs, tmp_path, args, code, needle):
     scope = os.path.join(ext4_fs.mnt, "scope")

@@ -52,7 +52,8 @@ def say(line: str) -> None:
 
 
 def policy_of(options: dict[str, Any]) -> Policy:
-    return Policy(**{rule: options.get(f"keep_{rule}") or 0 for rule in RULES})
+    return Policy(**{rule: options.get(f"keep_{rule}") or 0 for rule in RULES},
+                  within=options.get("keep_within") or 0.0)
 
 
 class Gc:
@@ -79,6 +80,8 @@ class Gc:
                 TaskOption("min_size", "size", default=4096, help="ignore files smaller than this"),
                 TaskOption("target", "path", help="backup target whose snapshots/ retention applies to"),
                 *keep,
+                TaskOption("keep_within", "duration", default=0,
+                           help="keep every snapshot made within this long of the newest one, e.g. 30d"),
                 TaskOption("prune", "bool", default=False,
                            help="remove the snapshots the policy drops (default: dry run, list them)"),
             ),

@@ -10,7 +10,8 @@ The policy is restic's ``forget`` policy (``internal/restic/snapshot_policy.go``
 snapshots are sorted newest first; ``last`` keeps the N newest; each calendar rule (hourly, daily, weekly, monthly,
 yearly) keeps the newest snapshot of each of its N most recent buckets that hold a snapshot — and, when it still
 has buckets to fill after the oldest snapshot, that oldest one too (restic ≥ 0.16), so the history kept is as long
-as it can be. A count of -1 means every bucket. A snapshot is kept if any rule keeps it. Buckets are computed in
+as it can be. A count of -1 means every bucket. ``within`` (restic's ``--keep-within``) keeps every snapshot made
+at most that long before the newest one. A snapshot is kept if any rule keeps it. Buckets are computed in
 UTC, the time zone of the snapshot names. On top of restic: the newest snapshot is never removed, whatever the
 policy, and an empty policy removes nothing.
 """
@@ -23,9 +24,10 @@ import re
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from duet_core.errors import DuetError
+from duet_core.units import format_duration
 from duet_core.filesystems import BTRFS_SUPER_MAGIC, fs_magic, remove_tree_at
 from duet_core.identity import BTRFS_FIRST_FREE_OBJECTID
 
@@ -61,18 +63,24 @@ class Policy:
     weekly: int = 0
     monthly: int = 0
     yearly: int = 0
+    within: float = 0.0     # seconds: every snapshot made this long or less before the newest one (0: off)
 
     def __post_init__(self) -> None:
         for rule in RULES:
             if getattr(self, rule) < -1:
                 raise DuetError(f"--keep-{rule} {getattr(self, rule)}: use a count ≥ 0, or -1 for all")
+        if self.within < 0:
+            raise DuetError(f"--keep-within {self.within}: use a duration like 30d")
 
     @property
     def empty(self) -> bool:
-        return not any(getattr(self, rule) for rule in RULES)
+        return not any(getattr(self, rule) for rule in RULES) and not self.within
 
     def describe(self) -> str:
-        return " ".join(f"--keep-{r} {getattr(self, r)}" for r in RULES if getattr(self, r)) or "(no keep rule)"
+        rules = [f"--keep-{r} {getattr(self, r)}" for r in RULES if getattr(self, r)]
+        if self.within:
+            rules.append(f"--keep-within {format_duration(self.within)}")
+        return " ".join(rules) or "(no keep rule)"
 
 
 @dataclass(frozen=True)
@@ -108,8 +116,9 @@ def apply_policy(snapshots: Iterable[Snapshot], policy: Policy) -> Decision:
         return out
     counts = {rule: getattr(policy, rule) for rule in RULES}
     last_bucket: dict[str, object] = {rule: None for rule in RULES}
+    since = ordered[0].time - timedelta(seconds=policy.within) if ordered and policy.within else None
     for nr, snap in enumerate(ordered):
-        reasons = []
+        reasons = ["within"] if since is not None and snap.time >= since else []
         for rule in RULES:
             if counts[rule] == 0:
                 continue
