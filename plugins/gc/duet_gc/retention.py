@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from duet_core.errors import DuetError
-from duet_core.units import format_duration
 from duet_core.filesystems import BTRFS_SUPER_MAGIC, fs_magic, remove_tree_at
 from duet_core.identity import BTRFS_FIRST_FREE_OBJECTID
+from duet_core.units import format_duration
 
 NAME_FORMAT = "%Y-%m-%dT%H%M%SZ"
 NAME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{6}Z$")
