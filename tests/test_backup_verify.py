@@ -35,6 +35,12 @@ def problems(report: dict) -> dict[tuple[str, str], str]:
             for c in report["corrupt"]}
 
 
+def listed(duet: Duet, target: str) -> list[dict]:
+    proc = duet("snapshots", "--target", target, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["snapshots"]
+
+
 def test_damage_in_hard_link_snapshots_is_found_in_every_snapshot_sharing_it(duet, source, ext4_fs):
     scope = bh.make_tree(source.mnt)
     first = duet.backup(scope, ext4_fs.mnt)["snapshot"]
@@ -42,6 +48,7 @@ def test_damage_in_hard_link_snapshots_is_found_in_every_snapshot_sharing_it(due
     assert code == 0 and report["corrupt"] == [], report
     (checked,) = report["snapshots"]
     assert checked["files"] == len(bh.manifest(ext4_fs.mnt, first)["files"]) and checked["bytes"] > 3 << 20
+    assert [r["verified"]["problems"] for r in listed(duet, ext4_fs.mnt)] == [0]
 
     bh.write(os.path.join(scope, "docs", "note00.txt"), b"changed for the second snapshot")
     second = duet.backup(scope, ext4_fs.mnt)["snapshot"]
@@ -69,6 +76,8 @@ def test_damage_in_hard_link_snapshots_is_found_in_every_snapshot_sharing_it(due
         (second, "docs/note00.txt"): "missing",
         (second, "docs/planted"): "not put there by the backup (not in the manifest)",
     }, found
+    # duet snapshots shows what the last check of each found; a snapshot never checked says so.
+    assert [r["verified"]["problems"] for r in listed(duet, ext4_fs.mnt)] == [2, 4]
     # What the check read is not left in the page cache.
     assert report["snapshots"][1]["bytes"] > 3 << 20
     fd = os.open(os.path.join(taken, "big", "blob.bin"), os.O_RDONLY)
@@ -79,6 +88,9 @@ def test_damage_in_hard_link_snapshots_is_found_in_every_snapshot_sharing_it(due
 
     code, report = verify(duet, ext4_fs.mnt, "--snapshot", first)
     assert code == 6 and {s for s, _ in problems(report)} == {first}
+    third = duet.backup(scope, ext4_fs.mnt)["snapshot"]
+    assert [r["name"] for r in listed(duet, ext4_fs.mnt) if r["verified"] is None] == [third]
+    assert "never" in duet("snapshots", "--target", ext4_fs.mnt).stdout
 
 
 def test_a_bit_flipped_on_a_btrfs_target_is_found(duet, source, btrfs_fs):

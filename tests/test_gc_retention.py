@@ -162,6 +162,9 @@ def make_plain_target(root: str, times, outside: str) -> str:
         os.symlink(os.path.dirname(outside), os.path.join(snap, "home", "escape-dir"))
         with open(os.path.join(target, ".duet", "manifests", name(t) + ".json"), "w") as fh:
             json.dump({"snapshot": name(t)}, fh)
+        os.makedirs(os.path.join(target, ".duet", "verified"), mode=0o700, exist_ok=True)
+        with open(os.path.join(target, ".duet", "verified", name(t) + ".json"), "w") as fh:
+            json.dump({"verified": "2026-11-26T00:00:00Z", "problems": 0}, fh)   # as duet verify records it
     os.mkdir(os.path.join(target, "snapshots", "2026-13-01T000000Z"))    # not a time: not a snapshot
     with open(os.path.join(target, "snapshots", "README"), "w") as fh:
         fh.write("not a snapshot\n")
@@ -202,7 +205,8 @@ def test_dry_run_lists_and_deletes_nothing_then_prune_keeps_exactly_the_policy_o
     rep = gc_report(pruned)["retention"]
     assert sorted(rep["removed"]) == sorted({name(t) for t in DAYS} - KEEP_DAILY_2)
     assert listing(target) == KEEP_DAILY_2 | {"2026-13-01T000000Z", "README"}
-    assert sorted(os.listdir(os.path.join(target, ".duet", "manifests"))) == sorted(f"{n}.json" for n in KEEP_DAILY_2)
+    for records in ("manifests", "verified"):
+        assert sorted(os.listdir(os.path.join(target, ".duet", records))) == sorted(f"{n}.json" for n in KEEP_DAILY_2)
     assert os.listdir(os.path.join(target, ".duet", "trash")) == []
     assert os.stat(os.path.join(target, ".duet", "trash")).st_mode & 0o777 == 0o700
     for n in KEEP_DAILY_2:   # what is kept is whole

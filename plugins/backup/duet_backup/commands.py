@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 
 import typer
 
@@ -21,7 +22,7 @@ def snapshots(
     target: str = typer.Option(..., "--target", "-t", help="The backup target (as given to duet run backup)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object."),
 ) -> None:
-    """List the snapshots at a backup target, oldest first: name, files, bytes, what changed.
+    """List the snapshots at a backup target, oldest first: name, files, bytes, when duet verify last checked each.
 
     Examples:
       duet snapshots --target /mnt/backup
@@ -39,7 +40,7 @@ def snapshots(
                          "scope": m.get("scope"), "created": m.get("created"),
                          "files": len(m["files"]) if "files" in m else None, "bytes": m.get("bytes"),
                          "changed_during_backup": len(m.get("changed_during_backup", [])),
-                         "errors": len(m.get("errors", []))})
+                         "errors": len(m.get("errors", [])), "verified": t.verified(name)})
     finally:
         t.close()
     if json_out:
@@ -50,11 +51,16 @@ def snapshots(
     from duet_core import units
 
     table = Table(title=f"snapshots at {t.path}", title_justify="left")
-    for col in ("snapshot", "kind", "files", "size", "scope"):
-        table.add_column(col, justify="right" if col in ("files", "size") else "left")
+    for col in ("snapshot", "kind", "files", "size", "scope", "verified"):
+        # The scope gives way to the rest on a narrow screen; a snapshot's name is never cut.
+        table.add_column(col, justify="right" if col in ("files", "size") else "left",
+                         no_wrap=col != "scope", overflow="fold" if col == "scope" else "ellipsis")
     for r in rows:
+        v = r["verified"]
+        checked = "never" if not v else f"{str(v.get('verified', '?'))[:10]} " + (f"{v['problems']} bad"
+                                                                                  if v.get("problems") else "ok")
         table.add_row(r["name"], r["kind"] or "?", "?" if r["files"] is None else str(r["files"]),
-                      "?" if r["bytes"] is None else units.format_bytes(r["bytes"]), r["scope"] or "?")
+                      "?" if r["bytes"] is None else units.format_bytes(r["bytes"]), r["scope"] or "?", checked)
     console.print(table if rows else f"no snapshots at {t.path}")
 
 
@@ -204,7 +210,7 @@ def verify(
     """
     from duet_backup.target import Target
     from duet_backup.verify import check_snapshot
-    from duet_core.cli.output import emit_json, is_tty
+    from duet_core.cli.output import emit_json, is_tty, note
 
     t = Target(target, create=False)
     try:
@@ -230,6 +236,14 @@ def verify(
                     results.append(check_snapshot(name, snap, manifests[name], hashed, advance))
                 finally:
                     os.close(snap)
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for r in results:
+            try:
+                t.record_verified(r.name, {"verified": when, "files": r.files, "bytes": r.bytes,
+                                           "problems": len(r.problems)})
+            except OSError as exc:   # a target mounted read-only: checked all the same, not recorded
+                note(f"the result for {r.name} is not recorded in the target: {exc.strerror or exc}")
+                break
     finally:
         t.close()
     corrupt = [{"snapshot": r.name, "path": os.path.join(t.path, "snapshots", r.name, rel), "problem": why}
@@ -242,7 +256,7 @@ def verify(
         from duet_core import units
 
         lines = [f"CORRUPT {c['path']}: {c['problem']}" for c in corrupt]   # one line each, never wrapped
-        lines += [f"{r.name}: {r.files} files, {units.format_bytes(r.bytes)} read back, "
+        lines += [f"{r.name}: {r.files} file(s), {units.format_bytes(r.bytes)} read back, "
                   f"{len(r.problems) or 'no'} problem(s)" for r in results]
         for line in lines:   # names need not be UTF-8: undecodable bytes escaped
             print(line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))

@@ -11,6 +11,8 @@ Layout (shared with the gc task, which reads ``snapshots/``)::
         tree-of        btrfs: the name of the snapshot the mirror still is exactly (gone from a run's first write
                        to the mirror until the next snapshot is published from it)
         lock           flock: one backup writes to a target at a time
+        verified/<timestamp>.json              what the last ``duet verify`` of that snapshot found (removed by gc
+                                               with the snapshot)
 
 A snapshot's name exists only once it is complete: on btrfs a read-only snapshot of the mirror is created under
 it; elsewhere the finished ``incomplete`` tree is renamed to it. A run killed at any point leaves the published
@@ -20,6 +22,7 @@ snapshots as they were, and the next run continues with ``mirror``/``incomplete`
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
@@ -35,6 +38,7 @@ from duet_core.identity import mounts, open_beneath, statx
 SNAPSHOTS = "snapshots"
 INTERNAL = ".duet"
 TREE_OF = "tree-of"
+VERIFIED = "verified"       # .duet/verified/<name>.json: what the last duet verify of a snapshot found
 NAME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{6}Z$")
 NAME_FORMAT = "%Y-%m-%dT%H%M%SZ"
 
@@ -249,6 +253,33 @@ class Target:
             if m is not None:
                 return Snapshot(name, m)
         return None
+
+    def record_verified(self, name: str, record: dict) -> None:
+        """Keep what ``duet verify`` found in snapshot ``name`` (``.duet/verified/<name>.json``, 0600), for
+        ``duet snapshots`` to show. OSError if the target cannot be written (mounted read-only)."""
+        _check_name(name)
+        if self.internal < 0:
+            raise OSError(errno.ENOENT, "no .duet directory", self.path)
+        fd = self._subdir(self.internal, VERIFIED, 0o700)
+        try:
+            write_atomic(fd, name + ".json", json.dumps(record, separators=(",", ":")).encode())
+        finally:
+            os.close(fd)
+
+    def verified(self, name: str) -> dict | None:
+        """What the last ``duet verify`` of snapshot ``name`` found, or None if it was never verified."""
+        _check_name(name)
+        try:
+            fd = open_beneath(self.internal, f"{VERIFIED}/{name}.json") if self.internal >= 0 else -1
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if fd < 0:
+            return None
+        with os.fdopen(fd, "rb") as fh:
+            try:
+                return json.loads(fh.read())
+            except ValueError:
+                return None
 
     def open_snapshot(self, name: str) -> int:
         _check_name(name)

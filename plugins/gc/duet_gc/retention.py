@@ -4,6 +4,7 @@ The target layout is the one backup writes (docs/gc.md)::
 
     TARGET/snapshots/2026-11-26T041500Z/    a published snapshot (a plain tree, or a read-only btrfs subvolume)
     TARGET/.duet/manifests/<name>.json      backup's manifest of that snapshot
+    TARGET/.duet/verified/<name>.json       what duet verify found in that snapshot
     TARGET/.duet/trash/                     where gc moves a plain-tree snapshot before removing it
 
 The policy is restic's ``forget`` policy (``internal/restic/snapshot_policy.go``), so users get what they know:
@@ -147,6 +148,7 @@ class Target:
         self.internal_dir = os.path.join(self.path, ".duet")
         self.trash_dir = os.path.join(self.internal_dir, "trash")
         self.manifests_dir = os.path.join(self.internal_dir, "manifests")
+        self.verified_dir = os.path.join(self.internal_dir, "verified")   # duet verify's record of each snapshot
         try:
             st = os.lstat(self.snapshots_dir)
         except FileNotFoundError:
@@ -174,7 +176,7 @@ class Target:
         A btrfs subvolume goes in one step (``btrfsutil.delete_subvolume``: the name disappears at once, the
         cleaner frees its extents later). A plain tree is first renamed into ``.duet/trash/`` — an atomic step,
         made durable with an fsync of snapshots/ — and then removed there; :meth:`empty_trash` finishes what a
-        crash interrupted. Its manifest goes once the snapshot is gone.
+        crash interrupted. Its manifest (and ``duet verify``'s record of it) go once the snapshot is gone.
         """
         if parse_name(name) is None:
             raise DuetError(f"refusing to remove {name!r}: not a snapshot name")
@@ -189,13 +191,12 @@ class Target:
             os.rename(path, os.path.join(self.trash_dir, name))
             _fsync_dir(self.snapshots_dir)
             _fsync_dir(self.trash_dir)
-        manifest = os.path.join(self.manifests_dir, name + ".json")
-        try:
-            os.unlink(manifest)
-        except FileNotFoundError:
-            pass
-        else:
-            _fsync_dir(self.manifests_dir)
+        for records in (self.manifests_dir, self.verified_dir):
+            try:
+                os.unlink(os.path.join(records, name + ".json"))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            _fsync_dir(records)
         self.empty_trash()
 
     def empty_trash(self) -> int:
