@@ -108,6 +108,26 @@ def test_a_bit_flipped_on_a_btrfs_target_is_found(duet, source, btrfs_fs):
     assert f"CORRUPT {snap(btrfs_fs, name)}/f2: unreadable" in proc.stdout, proc.stdout
 
 
+def test_the_target_comes_from_the_config_when_not_given(duet, source, ext4_fs, tmp_path):
+    """As from cron: duet verify / snapshots / restore with the config duet run backup uses."""
+    scope = os.path.join(source.mnt, "data")
+    bh.write(os.path.join(scope, "f"), b"from the config\n")
+    name = duet.backup(scope, ext4_fs.mnt)["snapshot"]
+    config = tmp_path / "duet.toml"
+    config.write_text(f'[task.backup]\ntarget = "{ext4_fs.mnt}"\n')
+    assert verify(duet, ext4_fs.mnt)[0] == 0
+    proc = duet("verify", "--config", str(config), "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["snapshots"][0]["name"] == name, proc.stderr
+    proc = duet("snapshots", "--config", str(config), "--json")
+    assert [r["name"] for r in json.loads(proc.stdout)["snapshots"]] == [name]
+    out = tmp_path / "restored"
+    out.mkdir()
+    assert duet("restore", "--config", str(config), "f", "--to", str(out)).returncode == 0
+    assert (out / "f").read_bytes() == b"from the config\n"
+    config.write_text("")
+    one_error(duet("verify", "--config", str(config)), 2, "has no target in [task.backup]")
+
+
 def test_bad_input_is_one_line(duet, tmp_path, ext4_fs):
     one_error(duet("verify", "--target", ext4_fs.mnt), 2, "no snapshots")
     one_error(duet("verify", "--target", str(tmp_path / "nowhere")), 2, "nowhere")

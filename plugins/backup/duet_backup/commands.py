@@ -17,10 +17,29 @@ import typer
 
 from duet_core.errors import DuetError
 
+TARGET_HELP = "The backup target (default: target in the config's [task.backup])."
+CONFIG_HELP = "Config file for the default target (default /etc/duet/duet.toml)."
+
+
+def target_of(given: str | None, config_path: str | None) -> str:
+    """``--target``, else the ``target`` of the config's ``[task.backup]`` (what ``duet run backup`` uses)."""
+    if given:
+        return given
+    from duet_core.config import DEFAULT_PATH, load_config
+
+    target = load_config(config_path).options_for("backup").get("target")
+    if not target:
+        raise DuetError(f"no --target given, and {config_path or DEFAULT_PATH} has no target in [task.backup]",
+                        hint="duet ... --target /mnt/backup")
+    if not isinstance(target, str):
+        raise DuetError(f"{config_path or DEFAULT_PATH}: task.backup.target: expected a path, got {target!r}")
+    return target
+
 
 def snapshots(
-    target: str = typer.Option(..., "--target", "-t", help="The backup target (as given to duet run backup)."),
+    target: str = typer.Option(None, "--target", "-t", help=TARGET_HELP),
     json_out: bool = typer.Option(False, "--json", help="One JSON object."),
+    config: str = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """List the snapshots at a backup target, oldest first: name, files, bytes, when duet verify last checked each.
 
@@ -31,7 +50,7 @@ def snapshots(
     from duet_backup.target import Target
     from duet_core.cli.output import console, emit_json
 
-    t = Target(target, create=False)
+    t = Target(target_of(target, config), create=False)
     try:
         rows = []
         for name in t.snapshot_names():
@@ -68,8 +87,9 @@ def restore(
     paths: list[str] = typer.Argument(..., help="What to restore: paths inside the snapshot (relative, or absolute "
                                                "under the backed-up scope); '.' for everything."),
     to: str = typer.Option(..., "--to", help="Existing directory to restore into (each PATH as DEST/<its name>)."),
-    target: str = typer.Option(..., "--target", "-t", help="The backup target."),
+    target: str = typer.Option(None, "--target", "-t", help=TARGET_HELP),
     snapshot: str = typer.Option(None, "--snapshot", "-s", help="Snapshot name (default: the newest)."),
+    config: str = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Restore files or directories from a snapshot, exactly as they were backed up.
 
@@ -85,7 +105,7 @@ def restore(
     from duet_backup.tree import TreeSync
 
     dest_real = os.path.realpath(to)
-    t = Target(target, create=False)
+    t = Target(target_of(target, config), create=False)
     try:
         names = t.snapshot_names()
         if not names:
@@ -194,11 +214,12 @@ def _new_dir(dest: int, name: str, shown: str) -> int:
 
 
 def verify(
-    target: str = typer.Option(..., "--target", "-t", help="The backup target."),
+    target: str = typer.Option(None, "--target", "-t", help=TARGET_HELP),
     snapshot: list[str] = typer.Option([], "--snapshot", "-s", help="Snapshot to check (repeatable; default: the "
                                                                     "newest)."),
     every: bool = typer.Option(False, "--all", help="Check every snapshot."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object; damaged files under \"corrupt\"."),
+    config: str = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Read snapshots back and check every file against the blake3 its backup recorded (bit rot on the backup disk,
     files changed, missing or added by hand). Exit 0: all as backed up; 6: damage found, each file named; 2: bad
@@ -207,12 +228,13 @@ def verify(
     Examples:
       duet verify --target /mnt/backup
       duet verify --target /mnt/backup --all --json | jq '.corrupt'
+      duet verify --config /etc/duet/duet.toml      # the target of its [task.backup], as from cron
     """
     from duet_backup.target import Target
     from duet_backup.verify import check_snapshot
     from duet_core.cli.output import emit_json, is_tty, note
 
-    t = Target(target, create=False)
+    t = Target(target_of(target, config), create=False)
     try:
         names = t.snapshot_names()
         if not names:
