@@ -134,3 +134,27 @@ def test_bad_input_is_one_line(duet, tmp_path, ext4_fs):
     os.makedirs(os.path.join(ext4_fs.mnt, "snapshots", "2026-01-01T000000Z"))
     one_error(duet("verify", "--target", ext4_fs.mnt, "--snapshot", "2027-01-01T000000Z"), 2, "no snapshot")
     one_error(duet("verify", "--target", ext4_fs.mnt), 2, "has no manifest")
+
+
+def test_diff_between_snapshots_from_their_manifests(duet, source, ext4_fs):
+    scope = os.path.join(source.mnt, "data")
+    for rel in ("a", "b", "c", "d/keep"):
+        bh.write(os.path.join(scope, rel), rel.encode() * 1000)
+    first = duet.backup(scope, ext4_fs.mnt)["snapshot"]
+    os.unlink(os.path.join(scope, "a"))
+    bh.write(os.path.join(scope, "b"), b"new content")
+    os.chmod(os.path.join(scope, "c"), 0o600)                  # same bytes, another mode: metadata only
+    bh.write(os.path.join(scope, "e"), b"e" * 3000)
+    os.makedirs(os.path.join(scope, "f"))
+    os.symlink("../e", os.path.join(scope, "f", "link"))
+    second = duet.backup(scope, ext4_fs.mnt)["snapshot"]
+    proc = duet("diff", "--target", ext4_fs.mnt, "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert (got["old"], got["new"]) == (first, second)
+    assert {k: got[k] for k in ("added", "removed", "modified", "metadata")} == {
+        "added": ["e", "f", "f/link"], "removed": ["a"], "modified": ["b"], "metadata": ["c"]}, got
+    assert (got["added_bytes"], got["removed_bytes"]) == (3000, 1000)
+    text = duet("diff", "--target", ext4_fs.mnt, first, second).stdout.splitlines()
+    assert text[:6] == ["- a", "+ e", "+ f", "+ f/link", "M b", "U c"], text
+    one_error(duet("diff", "--target", ext4_fs.mnt, first), 2, "give two snapshots")

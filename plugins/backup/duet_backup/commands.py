@@ -307,3 +307,67 @@ class _bytes_progress:
     def __exit__(self, *exc):
         if self._bar is not None:
             self._bar.__exit__(*exc)
+
+
+def diff(
+    names: list[str] = typer.Argument(None, help="Two snapshots, older first (default: the two newest)."),
+    target: str = typer.Option(None, "--target", "-t", help=TARGET_HELP),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object: added, removed, modified, metadata."),
+    config: str = typer.Option(None, "--config", help=CONFIG_HELP),
+) -> None:
+    """What changed between two snapshots, from their manifests (nothing is read): + added, - removed, M content
+    changed, U same content with other times or owner/mode (a new ctime). Directories, symlinks and special files
+    show as added or removed.
+
+    Examples:
+      duet diff --target /mnt/backup                        # the newest snapshot against the one before
+      duet diff --target /mnt/backup 2026-11-20T023000Z 2026-11-27T023000Z --json
+    """
+    from duet_backup.target import Target
+
+    t = Target(target_of(target, config), create=False)
+    try:
+        have = t.snapshot_names()
+        if names and len(names) != 2:
+            raise DuetError("give two snapshots (older first), or none for the two newest")
+        old, new = names or (have[-2:] if len(have) >= 2 else (None, None))
+        if old is None:
+            raise DuetError(f"{t.path} has {len(have)} snapshot(s): a diff needs two")
+        manifests = {}
+        for name in (old, new):
+            if name not in have:
+                raise DuetError(f"no snapshot {name} in {t.path}", hint="see duet snapshots --target")
+            manifests[name] = t.manifest(name)
+            if manifests[name] is None:
+                raise DuetError(f"snapshot {name} has no manifest: there is nothing to compare")
+    finally:
+        t.close()
+    a, b = manifests[old], manifests[new]
+    fa, fb = a.get("files", {}), b.get("files", {})
+    ea, eb = a.get("entries", {}), b.get("entries", {})
+    changes = {"added": sorted((set(fb) - set(fa)) | (set(eb) - set(ea) - {""})),
+               "removed": sorted((set(fa) - set(fb)) | (set(ea) - set(eb) - {""})),
+               "modified": [], "metadata": []}
+    for rel in sorted(set(fa) & set(fb)):
+        ra, rb = fa[rel], fb[rel]
+        if ra[1] != rb[1] or ra[4:5] != rb[4:5]:
+            changes["modified"].append(rel)
+        elif ra[2:4] != rb[2:4]:
+            changes["metadata"].append(rel)
+    added_bytes = sum(fb[r][1] for r in changes["added"] if r in fb)
+    removed_bytes = sum(fa[r][1] for r in changes["removed"] if r in fa)
+    if json_out:
+        from duet_core.cli.output import emit_json
+
+        emit_json({"target": t.path, "old": old, "new": new, **changes,
+                   "added_bytes": added_bytes, "removed_bytes": removed_bytes})
+        return
+    from duet_core import units
+
+    lines = [f"{mark} {rel}" for key, mark in (("removed", "-"), ("added", "+"), ("modified", "M"),
+                                                ("metadata", "U")) for rel in changes[key]]
+    lines.append(f"{old} -> {new}: {len(changes['added'])} added ({units.format_bytes(added_bytes)}), "
+                 f"{len(changes['removed'])} removed ({units.format_bytes(removed_bytes)}), "
+                 f"{len(changes['modified'])} modified, {len(changes['metadata'])} with other metadata")
+    for line in lines:   # names need not be UTF-8: undecodable bytes escaped
+        print(line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
