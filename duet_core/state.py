@@ -537,6 +537,12 @@ class StateStore:
     def scopes(self) -> list[tuple[int, str]]:
         return list(self.db.execute("SELECT id, root FROM scopes ORDER BY root"))
 
+    def last_summary(self, scope_id: int) -> dict:
+        """The summary of the scope's most recent finished run ({} if none)."""
+        row = self.db.execute("SELECT summary FROM runs WHERE scope_id=? AND ended IS NOT NULL ORDER BY id DESC "
+                              "LIMIT 1", (scope_id,)).fetchone()
+        return json.loads(row[0] or "{}") if row else {}
+
     def last_runs(self, scope_id: int) -> dict[str, dict]:
         """The most recent finished run of each task on the scope: {task: {started, ended, result, summary}}."""
         out: dict[str, dict] = {}

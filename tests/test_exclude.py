@@ -67,6 +67,8 @@ def test_excluded_entries_are_in_no_snapshot_and_a_new_pattern_takes_them_out(du
     assert bh.rsync_diff(scope, taken, *(f"--exclude={p}" for p in PATTERNS)) == []
     assert rep["_summary"]["dataset_bytes"] == sum(os.path.getsize(os.path.join(scope, r)) for r in KEPT)
     assert rep["_summary"]["exclude"] == PATTERNS and rep["_summary"]["one_file_system"] is False
+    status = json.loads(duet("status", "--path", scope, "--json").stdout)["scopes"][0]
+    assert status["exclude"] == PATTERNS and status["one_file_system"] is False
 
     # Nothing changed in the source, one more pattern: the next snapshot leaves that out too (no shortcut taken
     # from the last snapshot, made under other rules). From a file, as --exclude-from reads them.

@@ -37,7 +37,9 @@ def collect(store: StateStore, path: str | None) -> list[dict]:
                 "bytes_from_device": lr.get("bytes_from_device", 0),
                 "last_run": lr.get("ended"), "last_result": lr.get("result"),
             }
-        out.append({"scope": root, "tasks": tasks})
+        rules = store.last_summary(scope_id)    # what the last run left out of the scope
+        out.append({"scope": root, "exclude": rules.get("exclude", []),
+                    "one_file_system": rules.get("one_file_system", False), "tasks": tasks})
     return out
 
 
@@ -62,7 +64,9 @@ def status(
         emit_json({"state_dir": directory, "scopes": scopes})
         return
     for sc in scopes:
-        table = Table(title=sc["scope"], title_justify="left")
+        rules = [*sc["exclude"], *(["other filesystems (-x)"] if sc["one_file_system"] else [])]
+        title = sc["scope"] + (f" — leaving out {', '.join(rules)}" if rules else "")
+        table = Table(title=title, title_justify="left")
         for col in ("task", "round", "done", "processed", "from cache", "from device", "last run", "result"):
             table.add_column(col, justify="left" if col in ("task", "last run", "result") else "right")
         for name, t in sc["tasks"].items():
