@@ -342,13 +342,16 @@ def test_registrations_share_one_program_but_each_sees_its_scope_and_mask(btrfs_
     cold_read(fb)
     batch_a = settle(engine, only_a)
     assert pages_by(batch_a.items, Event.ADDED) == {file_id(fa): set(range(32))}
-    assert engine.fetch(everything).items == []
+    # The reads are not "all"'s to see (its mask is REMOVED). A page the kernel reclaims meanwhile is (DAMON pages
+    # out cold memory here): it then counts with the evictions below, where it is not removed a second time.
+    early = engine.fetch(everything).items
+    assert all(it.flags == Event.REMOVED for it in early), early
     evict(fa)
     evict(fb)
     time.sleep(0.3)
     engine.pump(force=True)
     assert engine.fetch(only_a).items == []
-    removed = pages_by(engine.fetch(everything).items, Event.REMOVED)
+    removed = pages_by(early + engine.fetch(everything).items, Event.REMOVED)
     assert removed == {file_id(fa): set(range(32)), file_id(fb): set(range(32))}
     engine.unregister(only_a)
     engine.unregister(everything)
