@@ -62,6 +62,9 @@ def test_damage_in_hard_link_snapshots_is_found_in_every_snapshot_sharing_it(due
     os.truncate(os.path.join(taken, "docs", "note03.txt"), 10)
     os.unlink(os.path.join(taken, "docs", "note00.txt"))
     bh.write(os.path.join(taken, "docs", "planted"), b"nobody backed this up")
+    os.rmdir(os.path.join(taken, "empty-dir"))
+    os.unlink(os.path.join(taken, "dangling"))
+    os.symlink("/etc/shadow", os.path.join(taken, "docs", "planted-link"))
     evict_tree(ext4_fs.mnt)
 
     note03 = os.path.getsize(os.path.join(scope, "docs", "note03.txt"))
@@ -75,9 +78,12 @@ def test_damage_in_hard_link_snapshots_is_found_in_every_snapshot_sharing_it(due
         (second, "docs/note03.txt"): found[(first, "docs/note03.txt")],
         (second, "docs/note00.txt"): "missing",
         (second, "docs/planted"): "not put there by the backup (not in the manifest)",
+        (second, "empty-dir"): "missing",
+        (second, "dangling"): "missing",
+        (second, "docs/planted-link"): "not put there by the backup (not in the manifest)",
     }, found
     # duet snapshots shows what the last check of each found; a snapshot never checked says so.
-    assert [r["verified"]["problems"] for r in listed(duet, ext4_fs.mnt)] == [2, 4]
+    assert [r["verified"]["problems"] for r in listed(duet, ext4_fs.mnt)] == [2, 7]
     # What the check read is not left in the page cache.
     assert report["snapshots"][1]["bytes"] > 3 << 20
     fd = os.open(os.path.join(taken, "big", "blob.bin"), os.O_RDONLY)

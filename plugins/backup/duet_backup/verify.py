@@ -1,9 +1,9 @@
 """``duet verify``: read a snapshot back and check every regular file against the blake3 its manifest recorded.
 
 What ``restic check --read-data`` and ``borg check --verify-data`` do for their repositories: bit rot on the backup
-disk, a file changed in a snapshot by hand, a file missing or one that no backup put there. A btrfs target refuses
-a damaged block with EIO (its own checksum), which is reported as unreadable; on other filesystems only the
-manifest's hash can tell.
+disk, a file changed in a snapshot by hand, a file, directory or symlink missing, or one that no backup put there.
+A btrfs target refuses a damaged block with EIO (its own checksum), which is reported as unreadable; on other
+filesystems only the manifest's hash can tell.
 
 - Each file is opened beneath the snapshot without following a symlink, and only if it is a regular file.
 - An inode is hashed once however many names and snapshots share it (hard-link snapshots on ext4 share every
@@ -114,24 +114,26 @@ def _digest(o: _Opened, progress: Callable[[int], None]) -> str:
     return h.hexdigest()
 
 
-def _regular_files(snap: int) -> Iterator[str]:
-    """Every regular file of the snapshot tree (no symlink followed), as a path inside it."""
+def _tree(snap: int) -> dict[str, bool]:
+    """Every entry of the snapshot tree (no symlink followed), as a path inside it -> whether it is a regular file."""
+    found: dict[str, bool] = {}
     stack = [""]
     while stack:
         rel = stack.pop()
         try:
             dir_fd = open_beneath(snap, rel or ".", os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
-            continue          # a directory missing is seen through its files, which the manifest lists
+            continue          # gone meanwhile: its entries are reported missing
         try:
             with os.scandir(dir_fd) as it:
                 for e in it:
+                    path = join(rel, e.name)
+                    found[path] = e.is_file(follow_symlinks=False)
                     if e.is_dir(follow_symlinks=False):
-                        stack.append(join(rel, e.name))
-                    elif e.is_file(follow_symlinks=False):
-                        yield join(rel, e.name)
+                        stack.append(path)
         finally:
             os.close(dir_fd)
+    return found
 
 
 def check_snapshot(name: str, snap: int, manifest: dict, hashed: dict[tuple[int, int], tuple[int, str]],
@@ -163,7 +165,16 @@ def check_snapshot(name: str, snap: int, manifest: dict, hashed: dict[tuple[int,
             out.problems[rel] = f"size {have_size}, the backup recorded {size}"
         elif want is not None and have != want:
             out.problems[rel] = "content differs from what the backup recorded (blake3)"
-    for rel in _regular_files(snap):
-        if rel not in files:
+    # Directories, symlinks and special files: there (the manifest records no more of them than their version), and
+    # nothing the backup did not put there.
+    entries: dict[str, list] = manifest.get("entries", {})
+    found = _tree(snap)
+    for rel in entries:
+        if rel and rel not in found:
+            out.problems[rel] = "missing"
+        elif rel and found[rel]:
+            out.problems[rel] = "a regular file where the backup put a directory, symlink or special file"
+    for rel in found:
+        if rel not in files and rel not in entries:
             out.problems[rel] = "not put there by the backup (not in the manifest)"
     return out
