@@ -225,3 +225,9 @@ def evict(fd: int, off: int = 0, length: int = 0) -> None:
     Dirty pages and pages under writeback stay: fsync first to evict everything.
     """
     os.posix_fadvise(fd, off, length, os.POSIX_FADV_DONTNEED)
+
+
+def evict_runs(fd: int, runs: list[tuple[int, int]]) -> None:
+    """:func:`evict` each page range ``(first page, count)`` of ``runs`` (:func:`runs_of`)."""
+    for first, count in runs:
+        evict(fd, first * PAGE_SIZE, count * PAGE_SIZE)

@@ -198,8 +198,7 @@ class _Hints:
 
 def _evict_and_close(fd: int, runs: list[tuple[int, int]]) -> None:
     try:
-        for first, count in runs:
-            residency.evict(fd, first * PAGE_SIZE, count * PAGE_SIZE)
+        residency.evict_runs(fd, runs)
     finally:
         os.close(fd)
 

@@ -15,7 +15,7 @@ import time
 
 import typer
 
-from duet_core.errors import DuetError
+from duet_core.errors import DuetError, printable
 
 TARGET_HELP = "The backup target (default: target in the config's [task.backup])."
 CONFIG_HELP = "Config file for the default target (default /etc/duet/duet.toml)."
@@ -34,6 +34,24 @@ def target_of(given: str | None, config_path: str | None) -> str:
     if not isinstance(target, str):
         raise DuetError(f"{config_path or DEFAULT_PATH}: task.backup.target: expected a path, got {target!r}")
     return target
+
+
+def _manifests(t, have: list[str], names: list[str]) -> dict[str, dict]:
+    """The manifests of the snapshots ``names`` (of ``have``, the target's): one line and exit 2 for a snapshot
+    that is not there or has no manifest (verify and diff work from it)."""
+    out = {}
+    for name in names:
+        if name not in have:
+            raise DuetError(f"no snapshot {name} in {t.path}", hint="see duet snapshots --target")
+        out[name] = t.manifest(name)
+        if out[name] is None:
+            raise DuetError(f"snapshot {name} has no manifest: there is nothing to check it against")
+    return out
+
+
+def _say(line: str) -> None:
+    """One line of output: a name with a newline or bytes that are not UTF-8 stays on one line, escaped."""
+    print(printable(line))
 
 
 def snapshots(
@@ -148,8 +166,7 @@ def restore(
             finally:
                 os.close(src)
             line = f"restored {path} from {name} to {os.path.join(dest_real, os.path.basename(rel))}"
-            # Names need not be UTF-8: print undecodable bytes escaped.
-            print(line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+            _say(line)
     finally:
         os.close(dest)
         os.close(snap)
@@ -239,15 +256,8 @@ def verify(
         names = t.snapshot_names()
         if not names:
             raise DuetError(f"no snapshots at {t.path}")
-        for name in snapshot:
-            if name not in names:
-                raise DuetError(f"no snapshot {name} in {t.path}", hint="see duet snapshots --target")
         chosen = names if every else (list(dict.fromkeys(snapshot)) or names[-1:])
-        manifests = {}
-        for name in chosen:
-            manifests[name] = t.manifest(name)
-            if manifests[name] is None:
-                raise DuetError(f"snapshot {name} has no manifest: there is nothing to check it against")
+        manifests = _manifests(t, names, chosen)
         total = sum(rec[1] for m in manifests.values() for rec in m.get("files", {}).values())
         hashed: dict = {}
         results = []
@@ -280,8 +290,8 @@ def verify(
         lines = [f"CORRUPT {c['path']}: {c['problem']}" for c in corrupt]   # one line each, never wrapped
         lines += [f"{r.name}: {r.files} file(s), {units.format_bytes(r.bytes)} read back, "
                   f"{len(r.problems) or 'no'} problem(s)" for r in results]
-        for line in lines:   # names need not be UTF-8: undecodable bytes escaped
-            print(line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+        for line in lines:
+            _say(line)
     raise typer.Exit(6 if corrupt else 0)
 
 
@@ -333,13 +343,7 @@ def diff(
         old, new = names or (have[-2:] if len(have) >= 2 else (None, None))
         if old is None:
             raise DuetError(f"{t.path} has {len(have)} snapshot(s): a diff needs two")
-        manifests = {}
-        for name in (old, new):
-            if name not in have:
-                raise DuetError(f"no snapshot {name} in {t.path}", hint="see duet snapshots --target")
-            manifests[name] = t.manifest(name)
-            if manifests[name] is None:
-                raise DuetError(f"snapshot {name} has no manifest: there is nothing to compare")
+        manifests = _manifests(t, have, [old, new])
     finally:
         t.close()
     a, b = manifests[old], manifests[new]
@@ -369,5 +373,5 @@ def diff(
     lines.append(f"{old} -> {new}: {len(changes['added'])} added ({units.format_bytes(added_bytes)}), "
                  f"{len(changes['removed'])} removed ({units.format_bytes(removed_bytes)}), "
                  f"{len(changes['modified'])} modified, {len(changes['metadata'])} with other metadata")
-    for line in lines:   # names need not be UTF-8: undecodable bytes escaped
-        print(line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+    for line in lines:
+        _say(line)

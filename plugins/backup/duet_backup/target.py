@@ -237,14 +237,7 @@ class Target:
 
     def manifest(self, name: str) -> dict | None:
         _check_name(name)
-        if self.manifests < 0:
-            return None
-        try:
-            fd = open_beneath(self.manifests, name + ".json")
-        except FileNotFoundError:
-            return None
-        with os.fdopen(fd, "rb") as fh:
-            return json.loads(fh.read())
+        return _read_json(self.manifests, name + ".json")
 
     def latest(self) -> Snapshot | None:
         """The newest published snapshot that has a manifest (the base of the next incremental run)."""
@@ -270,16 +263,9 @@ class Target:
         """What the last ``duet verify`` of snapshot ``name`` found, or None if it was never verified."""
         _check_name(name)
         try:
-            fd = open_beneath(self.internal, f"{VERIFIED}/{name}.json") if self.internal >= 0 else -1
-        except (FileNotFoundError, NotADirectoryError):
+            return _read_json(self.internal, f"{VERIFIED}/{name}.json")
+        except ValueError:      # a record cut short: as if never verified
             return None
-        if fd < 0:
-            return None
-        with os.fdopen(fd, "rb") as fh:
-            try:
-                return json.loads(fh.read())
-            except ValueError:
-                return None
 
     def open_snapshot(self, name: str) -> int:
         _check_name(name)
@@ -361,6 +347,19 @@ class Target:
             os.unlink("journal", dir_fd=self.internal)
         except FileNotFoundError:
             pass
+
+
+def _read_json(dir_fd: int, relpath: str) -> dict | None:
+    """The JSON file ``relpath`` beneath ``dir_fd`` (-1: a directory that does not exist), or None if it is not
+    there."""
+    if dir_fd < 0:
+        return None
+    try:
+        fd = open_beneath(dir_fd, relpath)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        return json.loads(fh.read())
 
 
 def _check_name(name: str) -> None:

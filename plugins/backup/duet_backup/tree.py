@@ -98,7 +98,7 @@ class TreeSync:
         self.exclude, self.one_file_system = exclude, one_file_system
         self._devmap = DevMap()
         self._root_dev = self._devmap.info(os.fstat(src_fd).st_dev, src_fd).dev if one_file_system else 0
-        self._sealed: set[str] = set()    # directories on another filesystem (-x): kept, but as if empty
+        self._sealed: set[str] = set()    # directories on another filesystem (-x): kept, as if empty (not listed)
         self.staged, self.published = staged or {}, published or {}
         self.on_copy = on_copy or (lambda rel, rec: None)
         # An error that is the tree's, not one entry's (the target is full, read-only, gone): the pass stops.
@@ -137,17 +137,7 @@ class TreeSync:
         try:
             tree_dir = open_dir(self.tree_fd, reldir, create=True)
             prev_dir = self._open_prev(reldir)
-            entries: list[tuple[str, os.stat_result]] = []
-            exclude = self.exclude
-            with os.scandir(src_dir) as it:
-                for e in it:
-                    if reldir in self._sealed or (exclude and exclude.excluded(join(reldir, e.name), e.name,
-                                                                                 e.is_dir(follow_symlinks=False))):
-                        continue
-                    try:
-                        entries.append((e.name, e.stat(follow_symlinks=False)))
-                    except FileNotFoundError:
-                        self.result.vanished += 1
+            entries = [] if reldir in self._sealed else self._listing(src_dir, reldir)
             have = {}
             with os.scandir(tree_dir) as it:
                 for e in it:
@@ -191,6 +181,20 @@ class TreeSync:
             for fd in (src_dir, tree_dir, prev_dir):
                 if fd >= 0:
                     os.close(fd)
+
+    def _listing(self, src_dir: int, reldir: str) -> list[tuple[str, os.stat_result]]:
+        """The source directory's entries with their ``lstat``, less what the scope excludes."""
+        entries = []
+        exclude = self.exclude
+        with os.scandir(src_dir) as it:
+            for e in it:
+                if exclude and exclude.excluded(join(reldir, e.name), e.name, e.is_dir(follow_symlinks=False)):
+                    continue
+                try:
+                    entries.append((e.name, e.stat(follow_symlinks=False)))
+                except FileNotFoundError:
+                    self.result.vanished += 1
+        return entries
 
     def _foreign(self, st: os.stat_result, src_dir: int, name: str) -> bool:
         """A directory on another filesystem than the root's (a nested btrfs subvolume is the same one), when the

@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from pyroaring import BitMap
+
 from duet_backup.tree import join
 from duet_core import residency
 from duet_core.identity import open_beneath
@@ -43,15 +45,15 @@ class Checked:
 
 class _Opened:
     """A file of the manifest, opened ahead of its turn: its descriptor (or why it could not be opened), its stat,
-    and its pages that were cached before the check read it ahead."""
+    and — if it is to be hashed — its pages that were cached before the check read it ahead."""
 
     def __init__(self, snap: int, rel: str):
         self.rel, self.fd, self.error = rel, -1, None
         self.ahead = 0      # bytes asked to be read ahead
+        self.before = BitMap()
         try:
             self.fd = open_regular(snap, rel)
             self.st = os.fstat(self.fd)
-            self.before = residency.resident_pages(self.fd, self.st.st_size)
         except OSError as exc:
             self.close()
             self.error = exc
@@ -73,7 +75,15 @@ def _ahead(snap: int, rels: list[str], hashed: dict) -> Iterator[_Opened]:
                 o = _Opened(snap, rels[nxt])
                 nxt += 1
                 window.append(o)
-                if o.fd >= 0 and (o.st.st_dev, o.st.st_ino) not in hashed and not o.before:
+                if o.fd < 0 or (o.st.st_dev, o.st.st_ino) in hashed:
+                    continue          # not to be read: its inode was hashed under another name
+                try:
+                    o.before = residency.resident_pages(o.fd, o.st.st_size)
+                except OSError as exc:
+                    o.close()
+                    o.error = exc
+                    continue
+                if not o.before:
                     os.posix_fadvise(o.fd, 0, 0, os.POSIX_FADV_WILLNEED)
                     o.ahead = o.st.st_size
                     nbytes += o.ahead
@@ -88,14 +98,13 @@ def _ahead(snap: int, rels: list[str], hashed: dict) -> Iterator[_Opened]:
             o.close()
 
 
-def _digest(o: _Opened, progress: Callable[[int], None]) -> str:
-    """The blake3 of the file, read in chunks; the pages read for it are evicted after (those cached before stay)."""
+def _digest(o: _Opened, view: memoryview, progress: Callable[[int], None]) -> str:
+    """The blake3 of the file, read in chunks into ``view``; the pages read for it are evicted after (those cached
+    before stay)."""
     import blake3
 
     size, fd = o.st.st_size, o.fd
     h = blake3.blake3()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
     off = 0
     try:
         while off < size:
@@ -109,8 +118,7 @@ def _digest(o: _Opened, progress: Callable[[int], None]) -> str:
         if not o.before:
             residency.evict(fd)
         else:
-            for first, count in residency.runs_of(residency.resident_pages(fd, size) - o.before):
-                residency.evict(fd, first * residency.PAGE_SIZE, count * residency.PAGE_SIZE)
+            residency.evict_runs(fd, residency.runs_of(residency.resident_pages(fd, size) - o.before))
     return h.hexdigest()
 
 
@@ -142,6 +150,7 @@ def check_snapshot(name: str, snap: int, manifest: dict, hashed: dict[tuple[int,
     (st_dev, st_ino) from one snapshot to the next."""
     out = Checked(name)
     files: dict[str, list] = manifest.get("files", {})
+    view = memoryview(bytearray(CHUNK))     # one buffer for every file
     for o in _ahead(snap, sorted(files), hashed):
         rel, record = o.rel, files[o.rel]
         out.files += 1
@@ -155,7 +164,7 @@ def check_snapshot(name: str, snap: int, manifest: dict, hashed: dict[tuple[int,
         key = (o.st.st_dev, o.st.st_ino)
         try:
             if key not in hashed:
-                hashed[key] = (o.st.st_size, _digest(o, progress))
+                hashed[key] = (o.st.st_size, _digest(o, view, progress))
         except OSError as exc:
             out.problems[rel] = f"unreadable: {exc.strerror or exc}"
             continue
