@@ -128,5 +128,10 @@ class Exclusions:
         """What a record of the scope keeps of them (a backup's manifest), to tell later whether they changed."""
         return {"patterns": list(self.patterns), "own": sorted(self.own)}
 
+    @classmethod
+    def from_record(cls, record: dict[str, list[str]]) -> Exclusions:
+        """The exclusions :meth:`record` described (the start-up snapshot's child gets them this way)."""
+        return cls(record["patterns"], record["own"])
+
 
 NOTHING = Exclusions()

@@ -184,15 +184,13 @@ def snapshot_tree(root: str | bytes, pairs: set[tuple[int, int]], one_file_syste
                 with os.scandir(dir_fd) as entries:
                     for entry in entries:
                         try:
+                            path = f"{rel}/{entry.name}" if rel else entry.name
                             if entry.is_dir(follow_symlinks=False):
-                                sub = f"{rel}/{entry.name}" if rel else entry.name
-                                if not (exclude and exclude.excluded(sub, entry.name, True)):
-                                    subdirs.append(sub)
+                                if not (exclude and exclude.excluded(path, entry.name, True)):
+                                    subdirs.append(path)
                                 continue
-                            if not covered or not entry.is_file(follow_symlinks=False):
-                                continue
-                            if exclude and exclude.excluded(f"{rel}/{entry.name}" if rel else entry.name,
-                                                            entry.name, False):
+                            if not covered or not entry.is_file(follow_symlinks=False) or (
+                                    exclude and exclude.excluded(path, entry.name, False)):
                                 continue
                             fd = open_regular(dir_fd, entry.name, entry.inode())
                         except OSError:
@@ -228,8 +226,7 @@ def _main(argv: list[str]) -> int:
     """``python -m duet_core.snapshotter OUT_FD PARENT_PID ONE_FS EXCLUDE_JSON ROOT DEV:SUBVOL...`` (started by
     SnapshotChild)."""
     out_fd, parent, one_fs, root = int(argv[0]), int(argv[1]), argv[2] == "1", os.fsencode(argv[4])
-    rules = json.loads(argv[3])
-    exclude = Exclusions(rules["patterns"], rules["own"])
+    exclude = Exclusions.from_record(json.loads(argv[3]))
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:   # the parent died before the line above: nobody wants the result

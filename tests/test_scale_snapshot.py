@@ -16,6 +16,7 @@ from fsimage import btrfs_subvol
 
 from duet_core.engine import Engine
 from duet_core.events import PAGE_SIZE, Event, FileId
+from duet_core.exclude import Exclusions
 from duet_core.identity import file_id
 from duet_core.scope import Scope
 from duet_core.snapshotter import SnapshotChild
@@ -126,6 +127,24 @@ def test_the_child_opens_only_regular_files_of_the_scope(ext4_fs, engine):
     child.close()
     assert child.complete, child.error
     assert found == {file_id(inside): truth}
+    assert (child.files_read, child.files_cached) == (1, 1)
+
+
+def test_the_child_leaves_out_what_the_scope_excludes(ext4_fs, engine):
+    """The child is given the scope's exclusions (a failure to take them would only show as the parent reading
+    residency itself): excluded files and directories are neither opened nor reported."""
+    root = os.path.join(ext4_fs.mnt, "scope")
+    paths = {rel: os.path.join(root, rel) for rel in ("keep", "x.tmp", "d/.cache/in", "state/duet.db")}
+    for p in paths.values():
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        write_file(p, 64 * 1024)
+        evict_file(p)
+    truth = {rel: read_pages(p, 4) for rel, p in paths.items()}
+    child = engine.start_snapshot(root, MASK, exclude=Exclusions(["*.tmp", ".cache/"], own=["state"]))
+    found = {fid: set(pages) for fid, pages in child.results(timeout=60)}
+    child.close()
+    assert child.complete, child.error
+    assert found == {file_id(paths["keep"]): truth["keep"]}
     assert (child.files_read, child.files_cached) == (1, 1)
 
 
