@@ -143,10 +143,7 @@ def _build_copy(src_fd: int, dst_dir: int, st: os.stat_result, durable: bool,
     out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst_dir)
     try:
         digest, nbytes = _copy_data(src_fd, out, st, checkpoint)
-        os.fchown(out, st.st_uid, st.st_gid)
-        os.fchmod(out, stat.S_IMODE(st.st_mode))
-        copy_xattrs(src_fd, out, fresh=True)
-        os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+        set_metadata(src_fd, out, st, fresh=True)
         if durable:
             os.fsync(out)
     except BaseException:
@@ -155,6 +152,49 @@ def _build_copy(src_fd: int, dst_dir: int, st: os.stat_result, durable: bool,
         raise
     os.close(out)
     return tmp, digest, nbytes
+
+
+def set_metadata(src_fd: int, out: int, st: os.stat_result, fresh: bool = False) -> None:
+    """Give the open file ``out`` the owner, mode, xattrs/ACLs and ns times of ``src_fd`` (whose ``fstat`` is
+    ``st``). The owner first: a chown clears the set-id bits the mode then sets."""
+    os.fchown(out, st.st_uid, st.st_gid)
+    os.fchmod(out, stat.S_IMODE(st.st_mode))
+    copy_xattrs(src_fd, out, fresh=fresh)
+    os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def refresh_metadata(src_fd: int, dst_dir: int, name: str, blake3_hex: str,
+                     checkpoint: Callable[[], None] = _carry_on) -> Copied | None:
+    """Bring the copy ``name`` in ``dst_dir`` up to date in place when only the source's metadata changed.
+
+    A chmod, chown, xattr or ACL change moves a file's ctime and nothing else, and rsync then updates the copy's
+    metadata without copying the data again. Here the source is read and hashed all the same — a same-size write
+    whose mtime was set back looks just like a chmod — and only when its contents still hash to ``blake3_hex`` (the
+    blake3 recorded for the copy) does ``name`` get the source's owner, mode, xattrs and times, keeping its data
+    and its extents (on a btrfs target, shared with every earlier snapshot: a ``chmod -R`` costs no space).
+
+    The caller says ``name`` is its own inode to change: never one a published snapshot shares (a hard-link
+    snapshot's files are). A copy linked under other names in the tree (``st_nlink`` > 1) is left alone, as is one
+    whose size or mtime is not the source's. Returns None whenever the update is not made — the contents differ,
+    the source changed while it was read, the copy is not as expected — and the caller copies the file instead.
+    """
+    before = os.fstat(src_fd)
+    try:
+        out = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dst_dir)
+    except OSError:
+        return None
+    try:
+        have = os.fstat(out)
+        if (not stat.S_ISREG(have.st_mode) or have.st_nlink != 1
+                or (have.st_size, have.st_mtime_ns) != (before.st_size, before.st_mtime_ns)):
+            return None
+        digest, nbytes = _copy_data(src_fd, None, before, checkpoint)
+        if digest != blake3_hex or sig(os.fstat(src_fd)) != sig(before):
+            return None
+        set_metadata(src_fd, out, before)
+    finally:
+        os.close(out)
+    return Copied(digest, sig(before), False, nbytes)
 
 
 def replace(dir_fd: int, tmp: str, name: str) -> None:
@@ -171,8 +211,10 @@ def replace(dir_fd: int, tmp: str, name: str) -> None:
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
-def _copy_data(src_fd: int, out: int, st: os.stat_result, checkpoint: Callable[[], None]) -> tuple[str, int]:
-    """Copy the file's bytes, data segments only; returns (blake3 hex of the contents, data bytes read)."""
+def _copy_data(src_fd: int, out: int | None, st: os.stat_result,
+               checkpoint: Callable[[], None]) -> tuple[str, int]:
+    """Copy the file's bytes, data segments only; returns (blake3 hex of the contents, data bytes read). ``out``
+    None: only read and hash them."""
     hasher = blake3.blake3(max_threads=1)
     size = st.st_size
     nbytes = 0
@@ -188,12 +230,14 @@ def _copy_data(src_fd: int, out: int, st: os.stat_result, checkpoint: Callable[[
             if not chunk:
                 break
             hasher.update(chunk)
-            _write_all(out, chunk, off)
+            if out is not None:
+                _write_all(out, chunk, off)
             off += len(chunk)
         nbytes += off - start
         pos = off
     _hash_zeros(hasher, size - pos)
-    if pos != size:   # a hole at the end (or a file that shrank while read): give the copy its full size
+    # A hole at the end (or a file that shrank while read): give the copy its full size.
+    if pos != size and out is not None:
         os.ftruncate(out, size)
     return hasher.hexdigest(), nbytes
 

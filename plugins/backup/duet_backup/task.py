@@ -28,9 +28,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from duet_backup.fsops import copy_file, open_dir, replace, syncfs
+from duet_backup.fsops import copy_file, open_dir, refresh_metadata, replace, syncfs
 from duet_backup.target import Snapshot, Target
-from duet_backup.tree import SyncResult, TreeSync, unchanged
+from duet_backup.tree import SyncResult, TreeSync, same_data, unchanged
 from duet_core import ItemResult
 from duet_core.errors import DuetError, Stopped
 from duet_core.tasks import FileInfo
@@ -50,7 +50,7 @@ TARGET_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 @dataclass
 class _Pending:
     reldir: str
-    tmp: str
+    tmp: str | None       # None: the tree's file was updated in place (only its metadata had changed)
     name: str
     relpath: str
     record: list
@@ -132,9 +132,10 @@ class _Open:
         try:
             for p in batch:
                 try:
-                    if p.reldir not in dirs:
-                        dirs[p.reldir] = open_dir(self.tree_fd, p.reldir, create=True)
-                    replace(dirs[p.reldir], p.tmp, p.name)
+                    if p.tmp is not None:
+                        if p.reldir not in dirs:
+                            dirs[p.reldir] = open_dir(self.tree_fd, p.reldir, create=True)
+                        replace(dirs[p.reldir], p.tmp, p.name)
                 except (FileNotFoundError, NotADirectoryError):
                     # Its temporary copy went with a directory that an earlier copy of this batch replaced (a file
                     # that became a directory holding this one, then a file again): neither in the tree nor
@@ -164,6 +165,15 @@ class _Open:
         want = [f.fid.ino, f.size, f.mtime_ns, f.ctime_ns]
         return any((rec := recs.get(f.relpath)) is not None and rec[:4] == want
                    for recs in (self.staged, self.published))
+
+    def same_data(self, f: FileInfo) -> str | None:
+        """The blake3 of the tree's copy of this file, when the only change since that copy could be metadata
+        (same inode, size and mtime; another ctime: a chmod, chown, xattr or ACL change) and the copy may be
+        changed in place: the tree is the btrfs mirror (snapshots are subvolumes of their own), or there is no
+        earlier snapshot whose hard links it could share. None otherwise."""
+        if not (self.target.btrfs or self.latest is None):
+            return None
+        return same_data(self.staged, self.published, f.relpath, f.fid.ino, f.size, f.mtime_ns)
 
     def staged_in_tree(self, f: FileInfo, tree_dir: int, name: str) -> bool:
         """The journal says this version was copied into the tree, and the tree's file agrees (size, mtime)."""
@@ -232,7 +242,13 @@ class BackupTask:
         if held.broken is not None:
             return ItemResult(done=False)      # left for the next run: the target failed (said once, below)
         try:
-            copied = copy_file(ctx.fd, tree_dir, name, durable=False, checkpoint=ctx.checkpoint)
+            copied = None
+            if (digest := held.same_data(f)) is not None:
+                copied = refresh_metadata(ctx.fd, tree_dir, name, digest, ctx.checkpoint)
+                counters = {"metadata_only": 1}
+            if copied is None:
+                copied = copy_file(ctx.fd, tree_dir, name, durable=False, checkpoint=ctx.checkpoint)
+                counters = {"copied": 1, "copied_bytes": copied.nbytes}
         except OSError as exc:
             if not held.target_failed(exc):
                 raise
@@ -240,7 +256,6 @@ class BackupTask:
         record = [*copied.sig, copied.blake3]
         held.add(_Pending(reldir, copied.tmp, name, f.relpath, record, copied.nbytes))
         ctx.progress.advance(copied.nbytes)   # holes are not read
-        counters = {"copied": 1, "copied_bytes": copied.nbytes}
         if copied.changed:
             counters["changed_during_backup"] = 1
             return ItemResult(counters=counters, message="changed while being copied: the copy may mix versions")
@@ -302,6 +317,7 @@ class BackupTask:
             report.errors.extend(result.errors)
         return {"snapshot": name, "path": os.path.join(target.path, "snapshots", name), "kind": kind,
                 "files": len(result.files), "bytes": manifest["bytes"], "copied_at_finish": result.copied,
+                "metadata_only_at_finish": result.metadata_only,
                 "linked": result.linked, "vanished": result.vanished,
                 "changed_during_backup": result.changed, "special_files": result.special,
                 "unchanged": result.unchanged}

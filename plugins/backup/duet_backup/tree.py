@@ -25,7 +25,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from duet_backup.fsops import copy_file, copy_xattrs, open_dir, replace, sig, tmp_name
+from duet_backup.fsops import copy_file, copy_xattrs, open_dir, refresh_metadata, replace, sig, tmp_name
 from duet_core.exclude import NOTHING, Exclusions
 from duet_core.filesystems import remove_tree_at
 from duet_core.identity import DevMap, open_beneath
@@ -63,6 +63,7 @@ class SyncResult:
     entries: dict[str, list[int]] = field(default_factory=dict)
     copied: int = 0
     copied_bytes: int = 0
+    metadata_only: int = 0    # copies brought up to date in place: only the source's metadata had changed
     linked: int = 0
     dirs: int = 0
     symlinks: int = 0
@@ -255,17 +256,31 @@ class TreeSync:
         if rec is None:
             fd = open_source(src_dir, name, rel)
             try:
-                copied = copy_file(fd, tree_dir, name, checkpoint=self.checkpoint)
+                copied = None
+                if in_tree and (digest := self._same_data(rel, st)) is not None:
+                    copied = refresh_metadata(fd, tree_dir, name, digest, self.checkpoint)
+                    if copied is not None:
+                        self.result.metadata_only += 1
+                if copied is None:
+                    copied = copy_file(fd, tree_dir, name, checkpoint=self.checkpoint)
+                    self.result.copied += 1
+                    self.result.copied_bytes += copied.nbytes
             finally:
                 os.close(fd)
             rec = [*copied.sig, copied.blake3]
             self.on_copy(rel, rec)
-            self.result.copied += 1
-            self.result.copied_bytes += copied.nbytes
             if copied.changed:
                 self.result.changed.append(rel)
         self.result.files[rel] = rec
         return rec
+
+    def _same_data(self, rel: str, st: os.stat_result) -> str | None:
+        """The blake3 of the tree's copy when only the file's metadata may have changed since it was made (same
+        inode, size and mtime) and the copy is the tree's own to change in place — no earlier snapshot's hard links
+        (``prev_fd``) can share it. See :func:`~duet_backup.fsops.refresh_metadata`."""
+        if self.prev_fd is not None:
+            return None
+        return same_data(self.staged, self.published, rel, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _sync_links(self, members: list[_Member]) -> None:
         """A file with several names in the scope: one inode in the tree, linked under each name."""
@@ -393,6 +408,17 @@ class _Dirs:
         for fd in self.fds:
             if fd >= 0:
                 os.close(fd)
+
+
+def same_data(staged: dict[str, Record], published: dict[str, Record], rel: str, ino: int, size: int,
+              mtime_ns: int) -> str | None:
+    """The blake3 recorded for the tree's copy of ``rel`` (this round's copy if any, else the last snapshot's) when
+    that copy was made from the same inode with the same size and mtime — so what changed since can be metadata
+    alone (a new ctime: chmod, chown, xattrs, ACLs). None otherwise."""
+    rec = staged.get(rel) or published.get(rel)
+    if rec is None or len(rec) < 5 or rec[:3] != [ino, size, mtime_ns]:
+        return None
+    return rec[4]
 
 
 def entry_sig(st: os.stat_result) -> list[int]:
