@@ -64,6 +64,7 @@ class RunState:
     files: dict[int, FileReport] = field(default_factory=dict)
     rewritten: dict[int, tuple[int, int]] = field(default_factory=dict)   # file id -> (size, mtime) at it
     rechecks: int = 0
+    fstypes: dict[int, str | None] = field(default_factory=dict)   # superblock device -> fs_name (one fstatfs)
 
 
 class Defrag:
@@ -106,7 +107,10 @@ class Defrag:
         state = self._state(ctx.run)
         opts = ctx.options
         f = ctx.file
-        fstype = fs_name(ctx.fd)
+        dev = f.fid.dev
+        if dev not in state.fstypes:
+            state.fstypes[dev] = fs_name(ctx.fd)
+        fstype = state.fstypes[dev]
         lay = fiemap.layout(fiemap.extents(ctx.fd), fstype or "ext4", opts["allow_unshare"])
         known = state.files.get(f.id)
         if known is not None:
