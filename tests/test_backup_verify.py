@@ -164,3 +164,37 @@ def test_diff_between_snapshots_from_their_manifests(duet, source, ext4_fs):
     text = duet("diff", "--target", ext4_fs.mnt, first, second).stdout.splitlines()
     assert text[:6] == ["- a", "+ e", "+ f", "+ f/link", "M b", "U c"], text
     one_error(duet("diff", "--target", ext4_fs.mnt, first), 2, "give two snapshots")
+
+
+def test_diff_live_says_what_the_next_backup_would_copy(duet, source, ext4_fs):
+    """``duet diff --live``: the newest snapshot against the scope now, walked with the snapshot's exclusions;
+    a file with several names is not taken for removed; the next backup then copies exactly what it listed."""
+    scope = os.path.join(source.mnt, "data")
+    one_error(duet("diff", "--target", ext4_fs.mnt, "--live"), 2, "no snapshot yet")
+    for rel in ("a", "b", "c", "d/keep", "linked"):
+        bh.write(os.path.join(scope, rel), rel.encode() * 1000)
+    os.link(os.path.join(scope, "linked"), os.path.join(scope, "d", "other-name"))
+    first = duet.backup(scope, ext4_fs.mnt, "--exclude", "*.tmp")["snapshot"]
+    nothing = json.loads(duet("diff", "--target", ext4_fs.mnt, "--live", "--json").stdout)
+    assert (nothing["old"], nothing["new"], nothing["live"]) == (first, None, True)
+    assert [nothing[k] for k in ("added", "removed", "modified", "metadata")] == [[], [], [], []], nothing
+    os.unlink(os.path.join(scope, "a"))
+    bh.write(os.path.join(scope, "b"), b"new content")
+    os.chmod(os.path.join(scope, "c"), 0o600)
+    bh.write(os.path.join(scope, "e"), b"e" * 3000)
+    bh.write(os.path.join(scope, "scratch.tmp"), b"excluded when the snapshot was made")
+    proc = duet("diff", "--target", ext4_fs.mnt, "--live", "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert {k: got[k] for k in ("added", "removed", "modified", "metadata")} == {
+        "added": ["e"], "removed": ["a"], "modified": ["b"], "metadata": ["c"]}, got
+    assert (got["added_bytes"], got["removed_bytes"], got["modified_bytes"]) == (3000, 1000, 11)
+    text = duet("diff", "--target", ext4_fs.mnt, "--live", first).stdout.splitlines()
+    assert text[:4] == ["- a", "+ e", "M b", "U c"], text
+    assert text[4].startswith(f"{first} -> now: 1 added") and "the next backup reads" in text[4], text
+    one_error(duet("diff", "--target", ext4_fs.mnt, "--live", first, first), 2, "give one snapshot")
+    # The next backup (same rules) copies what was listed, and nothing else.
+    second = duet.backup(scope, ext4_fs.mnt, "--exclude", "*.tmp")
+    assert second["items_total"] == 3 and second["counters"]["copied"] == 3, second
+    after = json.loads(duet("diff", "--target", ext4_fs.mnt, "--live", "--json").stdout)
+    assert [after[k] for k in ("added", "removed", "modified", "metadata")] == [[], [], [], []], after

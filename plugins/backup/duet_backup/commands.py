@@ -320,32 +320,51 @@ class _bytes_progress:
 
 
 def diff(
-    names: list[str] = typer.Argument(None, help="Two snapshots, older first (default: the two newest)."),
+    names: list[str] = typer.Argument(None, help="Two snapshots, older first (default: the two newest); with "
+                                                 "--live, one (default: the newest)."),
     target: str = typer.Option(None, "--target", "-t", help=TARGET_HELP),
+    live: bool = typer.Option(False, "--live", help="Compare the snapshot with the scope as it is now: what the "
+                                                    "next backup would copy (regular files)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object: added, removed, modified, metadata."),
     config: str = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """What changed between two snapshots, from their manifests (nothing is read): + added, - removed, M content
     changed, U same content with other times or owner/mode (a new ctime). Directories, symlinks and special files
-    show as added or removed.
+    show as added or removed. With --live: between a snapshot and the scope now (the scope is walked with the
+    snapshot's exclusions; M is another size, mtime or inode; regular files only).
 
     Examples:
       duet diff --target /mnt/backup                        # the newest snapshot against the one before
       duet diff --target /mnt/backup 2026-11-20T023000Z 2026-11-27T023000Z --json
+      duet diff --target /mnt/backup --live                 # what tonight's backup would copy
     """
     from duet_backup.target import Target
 
     t = Target(target_of(target, config), create=False)
     try:
         have = t.snapshot_names()
-        if names and len(names) != 2:
-            raise DuetError("give two snapshots (older first), or none for the two newest")
-        old, new = names or (have[-2:] if len(have) >= 2 else (None, None))
-        if old is None:
-            raise DuetError(f"{t.path} has {len(have)} snapshot(s): a diff needs two")
-        manifests = _manifests(t, have, [old, new])
+        if live:
+            if names and len(names) != 1:
+                raise DuetError("with --live, give one snapshot, or none for the newest")
+            old, new = (names[0] if names else (have[-1] if have else None)), None
+            if old is None:
+                raise DuetError(f"{t.path} has no snapshot yet: the next backup copies everything")
+            manifests = _manifests(t, have, [old])
+        else:
+            if names and len(names) != 2:
+                raise DuetError("give two snapshots (older first), or none for the two newest")
+            old, new = names or (have[-2:] if len(have) >= 2 else (None, None))
+            if old is None:
+                raise DuetError(f"{t.path} has {len(have)} snapshot(s): a diff needs two")
+            manifests = _manifests(t, have, [old, new])
     finally:
         t.close()
+    if live:
+        from duet_backup.live import live_changes
+
+        changes = live_changes(manifests[old])
+        _report_diff(t.path, old, None, changes, json_out)
+        return
     a, b = manifests[old], manifests[new]
     fa, fb = a.get("files", {}), b.get("files", {})
     ea, eb = a.get("entries", {}), b.get("entries", {})
@@ -358,20 +377,30 @@ def diff(
             changes["modified"].append(rel)
         elif ra[2:4] != rb[2:4]:
             changes["metadata"].append(rel)
-    added_bytes = sum(fb[r][1] for r in changes["added"] if r in fb)
-    removed_bytes = sum(fa[r][1] for r in changes["removed"] if r in fa)
+    changes["added_bytes"] = sum(fb[r][1] for r in changes["added"] if r in fb)
+    changes["removed_bytes"] = sum(fa[r][1] for r in changes["removed"] if r in fa)
+    _report_diff(t.path, old, new, changes, json_out)
+
+
+def _report_diff(target: str, old: str, new: str | None, changes: dict, json_out: bool) -> None:
+    """``duet diff``'s output: a line per path (``+ - M U``) and a summary, or one JSON object. ``new`` None: the
+    scope as it is now (``--live``)."""
     if json_out:
         from duet_core.cli.output import emit_json
 
-        emit_json({"target": t.path, "old": old, "new": new, **changes,
-                   "added_bytes": added_bytes, "removed_bytes": removed_bytes})
+        emit_json({"target": target, "old": old, "new": new, "live": new is None, **changes})
         return
     from duet_core import units
 
     lines = [f"{mark} {rel}" for key, mark in (("removed", "-"), ("added", "+"), ("modified", "M"),
                                                 ("metadata", "U")) for rel in changes[key]]
-    lines.append(f"{old} -> {new}: {len(changes['added'])} added ({units.format_bytes(added_bytes)}), "
-                 f"{len(changes['removed'])} removed ({units.format_bytes(removed_bytes)}), "
-                 f"{len(changes['modified'])} modified, {len(changes['metadata'])} with other metadata")
+    summary = (f"{old} -> {new or 'now'}: {len(changes['added'])} added "
+               f"({units.format_bytes(changes['added_bytes'])}), {len(changes['removed'])} removed "
+               f"({units.format_bytes(changes['removed_bytes'])}), {len(changes['modified'])} modified, "
+               f"{len(changes['metadata'])} with other metadata")
+    if new is None:
+        read = sum(changes[f"{k}_bytes"] for k in ("added", "modified", "metadata"))
+        summary += f"; the next backup reads {units.format_bytes(read)}"
+    lines.append(summary)
     for line in lines:
         _say(line)
