@@ -294,6 +294,45 @@ def test_file_written_during_the_run_is_not_corrupted(duet, any_fs):
     assert report["defragmented"] == len(names), json.dumps(report)
 
 
+def test_a_file_written_all_through_the_run_does_not_keep_it_going(duet, btrfs_fs):
+    """A log written every 2 ms: defrag re-checks it while the run has other work (a rate-limited scrub reads the
+    rest), and the run ends when that work is done — a cron job finishes although the writes never stop."""
+    import threading
+
+    scope = os.path.join(btrfs_fs.mnt, "data")
+    os.mkdir(scope)
+    for i in range(8):
+        with open(os.path.join(scope, f"f{i}"), "wb") as fh:
+            fh.write(os.urandom(1 << 20))
+    for i in range(8):
+        evict(os.path.join(scope, f"f{i}"))
+    stop = threading.Event()
+
+    def writer():
+        fd = os.open(os.path.join(scope, "f0"), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            while not stop.is_set():
+                os.pwrite(fd, os.urandom(4096), 0)
+                os.fsync(fd)
+                time.sleep(0.002)
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        proc = duet.start("run", "defrag", "scrub", "--path", scope, "--json", "--every", "0", "--rate-limit", "8MB/s")
+        out, err = proc.communicate(timeout=120)
+        still_writing = t.is_alive() and not stop.is_set()
+    finally:
+        stop.set()
+        t.join()
+    assert proc.returncode == 0, err
+    assert still_writing
+    report = json.loads(out)["tasks"]["defrag"]
+    assert report["rechecks"] >= 1, report          # the writes were seen, and the file checked again
+
+
 def items_done(duet: Duet, scope: str) -> int | None:
     """The defrag task's files done in the scope's current round, as ``duet status`` shows it (None: no record)."""
     proc = duet("status", "--path", scope, "--json")
