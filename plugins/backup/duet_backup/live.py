@@ -30,6 +30,9 @@ def live_changes(manifest: dict) -> dict:
     root = manifest.get("scope")
     if not root or not os.path.isdir(root):
         raise DuetError(f"the snapshot's scope {root} is not a directory here: nothing to compare it with")
+    if os.path.realpath(root) != root:
+        raise DuetError(f"the snapshot's scope {root} now leads elsewhere ({os.path.realpath(root)}) through a "
+                        "symlink: not compared")
     exclude = Exclusions.from_record(manifest["exclude"]) if manifest.get("exclude") else NOTHING
     one_fs = bool(manifest.get("one_file_system"))
     published = manifest.get("files", {})
