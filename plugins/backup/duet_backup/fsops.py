@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import itertools
 import os
 import stat
@@ -22,6 +23,9 @@ from duet_core.filesystems import remove_tree_at
 from duet_core.identity import open_beneath
 
 CHUNK = 1 << 20
+FICLONE = 0x40049409               # _IOW(0x94, 9, int): share all of another file's extents (ioctl_ficlone(2))
+# FICLONE errors that mean "this filesystem cannot share extents between these files" (ext4: EOPNOTSUPP).
+NO_CLONE = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL)
 TMP_PREFIX = ".duet-tmp."
 _ZEROS = bytes(CHUNK)
 _tmp_counter = itertools.count()
@@ -195,6 +199,62 @@ def refresh_metadata(src_fd: int, dst_dir: int, name: str, blake3_hex: str,
     finally:
         os.close(out)
     return Copied(digest, sig(before), False, nbytes)
+
+
+class CannotClone(Exception):
+    """The target's filesystem cannot share extents between files (FICLONE refused): copy instead."""
+
+
+def clone_metadata_change(src_fd: int, prev_dir: int, dst_dir: int, name: str, blake3_hex: str,
+                          checkpoint: Callable[[], None] = _carry_on, durable: bool = False) -> Copied | None:
+    """A hard-link snapshot's copy of a file whose metadata alone changed, made without writing its data.
+
+    The previous snapshot's ``name`` in ``prev_dir`` holds the data (its blake3 is ``blake3_hex``) but cannot take
+    the new metadata: it is that snapshot's inode. On a filesystem that shares extents between files (xfs with
+    reflink, the default of mkfs.xfs; btrfs) the new copy is a clone of it (``FICLONE``: no data written, no space
+    taken) under a temporary name in ``dst_dir``, given the source's owner, mode, xattrs and times — once the
+    source, read and hashed, shows the same contents (see :func:`refresh_metadata`). Left under ``Copied.tmp``, as
+    ``copy_file(durable=False)`` leaves a copy; ``durable``: fsynced and renamed over ``name``. None when the
+    contents differ, the source changed meanwhile or the previous copy is not as recorded (the caller copies);
+    :class:`CannotClone` when the filesystem cannot clone (ext4), found before anything is read.
+    """
+    before = os.fstat(src_fd)
+    try:
+        prev = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=prev_dir)
+    except OSError:
+        return None
+    tmp = None
+    try:
+        have = os.fstat(prev)
+        if not stat.S_ISREG(have.st_mode) or (have.st_size, have.st_mtime_ns) != (before.st_size,
+                                                                                 before.st_mtime_ns):
+            return None
+        tmp = tmp_name()
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                      dir_fd=dst_dir)
+        try:
+            try:
+                fcntl.ioctl(out, FICLONE, prev)
+            except OSError as exc:
+                if exc.errno in NO_CLONE:
+                    raise CannotClone(exc.strerror) from None
+                raise
+            digest, nbytes = _copy_data(src_fd, None, before, checkpoint)
+            if digest != blake3_hex or sig(os.fstat(src_fd)) != sig(before):
+                return None
+            set_metadata(src_fd, out, before, fresh=True)
+            if durable:
+                os.fsync(out)
+        finally:
+            os.close(out)
+        if durable:
+            replace(dst_dir, tmp, name)
+        done, tmp = tmp, None
+        return Copied(digest, sig(before), False, nbytes, None if durable else done)
+    finally:
+        os.close(prev)
+        if tmp is not None:
+            os.unlink(tmp, dir_fd=dst_dir)
 
 
 def replace(dir_fd: int, tmp: str, name: str) -> None:

@@ -28,11 +28,12 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from duet_backup.fsops import copy_file, open_dir, refresh_metadata, replace, syncfs
+from duet_backup.fsops import CannotClone, clone_metadata_change, copy_file, open_dir, refresh_metadata, replace, syncfs
 from duet_backup.target import Snapshot, Target
 from duet_backup.tree import SyncResult, TreeSync, same_data, unchanged
 from duet_core import ItemResult
 from duet_core.errors import DuetError, Stopped
+from duet_core.identity import open_beneath
 from duet_core.tasks import FileInfo
 
 MANIFEST_FORMAT = 1
@@ -74,6 +75,8 @@ class _Open:
     _committer: ThreadPoolExecutor | None = None
     _commits: list[Future] = field(default_factory=list)
     broken: str | None = None     # why the target cannot be written any more (full, read-only, gone)
+    clones: bool = True           # hard-link target: may share extents (FICLONE) until it refuses once
+    _prev_fd: int | None = None   # hard-link target: the previous snapshot, opened on first use
     marked: bool = False          # this run noted that the tree is about to change (Target.mark_tree_changed)
 
     def mark_changed(self) -> None:
@@ -175,6 +178,29 @@ class _Open:
             return None
         return same_data(self.staged, self.published, f.relpath, f.fid.ino, f.size, f.mtime_ns)
 
+    def prev_data(self, f: FileInfo) -> str | None:
+        """On a hard-link target, the blake3 of the previous snapshot's copy of this file when only metadata can have
+        changed since (same inode, size and mtime): that copy can be cloned, not copied. None otherwise."""
+        if self.target.btrfs or self.latest is None or not self.clones:
+            return None
+        return same_data({}, self.published, f.relpath, f.fid.ino, f.size, f.mtime_ns)
+
+    def clone(self, ctx, tree_dir: int, reldir: str, name: str, digest: str):
+        """:func:`~duet_backup.fsops.clone_metadata_change` from the previous snapshot; None: copy instead."""
+        if self._prev_fd is None:
+            self._prev_fd = self.target.open_snapshot(self.latest.name)
+        try:
+            prev_dir = open_beneath(self._prev_fd, reldir or ".", os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return None
+        try:
+            return clone_metadata_change(ctx.fd, prev_dir, tree_dir, name, digest, ctx.checkpoint)
+        except CannotClone:
+            self.clones = False       # ext4: no extent sharing; every later one is copied without trying
+            return None
+        finally:
+            os.close(prev_dir)
+
     def staged_in_tree(self, f: FileInfo, tree_dir: int, name: str) -> bool:
         """The journal says this version was copied into the tree, and the tree's file agrees (size, mtime)."""
         rec = self.staged.get(f.relpath)
@@ -192,6 +218,8 @@ class _Open:
         for fd in self._dirs.values():
             os.close(fd)
         self._dirs.clear()
+        if self._prev_fd is not None:
+            os.close(self._prev_fd)
         os.close(self.tree_fd)
         self.target.close()
 
@@ -245,6 +273,9 @@ class BackupTask:
             copied = None
             if (digest := held.same_data(f)) is not None:
                 copied = refresh_metadata(ctx.fd, tree_dir, name, digest, ctx.checkpoint)
+                counters = {"metadata_only": 1}
+            elif (digest := held.prev_data(f)) is not None:
+                copied = held.clone(ctx, tree_dir, reldir, name, digest)
                 counters = {"metadata_only": 1}
             if copied is None:
                 copied = copy_file(ctx.fd, tree_dir, name, durable=False, checkpoint=ctx.checkpoint)

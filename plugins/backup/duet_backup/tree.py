@@ -25,7 +25,17 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from duet_backup.fsops import copy_file, copy_xattrs, open_dir, refresh_metadata, replace, sig, tmp_name
+from duet_backup.fsops import (
+    CannotClone,
+    clone_metadata_change,
+    copy_file,
+    copy_xattrs,
+    open_dir,
+    refresh_metadata,
+    replace,
+    sig,
+    tmp_name,
+)
 from duet_core.exclude import NOTHING, Exclusions
 from duet_core.filesystems import remove_tree_at
 from duet_core.identity import DevMap, open_beneath
@@ -110,6 +120,7 @@ class TreeSync:
         self.result = SyncResult()
         self._dirs: list[tuple[str, os.stat_result]] = []
         self._groups: dict[tuple[int, int], list[_Member]] = {}
+        self._clones = True      # the target may share extents between files (FICLONE), until it refuses once
 
     def run(self) -> SyncResult:
         root = os.fstat(self.src_fd)
@@ -259,8 +270,14 @@ class TreeSync:
                 copied = None
                 if in_tree and (digest := self._same_data(rel, st)) is not None:
                     copied = refresh_metadata(fd, tree_dir, name, digest, self.checkpoint)
-                    if copied is not None:
-                        self.result.metadata_only += 1
+                elif prev_dir >= 0 and (digest := self._prev_data(rel, st)) is not None:
+                    try:
+                        copied = clone_metadata_change(fd, prev_dir, tree_dir, name, digest, self.checkpoint,
+                                                       durable=True)
+                    except CannotClone:
+                        self._clones = False
+                if copied is not None:
+                    self.result.metadata_only += 1
                 if copied is None:
                     copied = copy_file(fd, tree_dir, name, checkpoint=self.checkpoint)
                     self.result.copied += 1
@@ -281,6 +298,14 @@ class TreeSync:
         if self.prev_fd is not None:
             return None
         return same_data(self.staged, self.published, rel, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _prev_data(self, rel: str, st: os.stat_result) -> str | None:
+        """The blake3 of the previous snapshot's copy (hard-link snapshots) when only metadata can have changed
+        since: cloned, not copied, where the target shares extents
+        (:func:`~duet_backup.fsops.clone_metadata_change`)."""
+        if not self._clones:
+            return None
+        return same_data({}, self.published, rel, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _sync_links(self, members: list[_Member]) -> None:
         """A file with several names in the scope: one inode in the tree, linked under each name."""
