@@ -21,6 +21,7 @@ import blake3
 
 from duet_core.filesystems import remove_tree_at
 from duet_core.identity import open_beneath
+from duet_core.scope import open_regular
 
 CHUNK = 1 << 20
 FICLONE = 0x40049409               # _IOW(0x94, 9, int): share all of another file's extents (ioctl_ficlone(2))
@@ -184,7 +185,7 @@ def refresh_metadata(src_fd: int, dst_dir: int, name: str, blake3_hex: str,
     """
     before = os.fstat(src_fd)
     try:
-        out = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dst_dir)
+        out = open_regular(dst_dir, name)     # a regular file only: nothing else is opened, not even a fifo
     except OSError:
         return None
     try:
@@ -220,7 +221,7 @@ def clone_metadata_change(src_fd: int, prev_dir: int, dst_dir: int, name: str, b
     """
     before = os.fstat(src_fd)
     try:
-        prev = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=prev_dir)
+        prev = open_regular(prev_dir, name)
     except OSError:
         return None
     tmp = None
