@@ -247,13 +247,21 @@ def test_snapshots_and_restore_commands(duet, source, target, tmp_path):
     scope = bh.make_tree(source.mnt)
     first = duet.backup(scope, target.mnt)
     os.unlink(os.path.join(scope, "docs", "note00.txt"))
+    with open(os.path.join(scope, "docs", "note01.txt"), "ab") as fh:
+        fh.write(b"x" * 100)
+    bh.write(os.path.join(scope, "fresh", "new.bin"), os.urandom(5000))
+    os.chmod(os.path.join(scope, "docs", "note02.txt"), 0o640)      # metadata only: not new data
     second = duet.backup(scope, target.mnt)
     proc = duet("snapshots", "--target", target.mnt, "--json")
     assert proc.returncode == 0, proc.stderr
     listed = json.loads(proc.stdout)["snapshots"]
     assert [s["name"] for s in listed] == [first["snapshot"], second["snapshot"]]
-    assert [s["files"] for s in listed] == [first["files"], first["files"] - 1]
-    assert first["snapshot"] in duet("snapshots", "--target", target.mnt).stdout
+    assert [s["files"] for s in listed] == [first["files"], first["files"]]
+    # What changed since the snapshot before: the appended and the new file, one removed.
+    note01 = os.path.getsize(os.path.join(scope, "docs", "note01.txt"))
+    assert [s["new"] for s in listed] == [None, {"files": 2, "bytes": note01 + 5000, "removed": 1}], listed
+    text = duet("snapshots", "--target", target.mnt).stdout
+    assert first["snapshot"] in text and "2 / " in text, text
 
     # A whole directory from the newest snapshot, and one file (by its absolute path) from the first one.
     dest = tmp_path / "restored"

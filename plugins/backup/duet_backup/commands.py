@@ -59,7 +59,8 @@ def snapshots(
     json_out: bool = typer.Option(False, "--json", help="One JSON object."),
     config: str = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
-    """List the snapshots at a backup target, oldest first: name, files, bytes, when duet verify last checked each.
+    """List the snapshots at a backup target, oldest first: name, files, bytes, what changed since the snapshot
+    before (files added or with new contents, and their bytes), when duet verify last checked each.
 
     Examples:
       duet snapshots --target /mnt/backup
@@ -71,13 +72,21 @@ def snapshots(
     t = Target(target_of(target, config), create=False)
     try:
         rows = []
+        before = None
         for name in t.snapshot_names():
             m = t.manifest(name) or {}
+            new = None          # files added or with new contents since the snapshot before (same scope), bytes
+            if before is not None and "files" in m and before.get("scope") == m.get("scope"):
+                c = manifest_changes(before, m)
+                new = {"files": sum(1 for r in c["added"] if r in m["files"]) + len(c["modified"]),
+                       "bytes": c["added_bytes"] + c["modified_bytes"], "removed": len(c["removed"])}
             rows.append({"name": name, "path": os.path.join(t.path, "snapshots", name), "kind": m.get("kind"),
                          "scope": m.get("scope"), "created": m.get("created"),
                          "files": len(m["files"]) if "files" in m else None, "bytes": m.get("bytes"),
+                         "new": new,
                          "changed_during_backup": len(m.get("changed_during_backup", [])),
                          "errors": len(m.get("errors", [])), "verified": t.verified(name)})
+            before = m if "files" in m else None
     finally:
         t.close()
     if json_out:
@@ -88,16 +97,18 @@ def snapshots(
     from duet_core import units
 
     table = Table(title=f"snapshots at {t.path}", title_justify="left")
-    for col in ("snapshot", "kind", "files", "size", "scope", "verified"):
+    for col in ("snapshot", "kind", "files", "size", "new", "scope", "verified"):
         # The scope gives way to the rest on a narrow screen; a snapshot's name is never cut.
-        table.add_column(col, justify="right" if col in ("files", "size") else "left",
+        table.add_column(col, justify="right" if col in ("files", "size", "new") else "left",
                          no_wrap=col != "scope", overflow="fold" if col == "scope" else "ellipsis")
     for r in rows:
         v = r["verified"]
         checked = "never" if not v else f"{str(v.get('verified', '?'))[:10]} " + (f"{v['problems']} bad"
                                                                                   if v.get("problems") else "ok")
+        new = "–" if r["new"] is None else f"{r['new']['files']} / {units.format_bytes(r['new']['bytes'])}"
         table.add_row(r["name"], r["kind"] or "?", "?" if r["files"] is None else str(r["files"]),
-                      "?" if r["bytes"] is None else units.format_bytes(r["bytes"]), r["scope"] or "?", checked)
+                      "?" if r["bytes"] is None else units.format_bytes(r["bytes"]), new, r["scope"] or "?",
+                      checked)
     console.print(table if rows else f"no snapshots at {t.path}")
 
 
@@ -365,7 +376,13 @@ def diff(
         changes = live_changes(manifests[old])
         _report_diff(t.path, old, None, changes, json_out)
         return
-    a, b = manifests[old], manifests[new]
+    _report_diff(t.path, old, new, manifest_changes(manifests[old], manifests[new]), json_out)
+
+
+def manifest_changes(a: dict, b: dict) -> dict:
+    """What changed from the snapshot of manifest ``a`` to that of ``b``: ``added``, ``removed``, ``modified`` (a
+    regular file's size or blake3), ``metadata`` (the same content, another version), sorted; ``added_bytes``,
+    ``modified_bytes`` (sizes in ``b``) and ``removed_bytes``."""
     fa, fb = a.get("files", {}), b.get("files", {})
     ea, eb = a.get("entries", {}), b.get("entries", {})
     changes = {"added": sorted((set(fb) - set(fa)) | (set(eb) - set(ea) - {""})),
@@ -378,8 +395,9 @@ def diff(
         elif ra[2:4] != rb[2:4]:
             changes["metadata"].append(rel)
     changes["added_bytes"] = sum(fb[r][1] for r in changes["added"] if r in fb)
+    changes["modified_bytes"] = sum(fb[r][1] for r in changes["modified"])
     changes["removed_bytes"] = sum(fa[r][1] for r in changes["removed"] if r in fa)
-    _report_diff(t.path, old, new, changes, json_out)
+    return changes
 
 
 def _report_diff(target: str, old: str, new: str | None, changes: dict, json_out: bool) -> None:
