@@ -7,7 +7,7 @@ made with (its manifest records them), and each regular file's version is compar
 * ``+`` added: the snapshot has no file of that name;
 * ``M`` modified: another inode, size or mtime — the next backup reads and copies it;
 * ``U`` metadata: the same inode, size and mtime, another ctime (chmod, chown, xattrs, ACLs) — the next backup reads
-  and hashes it, and copies it only if the contents differ (or on a hard-link target, docs/backup.md);
+  and hashes it, and copies it only if the contents differ (always on an ext4 target: docs/backup.md);
 * ``-`` removed: a file of the snapshot that is no longer in the scope (deleted, renamed, or now excluded).
 
 Regular files only; nothing but metadata is read, and nothing is written.
