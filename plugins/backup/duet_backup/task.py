@@ -187,11 +187,11 @@ class _Open:
 
     def clone(self, ctx, tree_dir: int, reldir: str, name: str, digest: str):
         """:func:`~duet_backup.fsops.clone_metadata_change` from the previous snapshot; None: copy instead."""
-        if self._prev_fd is None:
-            self._prev_fd = self.target.open_snapshot(self.latest.name)
         try:
+            if self._prev_fd is None:
+                self._prev_fd = self.target.open_snapshot(self.latest.name)
             prev_dir = open_beneath(self._prev_fd, reldir or ".", os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
+        except (OSError, DuetError):     # the previous snapshot or its directory is gone (removed by hand)
             return None
         try:
             return clone_metadata_change(ctx.fd, prev_dir, tree_dir, name, digest, ctx.checkpoint)
