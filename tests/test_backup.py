@@ -262,6 +262,12 @@ def test_snapshots_and_restore_commands(duet, source, target, tmp_path):
     assert [s["new"] for s in listed] == [None, {"files": 2, "bytes": note01 + 5000, "removed": 1}], listed
     text = duet("snapshots", "--target", target.mnt).stdout
     assert first["snapshot"] in text and "2 / " in text, text
+    # A run says which snapshot it published, where, and what it copied (on stderr; stdout is the summary).
+    proc = duet("run", "backup", "--path", scope, "--target", target.mnt)
+    assert proc.returncode == 0, proc.stderr
+    third = bh.snapshot_names(target.mnt)[-1]
+    assert f"duet: backup: snapshot {third} published: {snap(target, third)} ({first['files']} files" in proc.stderr
+    assert "; 0 copied" in proc.stderr, proc.stderr
 
     # A whole directory from the newest snapshot, and one file (by its absolute path) from the first one.
     dest = tmp_path / "restored"

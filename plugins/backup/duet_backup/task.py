@@ -24,6 +24,7 @@ import datetime as dt
 import errno
 import os
 import stat
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,12 +32,17 @@ from dataclasses import dataclass, field
 from duet_backup.fsops import CannotClone, clone_metadata_change, copy_file, open_dir, refresh_metadata, replace, syncfs
 from duet_backup.target import Snapshot, Target
 from duet_backup.tree import SyncResult, TreeSync, same_data, unchanged
-from duet_core import ItemResult
-from duet_core.errors import DuetError, Stopped
+from duet_core import ItemResult, units
+from duet_core.errors import DuetError, Stopped, printable
 from duet_core.identity import open_beneath
 from duet_core.tasks import FileInfo
 
 MANIFEST_FORMAT = 1
+
+
+def say(line: str) -> None:
+    """One line for the user on stderr (stdout is the run summary, one JSON line with --json)."""
+    print(printable(f"duet: backup: {line}"), file=sys.stderr, flush=True)
 
 
 # Copies are made durable in batches: one syncfs, then each is renamed into place and journaled.
@@ -296,6 +302,20 @@ class BackupTask:
         return ItemResult(counters=counters)
 
     def finish(self, run, report):
+        out = self._finish(run, report)
+        if out.get("snapshot"):
+            c = report.counters
+            copied = c.get("copied", 0) + out.get("copied_at_finish", 0)
+            refreshed = c.get("metadata_only", 0) + out.get("metadata_only_at_finish", 0)
+            say(f"snapshot {out['snapshot']} published: {out['path']} ({out['files']} files, "
+                f"{units.format_bytes(out['bytes'])}; {copied} copied"
+                + (f", {refreshed} with new metadata only" if refreshed else "")
+                + (", nothing changed" if out.get("unchanged") else "") + ")")
+        elif "note" in out:
+            say(out["note"])
+        return out
+
+    def _finish(self, run, report):
         held = self._hold(run)
         del self._open[run.run_id]
         target = held.target
