@@ -672,6 +672,7 @@ class Runner:
         self._prefetch_window = min(PREFETCH_BYTES, self.store.dataset_bytes(self.scope_id) // 16)
         self._prefetch_files = max(1, min(PREFETCH_FILES, fd_room() // 2))   # each is an open descriptor
         self._last_read_device = False             # prefetch only once tasks are seen reading what is not cached
+        self._all_read_data = all(r.spec.reads_data for r in self.runs)
         self._item_started_ns = 0
         self._foreground_added = 0          # pages others brought in since the engine attached (_foreground_reading)
         self._foreground_at = -FOREGROUND_QUIET_S
@@ -872,6 +873,8 @@ class Runner:
             nxt = order.next_set_bit(nxt + 1)
             if nxt in self._ahead or nxt not in self._todo:
                 continue
+            if not self._all_read_data and not any(r.spec.reads_data for r in self._needs(nxt)):
+                continue          # only tasks that read little data need it (defrag): nothing to read ahead
             f = self._info(nxt)
             if f is None or not f.size:
                 continue

@@ -39,6 +39,10 @@ class TaskSpec:
     ``granularity="range"`` to be told of pages foreground programs read, through ``duet_observe``).
     ``granularity``: ``"file"`` — an item is a whole file; ``"range"`` — an item is a page range of a file, and
     progress is kept per page.
+    ``reads_data``: whether the task reads the contents of the files it is handed (True: backup, scrub, hashing).
+    False for a task that mostly looks at metadata and reads only some files itself (defrag: FIEMAP for every
+    file, the data only of those it rewrites): the run then reads no file ahead for it alone, which would bring in
+    data the task never looks at.
     """
 
     name: str
@@ -46,6 +50,7 @@ class TaskSpec:
     events: Event = Event.EXISTS
     granularity: Granularity = "file"
     options: tuple[TaskOption, ...] = ()
+    reads_data: bool = True
     # The plugin API this task was built for. Left out, it means 1, the first: the default never follows
     # API_VERSION, so a plugin that omits it is refused, not silently accepted, once the API changes.
     api_version: int = 1

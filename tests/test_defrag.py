@@ -333,6 +333,28 @@ def test_a_file_written_all_through_the_run_does_not_keep_it_going(duet, btrfs_f
     assert report["rechecks"] >= 1, report          # the writes were seen, and the file checked again
 
 
+def test_defrag_reads_only_what_it_rewrites(duet, require_root):
+    """defrag needs the data of the files it rewrites only (FIEMAP tells it the rest): the run must not read the
+    other files ahead for it (``TaskSpec.reads_data=False``). Device reads are the loop device's own counter."""
+    from duet_core.bench.share import loop_read_bytes
+
+    with fsimage.loop_fs("btrfs", direct_io=True) as fs:
+        scope = os.path.join(fs.mnt, "data")
+        os.mkdir(scope)
+        write_interleaved(scope, [f"a{i}" for i in range(4)])            # 4 MiB, fragmented, first in scan order
+        for i in range(24):                                             # 96 MiB in one extent per file
+            with open(os.path.join(scope, f"b{i:02d}"), "wb") as fh:
+                fh.write(os.urandom(4 << 20))
+                os.fsync(fh.fileno())
+        for name in os.listdir(scope):
+            evict(os.path.join(scope, name))
+        before = loop_read_bytes(fs.loopdev)
+        report, _ = duet.defrag(scope)
+        read = loop_read_bytes(fs.loopdev) - before
+    assert report["defragmented"] == 4, report
+    assert read <= 4 * SIZE * 3 // 2 + (8 << 20), f"{read >> 20} MiB read to defragment 4 MiB of files"
+
+
 def items_done(duet: Duet, scope: str) -> int | None:
     """The defrag task's files done in the scope's current round, as ``duet status`` shows it (None: no record)."""
     proc = duet("status", "--path", scope, "--json")

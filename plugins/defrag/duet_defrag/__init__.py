@@ -88,6 +88,7 @@ class Defrag:
                            help="also rewrite extents shared with snapshots or reflinks (takes more space)"),
                 TaskOption("dry_run", "bool", default=False, help="only report fragmentation, change nothing"),
             ),
+            reads_data=False,        # FIEMAP for every file; the kernel reads only the files it rewrites
             api_version=1,
         )
 
