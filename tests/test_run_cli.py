@@ -23,9 +23,9 @@ from plugin_dist import (
     excused_by_cache_drops,
     log_counts,
     make_dataset,
-    pages,
     read_log,
     resident,
+    still_cached,
 )
 
 from duet_core.lock import ScopeLock
@@ -209,7 +209,7 @@ def test_cache_hygiene_over_the_command_line(duet, direct_fs):
     foreground_read(hot)
     proc = duet("run", "reader", "--path", scope, "--json")
     assert proc.returncode == 0, proc.stderr
-    assert resident(hot) == pages(files[order[3]])
+    assert still_cached(hot, files[order[3]])
     assert resident(cold) == 0
     summary = summary_of(proc)
     assert summary["tasks"]["reader"]["bytes_from_cache"] == files[order[3]]
@@ -217,7 +217,7 @@ def test_cache_hygiene_over_the_command_line(duet, direct_fs):
     evict_tree(scope)
     proc = duet("run", "reader", "--path", scope, "--json", "--no-cache-hygiene")
     assert proc.returncode == 0, proc.stderr
-    assert all(resident(os.path.join(scope, rel)) == pages(size) for rel, size in files.items())
+    assert all(still_cached(os.path.join(scope, rel), size) for rel, size in files.items())
 
 
 # -- resuming ----------------------------------------------------------------------------------------------------------
