@@ -94,6 +94,8 @@ def _validate(spec: object) -> None:
                         f"this duet has API {hookspecs.API_VERSION}", hint="upgrade the plugin or duet")
     if spec.granularity not in ("file", "range"):
         raise DuetError(f"task {spec.name!r}: granularity must be 'file' or 'range'")
+    if not isinstance(spec.reads_data, bool):
+        raise DuetError(f"task {spec.name!r}: reads_data must be True or False, not {spec.reads_data!r}")
     for opt in spec.options:
         if opt.type not in OPTION_TYPES:
             raise DuetError(f"task {spec.name!r}: option {opt.name!r} has unknown type {opt.type!r}")

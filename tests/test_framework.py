@@ -187,6 +187,7 @@ def test_a_misspelled_hook_is_rejected():
     (None, "not a TaskSpec"),
     (TaskSpec("bad name!", "x"), "bad task name"),
     (TaskSpec("g", "x", granularity="block"), "granularity"),
+    (TaskSpec("r", "x", reads_data="some"), "reads_data must be True or False"),
     (TaskSpec("o", "x", options=(TaskOption("n", "complex"),)), "unknown type 'complex'"),
 ])
 def test_a_bad_declaration_is_refused(spec, needle):
