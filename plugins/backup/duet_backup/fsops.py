@@ -168,15 +168,42 @@ def set_metadata(src_fd: int, out: int, st: os.stat_result, fresh: bool = False)
     os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def _open_copy(dir_fd: int, name: str, src: os.stat_result) -> int | None:
+    """The regular file ``name`` of ``dir_fd`` opened for reading, if it has ``src``'s size and mtime (a copy of that
+    version, as far as metadata can tell); None otherwise. Opened as :func:`~duet_core.scope.open_regular` opens:
+    nothing but a regular file is ever opened, not even a fifo."""
+    try:
+        fd = open_regular(dir_fd, name)
+    except OSError:
+        return None
+    have = os.fstat(fd)
+    if (have.st_size, have.st_mtime_ns) != (src.st_size, src.st_mtime_ns):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _hashes_as(src_fd: int, before: os.stat_result, blake3_hex: str,
+               checkpoint: Callable[[], None]) -> tuple[str, int] | None:
+    """Read and hash the source: (digest, bytes read) when its contents hash to ``blake3_hex`` and it did not change
+    while read, else None. A same-size rewrite whose mtime was set back looks just like a chmod, so a copy is never
+    kept on metadata alone."""
+    digest, nbytes = _copy_data(src_fd, None, before, checkpoint)
+    if digest != blake3_hex or sig(os.fstat(src_fd)) != sig(before):
+        return None
+    return digest, nbytes
+
+
 def refresh_metadata(src_fd: int, dst_dir: int, name: str, blake3_hex: str,
-                     checkpoint: Callable[[], None] = _carry_on) -> Copied | None:
+                     checkpoint: Callable[[], None] = _carry_on, durable: bool = False) -> Copied | None:
     """Bring the copy ``name`` in ``dst_dir`` up to date in place when only the source's metadata changed.
 
     A chmod, chown, xattr or ACL change moves a file's ctime and nothing else, and rsync then updates the copy's
-    metadata without copying the data again. Here the source is read and hashed all the same — a same-size write
-    whose mtime was set back looks just like a chmod — and only when its contents still hash to ``blake3_hex`` (the
-    blake3 recorded for the copy) does ``name`` get the source's owner, mode, xattrs and times, keeping its data
-    and its extents (on a btrfs target, shared with every earlier snapshot: a ``chmod -R`` costs no space).
+    metadata without copying the data again. Here the source is read and hashed all the same (:func:`_hashes_as`),
+    and only when its contents still hash to ``blake3_hex`` (the blake3 recorded for the copy) does ``name`` get the
+    source's owner, mode, xattrs and times, keeping its data and its extents (on a btrfs target, shared with every
+    earlier snapshot: a ``chmod -R`` costs no space). ``durable``: fsynced before returning (the caller records it
+    at once); otherwise the caller makes a batch durable first, as for ``copy_file(durable=False)``.
 
     The caller says ``name`` is its own inode to change: never one a published snapshot shares (a hard-link
     snapshot's files are). A copy linked under other names in the tree (``st_nlink`` > 1) is left alone, as is one
@@ -184,22 +211,18 @@ def refresh_metadata(src_fd: int, dst_dir: int, name: str, blake3_hex: str,
     the source changed while it was read, the copy is not as expected — and the caller copies the file instead.
     """
     before = os.fstat(src_fd)
-    try:
-        out = open_regular(dst_dir, name)     # a regular file only: nothing else is opened, not even a fifo
-    except OSError:
+    out = _open_copy(dst_dir, name, before)
+    if out is None:
         return None
     try:
-        have = os.fstat(out)
-        if (not stat.S_ISREG(have.st_mode) or have.st_nlink != 1
-                or (have.st_size, have.st_mtime_ns) != (before.st_size, before.st_mtime_ns)):
-            return None
-        digest, nbytes = _copy_data(src_fd, None, before, checkpoint)
-        if digest != blake3_hex or sig(os.fstat(src_fd)) != sig(before):
+        if os.fstat(out).st_nlink != 1 or (same := _hashes_as(src_fd, before, blake3_hex, checkpoint)) is None:
             return None
         set_metadata(src_fd, out, before)
+        if durable:
+            os.fsync(out)
     finally:
         os.close(out)
-    return Copied(digest, sig(before), False, nbytes)
+    return Copied(same[0], sig(before), False, same[1])
 
 
 class CannotClone(Exception):
@@ -214,23 +237,17 @@ def clone_metadata_change(src_fd: int, prev_dir: int, dst_dir: int, name: str, b
     the new metadata: it is that snapshot's inode. On a filesystem that shares extents between files (xfs with
     reflink, the default of mkfs.xfs; btrfs) the new copy is a clone of it (``FICLONE``: no data written, no space
     taken) under a temporary name in ``dst_dir``, given the source's owner, mode, xattrs and times — once the
-    source, read and hashed, shows the same contents (see :func:`refresh_metadata`). Left under ``Copied.tmp``, as
+    source, read and hashed, shows the same contents (:func:`_hashes_as`). Left under ``Copied.tmp``, as
     ``copy_file(durable=False)`` leaves a copy; ``durable``: fsynced and renamed over ``name``. None when the
     contents differ, the source changed meanwhile or the previous copy is not as recorded (the caller copies);
     :class:`CannotClone` when the filesystem cannot clone (ext4), found before anything is read.
     """
     before = os.fstat(src_fd)
-    try:
-        prev = open_regular(prev_dir, name)
-    except OSError:
+    prev = _open_copy(prev_dir, name, before)
+    if prev is None:
         return None
-    tmp = None
+    tmp = tmp_name()
     try:
-        have = os.fstat(prev)
-        if not stat.S_ISREG(have.st_mode) or (have.st_size, have.st_mtime_ns) != (before.st_size,
-                                                                                 before.st_mtime_ns):
-            return None
-        tmp = tmp_name()
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                       dir_fd=dst_dir)
         try:
@@ -240,8 +257,7 @@ def clone_metadata_change(src_fd: int, prev_dir: int, dst_dir: int, name: str, b
                 if exc.errno in NO_CLONE:
                     raise CannotClone(exc.strerror) from None
                 raise
-            digest, nbytes = _copy_data(src_fd, None, before, checkpoint)
-            if digest != blake3_hex or sig(os.fstat(src_fd)) != sig(before):
+            if (same := _hashes_as(src_fd, before, blake3_hex, checkpoint)) is None:
                 return None
             set_metadata(src_fd, out, before, fresh=True)
             if durable:
@@ -251,11 +267,14 @@ def clone_metadata_change(src_fd: int, prev_dir: int, dst_dir: int, name: str, b
         if durable:
             replace(dst_dir, tmp, name)
         done, tmp = tmp, None
-        return Copied(digest, sig(before), False, nbytes, None if durable else done)
+        return Copied(same[0], sig(before), False, same[1], None if durable else done)
     finally:
         os.close(prev)
         if tmp is not None:
-            os.unlink(tmp, dir_fd=dst_dir)
+            try:
+                os.unlink(tmp, dir_fd=dst_dir)
+            except FileNotFoundError:     # its open failed
+                pass
 
 
 def replace(dir_fd: int, tmp: str, name: str) -> None:
