@@ -269,7 +269,8 @@ class TreeSync:
             try:
                 copied = None
                 if in_tree and (digest := self._same_data(rel, st)) is not None:
-                    copied = refresh_metadata(fd, tree_dir, name, digest, self.checkpoint)
+                    # Durable now, as the pass's copies are: on_copy journals it below.
+                    copied = refresh_metadata(fd, tree_dir, name, digest, self.checkpoint, durable=True)
                 elif prev_dir >= 0 and (digest := self._prev_data(rel, st)) is not None:
                     try:
                         copied = clone_metadata_change(fd, prev_dir, tree_dir, name, digest, self.checkpoint,
