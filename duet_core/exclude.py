@@ -124,6 +124,15 @@ class Exclusions:
                 return True
         return False
 
+    def excluded_path(self, relpath: str, is_dir: bool) -> bool:
+        """Whether ``relpath`` is out of the scope looked at alone, not met in a walk: it, or a directory above it,
+        is excluded."""
+        if not self._any:
+            return False
+        parts = relpath.split("/")
+        return any(self.excluded("/".join(parts[:i]), parts[i - 1], True) for i in range(1, len(parts))) or \
+            self.excluded(relpath, parts[-1], is_dir)
+
     def record(self) -> dict[str, list[str]]:
         """What a record of the scope keeps of them (a backup's manifest), to tell later whether they changed."""
         return {"patterns": list(self.patterns), "own": sorted(self.own)}

@@ -57,6 +57,16 @@ def test_the_patterns_match_as_documented():
     assert not Exclusions()
 
 
+def test_a_path_looked_at_alone_is_excluded_by_a_directory_above_it():
+    ex = Exclusions(["cache/", "*.tmp", "/top"], own=["state"])
+    assert ex.excluded_path("a/cache/deep/file.txt", False)       # a directory above it, at any depth
+    assert ex.excluded_path("top/x", False) and ex.excluded_path("state/duet.db", False)
+    assert ex.excluded_path("a/b.tmp", False)
+    assert not ex.excluded_path("a/cache", False)                  # a file named cache: the pattern is dirs only
+    assert not ex.excluded_path("a/top/x", False)                  # /top is anchored at the root
+    assert not Exclusions().excluded_path("a/cache/x", False)
+
+
 def test_excluded_entries_are_in_no_snapshot_and_a_new_pattern_takes_them_out(duet, source, target):
     scope = os.path.join(source.mnt, "data")
     make_tree(scope)

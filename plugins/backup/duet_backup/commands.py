@@ -377,13 +377,18 @@ def diff(
     _report_diff(t.path, old, new, manifest_changes(manifests[old], manifests[new]), json_out)
 
 
+def _other_content(ra: list, rb: list) -> bool:
+    """Two manifest records of a regular file hold other contents: another size, or another blake3."""
+    return ra[1] != rb[1] or ra[4:5] != rb[4:5]
+
+
 def _new_data(fa: dict, fb: dict) -> dict:
     """Regular files of ``fb`` added or with other contents (size, blake3) since ``fa``, their bytes, and the files
     of ``fa`` gone: what ``duet snapshots`` shows as new (counts only: one pass, no lists, for large manifests)."""
     files = nbytes = 0
     for rel, rb in fb.items():
         ra = fa.get(rel)
-        if ra is None or ra[1] != rb[1] or ra[4:5] != rb[4:5]:
+        if ra is None or _other_content(ra, rb):
             files += 1
             nbytes += rb[1]
     return {"files": files, "bytes": nbytes, "removed": sum(1 for rel in fa if rel not in fb)}
@@ -400,7 +405,7 @@ def manifest_changes(a: dict, b: dict) -> dict:
                "modified": [], "metadata": []}
     for rel in sorted(set(fa) & set(fb)):
         ra, rb = fa[rel], fb[rel]
-        if ra[1] != rb[1] or ra[4:5] != rb[4:5]:
+        if _other_content(ra, rb):
             changes["modified"].append(rel)
         elif ra[2:4] != rb[2:4]:
             changes["metadata"].append(rel)

@@ -75,10 +75,9 @@ class _Here:
         self.root_dev = self.devmap.info(os.fstat(root).st_dev, root).dev if self.devmap else 0
 
     def __call__(self, rel: str) -> bool:
-        parent, _, name = rel.rpartition("/")
-        if self.exclude and (self.exclude.excluded(rel, name, False) or
-                             any(self.exclude.excluded(p, p.rpartition("/")[2], True) for p in _parents(parent))):
+        if self.exclude.excluded_path(rel, False):
             return False
+        parent, _, name = rel.rpartition("/")
         try:
             fd = open_beneath(self.root, parent or ".", os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
@@ -92,8 +91,3 @@ class _Here:
         finally:
             os.close(fd)
 
-
-def _parents(reldir: str) -> list[str]:
-    """``a/b/c`` -> ``["a", "a/b", "a/b/c"]``."""
-    parts = reldir.split("/") if reldir else []
-    return ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
