@@ -6,7 +6,10 @@ against the engine's own idea of it.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
 import time
 
 import pytest
@@ -360,3 +363,35 @@ def test_registrations_share_one_program_but_each_sees_its_scope_and_mask(btrfs_
     engine.unregister(only_a)
     engine.unregister(everything)
     assert engine.scopes == {} and engine.files == {}
+
+
+def test_a_load_interrupted_by_signals_is_tried_again(bpf_required, ext4_fs, caplog):
+    """The verifier gives up with EAGAIN when a signal arrives while it checks a program (a profiler sampling the
+    process, a burst of signals a handler catches), and libbpf's own retries come within the same burst: a burst of
+    signals during the load must not leave duet on the polling source."""
+    path = os.path.join(ext4_fs.mnt, "after")
+    write_file(path, 64 << 10)
+    evict(path)
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    quiet = threading.Event()
+
+    def burst():
+        end = time.monotonic() + 0.15
+        while time.monotonic() < end and not quiet.wait(0.0005):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    storm = threading.Thread(target=burst)
+    caplog.set_level(logging.INFO, logger="duet.bpf")
+    storm.start()
+    try:
+        time.sleep(0.005)
+        with Engine(source="bpf") as eng:
+            assert eng.source_name == "bpf"
+            reg = eng.register("t", Event.ADDED, ext4_fs.mnt)
+            cold_read(path)
+            assert pages_by(settle(eng, reg).items, Event.ADDED)[file_id(path)] == set(range(16))
+    finally:
+        quiet.set()
+        storm.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert "interrupted by a signal: trying again" in caplog.text   # the burst did hit the load

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import time
 from ctypes import (
@@ -87,6 +88,11 @@ def split_words(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndar
     return out_k, out_v
 
 PROGRAMS = ("tp_btf_added", "tp_btf_removed", "tp_btf_dirtied", "tp_btf_flushed")
+# The verifier gives up with EAGAIN when a signal arrives while it checks a program (a profiler sampling the
+# process, a burst of SIGCHLD or SIGUSR1 a handler catches), and libbpf's own retries follow at once, within the
+# same burst: the whole object is loaded again after a pause, this many times, before BPF counts as unavailable.
+LOAD_ATTEMPTS = 5
+LOAD_PAUSE_S = 0.05
 
 # libbpf ------------------------------------------------------------------------------------------------------------
 
@@ -173,6 +179,10 @@ def _fail(what: str, err: int | None = None) -> BpfUnavailable:
     return BpfUnavailable(f"failed to {what}: {detail}", hint=hint)
 
 
+class _Interrupted(BpfUnavailable):
+    """The verifier stopped because a signal arrived (EAGAIN): worth loading again."""
+
+
 def kernel_enum_value(name: str) -> int | None:
     """Value of an enumerator in the running kernel's BTF, also from anonymous enums CO-RE cannot reach."""
     lib = libbpf()
@@ -222,11 +232,20 @@ class PageCacheBpf:
         self._flush_buf: list[FlushRec] = []
         self.merge_entries = merge_entries
         self.skip_added_tgid = skip_added_tgid
-        try:
-            self._open_load_attach(obj_path, merge_entries, ring_bytes)
-        except BaseException:
-            self.close()
-            raise
+        for attempt in range(LOAD_ATTEMPTS):
+            try:
+                self._open_load_attach(obj_path, merge_entries, ring_bytes)
+                break
+            except _Interrupted:
+                self.close()
+                if attempt == LOAD_ATTEMPTS - 1:
+                    raise
+                logging.getLogger("duet.bpf").info("loading the BPF programs was interrupted by a signal: "
+                                                   "trying again (%d of %d)", attempt + 2, LOAD_ATTEMPTS)
+                time.sleep(LOAD_PAUSE_S * (attempt + 1))
+            except BaseException:
+                self.close()
+                raise
 
     # -- set-up ----------------------------------------------------------------------------------------------------
     def _open_load_attach(self, obj_path: str, merge_entries: int, ring_bytes: int) -> None:
@@ -244,7 +263,10 @@ class PageCacheBpf:
         self._set_rodata()
         err = lib.bpf_object__load(self._obj)
         if err:
-            raise _fail("load the BPF programs (verifier or BTF)", err)
+            fail = _fail("load the BPF programs (verifier or BTF)", err)
+            if abs(err) == errno.EAGAIN:
+                raise _Interrupted(str(fail), hint=fail.hint)
+            raise fail
         for prog in PROGRAMS:
             p = lib.bpf_object__find_program_by_name(self._obj, prog.encode())
             if not p:
