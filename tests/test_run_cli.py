@@ -455,6 +455,10 @@ def test_some_items_failed_is_exit_1(duet, direct_fs):
     assert summary["tasks"]["picky"]["items_failed"] == 1
     assert summary["tasks"]["reader"]["items_done"] == len(files)
     assert any("picky" in line and "f03" in line for line in proc.stderr.splitlines())
+    table = duet("run", "picky", "--path", scope, "--for", "2s")     # the failed file is tried again, and fails
+    assert table.returncode == 1
+    title = " ".join(table.stdout.split())           # (rich wraps a title longer than the table)
+    assert f"— {scope} — complete, 1 failed" in title, table.stdout   # not a bare "complete"
 
 
 # -- options and the config --------------------------------------------------------------------------------------------

@@ -199,7 +199,11 @@ def _detail(rep: TaskReport) -> str:
 def _print_summary(summary: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"duet run — {summary['scope']} — {summary['result']}", title_justify="left")
+    result = summary["result"]
+    failed = sum(t["items_failed"] for t in summary["tasks"].values())
+    if failed:      # "complete" says nothing is left this run could do, not that all went well (exit code 1)
+        result += f", {failed} failed"
+    table = Table(title=f"duet run — {summary['scope']} — {result}", title_justify="left")
     for col in ("task", "files", "processed", "from cache", "from device", "failed"):
         table.add_column(col, justify="left" if col == "task" else "right")
     for name, t in summary["tasks"].items():
