@@ -94,6 +94,8 @@ PROGRAMS = ("tp_btf_added", "tp_btf_removed", "tp_btf_dirtied", "tp_btf_flushed"
 LOAD_ATTEMPTS = 5
 LOAD_PAUSE_S = 0.05
 
+log = logging.getLogger("duet.bpf")
+
 # libbpf ------------------------------------------------------------------------------------------------------------
 
 _RING_CB = CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t)
@@ -240,8 +242,8 @@ class PageCacheBpf:
                 self.close()
                 if attempt == LOAD_ATTEMPTS - 1:
                     raise
-                logging.getLogger("duet.bpf").info("loading the BPF programs was interrupted by a signal: "
-                                                   "trying again (%d of %d)", attempt + 2, LOAD_ATTEMPTS)
+                log.info("loading the BPF programs was interrupted by a signal: trying again (%d of %d)",
+                         attempt + 2, LOAD_ATTEMPTS)
                 time.sleep(LOAD_PAUSE_S * (attempt + 1))
             except BaseException:
                 self.close()
