@@ -18,7 +18,7 @@ from fsimage import btrfs_snapshot, btrfs_subvol
 from duet_core import residency
 from duet_core.engine import Engine
 from duet_core.events import EVENTS, PAGE_SIZE, Event, FileId
-from duet_core.identity import file_id
+from duet_core.identity import file_id, inode_generation
 from duet_core.testing import cached_pages, evict_file
 
 pytestmark = pytest.mark.bpf
@@ -395,3 +395,33 @@ def test_a_load_interrupted_by_signals_is_tried_again(bpf_required, ext4_fs, cap
         storm.join()
         signal.signal(signal.SIGUSR1, previous)
     assert "interrupted by a signal: trying again" in caplog.text   # the burst did hit the load
+
+
+def test_a_dropped_file_is_dropped_on_the_cpu_that_just_let_its_events_through(ext4_fs, engine):
+    """Each program keeps, per CPU, the filter's answer for the last file it saw (a run of events of one file looks
+    the maps up once). A change of the filter must end that answer: pages of a file read on the same CPU right after
+    ``drop`` — nothing else read in between — are dropped in the kernel, not reported."""
+    sub = os.path.join(ext4_fs.mnt, "sub")
+    os.mkdir(sub)
+    path = os.path.join(sub, "f")
+    write_file(path, 16 * PAGE_SIZE)
+    evict(path)
+    fid = file_id(path)
+    reg = engine.register("t", Event.ADDED, sub)      # a part of the filesystem: the kernel consults `ignore`
+    settle(engine, reg)
+    was = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(was)})               # both reads on one CPU: the answer kept there is the one asked
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)   # no read-ahead: each read adds its own page
+        gen = inode_generation(fd)
+        for page in range(8):
+            os.pread(fd, PAGE_SIZE, page * PAGE_SIZE)
+        engine.drop(fid, gen)
+        for page in range(8, 16):
+            os.pread(fd, PAGE_SIZE, page * PAGE_SIZE)
+    finally:
+        os.close(fd)
+        os.sched_setaffinity(0, was)
+    assert pages_by(settle(engine, reg).items, Event.ADDED) == {fid: set(range(8))}
+    assert engine.stats()["kernel_ignored"] >= 8

@@ -44,6 +44,7 @@ CHUNK_PAGES = 1 << CHUNK_SHIFT
 SCOPE_CHECK_IGNORE = 0x100
 STATS = ("events", "pages", "lost_map", "lost_folio", "lost_ring", "flushes", "ignored", "retries")
 CTL_ACTIVE = 0
+CTL_FILTER_GEN = 1              # bumped after every change to `scopes` or `ignore` (the programs' memo checks it)
 INFLIGHT0 = 0   # per-CPU in-flight counter of merge buffer 0; INFLIGHT0 + 1: buffer 1
 
 
@@ -232,6 +233,7 @@ class PageCacheBpf:
         self._links: list[int] = []
         self._rb = None
         self._flush_buf: list[FlushRec] = []
+        self._filter_gen = 0
         self.merge_entries = merge_entries
         self.skip_added_tgid = skip_added_tgid
         for attempt in range(LOAD_ATTEMPTS):
@@ -305,18 +307,29 @@ class PageCacheBpf:
         cfg.skip_added_tgid = self.skip_added_tgid
 
     # -- scope and filters -----------------------------------------------------------------------------------------
+    # Each change is followed by a new filter generation: every program then forgets the answer it kept for the
+    # last file it saw on its CPU (struct resolve_memo) and asks the maps again.
+    def _filter_changed(self) -> None:
+        self._filter_gen = (self._filter_gen + 1) & 0xFFFFFFFF
+        key, val = c_uint32(CTL_FILTER_GEN), c_uint32(self._filter_gen)
+        if self._lib.bpf_map_update_elem(self.fd["ctl"], byref(key), byref(val), 0):
+            raise _fail("update the filter generation")
+
     def set_scope(self, dev: int, subvol: int, mask: int) -> None:
         key, val = LostKey(dev, 0, subvol), c_uint32(mask)
         if self._lib.bpf_map_update_elem(self.fd["scopes"], byref(key), byref(val), 0):
             raise _fail("update the scope map")
+        self._filter_changed()
 
     def del_scope(self, dev: int, subvol: int) -> None:
         key = LostKey(dev, 0, subvol)
         self._lib.bpf_map_delete_elem(self.fd["scopes"], byref(key))
+        self._filter_changed()
 
     def ignore(self, dev: int, subvol: int, ino: int, gen: int) -> None:
         key, val = FileKey(dev, gen, subvol, ino), ctypes.c_uint8(1)
         self._lib.bpf_map_update_elem(self.fd["ignore"], byref(key), byref(val), 0)
+        self._filter_changed()
 
     def unignore(self, files: set[tuple[int, int, int]]) -> None:
         """Forget every ignored generation of these (dev, subvol, ino): one walk of the map for all of them."""
@@ -330,6 +343,8 @@ class PageCacheBpf:
                 doomed.append(key)
         for k in doomed:
             lib.bpf_map_delete_elem(fd, byref(k))
+        if doomed:
+            self._filter_changed()
 
     # -- draining --------------------------------------------------------------------------------------------------
     def _inflight(self, buffer: int) -> int:

@@ -13,8 +13,9 @@
  *
  * Scope: an event is kept only if its (superblock dev, subvolume) is in `scopes`, and, when that scope is only
  * part of the subvolume, its inode is not in `ignore` (files user space found outside every scope, or done by
- * every task). Merge: ADDED/REMOVED/DIRTIED set bits in a hash entry per (file, chunk), so a record stands for
- * up to 512 pages and a Python loop never runs per page. Two merge maps alternate: programs write the active one
+ * every task); each program remembers, per CPU, the answer for the last file it saw until user space changes
+ * either map (struct resolve_memo). Merge: ADDED/REMOVED/DIRTIED set bits in a hash entry per (file, chunk), so a
+ * record stands for up to 512 pages and a Python loop never runs per page. Two merge maps alternate: programs write the active one
  * while user space drains the other (draining a map under update loses pages, measured in DESIGN.md); a
  * per-buffer in-flight count tells user space when the last writer has left. FLUSHED records are rare and
  * travel on a ring buffer. Every page that cannot be recorded is counted, per scope, in `lost`.
@@ -95,6 +96,13 @@ struct {
 	__type(value, __u64);
 } inflight SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MEMO_NR);
+	__type(key, __u32);
+	__type(value, struct resolve_memo);
+} memo SEC(".maps");
+
 static __always_inline void stat_add(__u32 which, __u64 n)
 {
 	__u64 *v = bpf_map_lookup_elem(&stats, &which);
@@ -119,12 +127,15 @@ static __always_inline void count_lost(const struct file_key *fk, __u64 pages)
 	/* If even `lost` is full, STAT_LOST_* still counts it and user space resyncs every scope. */
 }
 
-/* Identify the file and check the scope. Returns the scope's mask, 0 if the event is not wanted. */
-static __always_inline __u32 resolve(struct inode *inode, struct file_key *fk)
+/* Identify the file and check the scope. Returns the scope's mask, 0 if the event is not wanted. `slot`: the
+ * calling program's memo (enum duet_memo). */
+static __always_inline __u32 resolve(struct inode *inode, struct file_key *fk, __u32 slot)
 {
 	struct super_block *sb;
 	struct lost_key sk = {};
-	__u32 *scope;
+	struct resolve_memo *m;
+	__u32 gen_slot = CTL_FILTER_GEN, gen, mask;
+	__u32 *scope, *g;
 
 	if (!inode)
 		return 0;
@@ -142,16 +153,33 @@ static __always_inline __u32 resolve(struct inode *inode, struct file_key *fk)
 
 		fk->subvol = BPF_CORE_READ(bi, root, root_key.objectid);
 	}
+	/* The generation is read before the maps: a change user space makes meanwhile bumps it after, so an answer
+	 * kept with this generation is never trusted past the change. */
+	g = bpf_map_lookup_elem(&ctl, &gen_slot);
+	m = bpf_map_lookup_elem(&memo, &slot);
+	if (!g || !m)
+		return 0;
+	gen = *(volatile __u32 *)g;
+	if (m->gen == gen && m->file.ino == fk->ino && m->file.dev == fk->dev && m->file.subvol == fk->subvol &&
+	    m->file.gen == fk->gen) {
+		if (m->ignored)
+			stat_add(STAT_IGNORED, 1);
+		return m->mask;
+	}
+	m->file = *fk;
+	m->gen = gen;
+	m->ignored = 0;
 	sk.dev = fk->dev;
 	sk.subvol = fk->subvol;
 	scope = bpf_map_lookup_elem(&scopes, &sk);
-	if (!scope)
-		return 0;
-	if ((*scope & SCOPE_CHECK_IGNORE) && bpf_map_lookup_elem(&ignore, fk)) {
+	mask = scope ? *scope : 0;
+	if (mask && (mask & SCOPE_CHECK_IGNORE) && bpf_map_lookup_elem(&ignore, fk)) {
 		stat_add(STAT_IGNORED, 1);
-		return 0;
+		m->ignored = 1;
+		mask = 0;
 	}
-	return *scope;
+	m->mask = mask;
+	return mask;
 }
 
 /* Set `bits` in words [w, w + nw) of the chunk (nw > 1 only for whole words: a folio of 64 pages or more). */
@@ -260,7 +288,7 @@ static __always_inline void record_folio(struct folio *folio, struct inode *inod
 	/* Only ADDED is skipped for our own process: a REMOVED in our context may be reclaim of anyone's pages. */
 	if (ev == DUET_ADDED && cfg.skip_added_tgid && (bpf_get_current_pid_tgid() >> 32) == cfg.skip_added_tgid)
 		return;
-	mask = resolve(inode, &k.file);
+	mask = resolve(inode, &k.file, ev == DUET_ADDED ? MEMO_ADDED : ev == DUET_REMOVED ? MEMO_REMOVED : MEMO_DIRTIED);
 	if (!(mask & ev))
 		return;
 	/* folio_order(): large folios have PG_head set and keep the order in the low byte of _flags_1. */
@@ -331,7 +359,7 @@ int BPF_PROG(tp_btf_flushed, struct inode *inode)
 {
 	struct flush_rec *rec;
 	struct file_key fk = {};
-	__u32 mask = resolve(inode, &fk);
+	__u32 mask = resolve(inode, &fk, MEMO_FLUSHED);
 	unsigned int xa_flags;
 
 	if (!(mask & DUET_FLUSHED))

@@ -43,7 +43,18 @@ enum duet_stat {
 /* Control array slots. */
 enum duet_ctl {
 	CTL_ACTIVE,           /* which merge buffer (0 or 1) programs write to; user space flips it */
+	CTL_FILTER_GEN,       /* bumped by user space after every change to `scopes` or `ignore` */
 	CTL_NR,
+};
+
+/* Slots of the per-CPU `memo` array: one per program, so that a program interrupted by another on its CPU (a
+ * writeback completion in interrupt context) never finds its slot half written. */
+enum duet_memo {
+	MEMO_ADDED,
+	MEMO_REMOVED,
+	MEMO_DIRTIED,
+	MEMO_FLUSHED,
+	MEMO_NR,
 };
 
 /* Slots of the per-CPU in-flight counters: programs currently updating merge buffer 0 / 1, on this CPU. */
@@ -92,6 +103,17 @@ struct flush_rec {
 struct duet_config {
 	__u32 dirty_mark_bit;  /* XA_FLAGS_MARK(PAGECACHE_TAG_DIRTY) in i_pages.xa_flags (___GFP_LAST_BIT) */
 	__u32 skip_added_tgid; /* drop ADDED caused by this process (duet run's own reads: it measures them itself) */
+};
+
+/* The last file a program resolved on this CPU and what the filter said, valid while CTL_FILTER_GEN is `gen`:
+ * a run of events of one file (a sequential read, a random one over one large file) looks `scopes` (and
+ * `ignore`) up once, not per event. */
+struct resolve_memo {
+	struct file_key file;
+	__u32 gen;
+	__u32 mask;           /* resolve()'s answer: the scope's mask, 0 if the event is not wanted */
+	__u32 ignored;        /* the answer came from `ignore` (counted as ignored again) */
+	__u32 pad;
 };
 
 /* Pages lost per scope, so user space resyncs only what is affected. */
