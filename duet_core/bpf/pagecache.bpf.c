@@ -15,10 +15,10 @@
  * part of the subvolume, its inode is not in `ignore` (files user space found outside every scope, or done by
  * every task); each program remembers, per CPU, the answer for the last file it saw until user space changes
  * either map (struct resolve_memo). Merge: ADDED/REMOVED/DIRTIED set bits in a hash entry per (file, chunk), so a
- * record stands for up to 512 pages and a Python loop never runs per page. Two merge maps alternate: programs write the active one
- * while user space drains the other (draining a map under update loses pages, measured in DESIGN.md); a
- * per-buffer in-flight count tells user space when the last writer has left. FLUSHED records are rare and
- * travel on a ring buffer. Every page that cannot be recorded is counted, per scope, in `lost`.
+ * record stands for up to 512 pages and a Python loop never runs per page. Two merge maps alternate: programs
+ * write the active one while user space drains the other (draining a map under update loses pages, measured in
+ * DESIGN.md); a per-buffer in-flight count tells user space when the last writer has left. FLUSHED records are
+ * rare and travel on a ring buffer. Every page that cannot be recorded is counted, per scope, in `lost`.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -288,7 +288,8 @@ static __always_inline void record_folio(struct folio *folio, struct inode *inod
 	/* Only ADDED is skipped for our own process: a REMOVED in our context may be reclaim of anyone's pages. */
 	if (ev == DUET_ADDED && cfg.skip_added_tgid && (bpf_get_current_pid_tgid() >> 32) == cfg.skip_added_tgid)
 		return;
-	mask = resolve(inode, &k.file, ev == DUET_ADDED ? MEMO_ADDED : ev == DUET_REMOVED ? MEMO_REMOVED : MEMO_DIRTIED);
+	mask = resolve(inode, &k.file,
+		       ev == DUET_ADDED ? MEMO_ADDED : ev == DUET_REMOVED ? MEMO_REMOVED : MEMO_DIRTIED);
 	if (!(mask & ev))
 		return;
 	/* folio_order(): large folios have PG_head set and keep the order in the low byte of _flags_1. */
