@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from plugin_dist import RECLAIM_SLACK
 
 from duet_core.events import PAGE_SIZE
 from duet_core.testing import evict_file
@@ -113,9 +114,12 @@ def test_events_json_reports_interval_deltas(bpf_required, btrfs_fs):
     for rec in mine:
         assert set(rec) >= {"path", "added", "removed", "dirtied", "flushed"}
     assert mine[0]["added"] == 32
-    # Net of removals, so that a cache drop by anything else on the machine cannot double-count a page.
-    assert sum(rec["added"] - rec["removed"] for rec in mine) == 64
-    assert mine[-1]["resident_pct"] == 100.0
+    # Exact, net of removals: the pages added less those removed are the pages cached at the end — also when the
+    # kernel reclaims some meanwhile on its own (DAMON pages out cold memory on these machines: seen as a last
+    # interval with one page removed).
+    resident = round(mine[-1]["resident_pct"] * 64 / 100)
+    assert sum(rec["added"] - rec["removed"] for rec in mine) == resident, mine
+    assert resident >= 64 - RECLAIM_SLACK, mine
 
 
 @pytest.mark.bpf
