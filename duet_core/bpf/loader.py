@@ -234,6 +234,7 @@ class PageCacheBpf:
         self._rb = None
         self._flush_buf: list[FlushRec] = []
         self._filter_gen = 0
+        self._scopes: dict[tuple[int, int], int] = {}   # what the `scopes` map holds
         self.merge_entries = merge_entries
         self.skip_added_tgid = skip_added_tgid
         for attempt in range(LOAD_ATTEMPTS):
@@ -316,12 +317,19 @@ class PageCacheBpf:
             raise _fail("update the filter generation")
 
     def set_scope(self, dev: int, subvol: int, mask: int) -> None:
+        """Watch (dev, subvol) for ``mask``; a pair already set so is left alone (the engine sets every pair again
+        after each rescan), and so are the programs' kept answers."""
+        if self._scopes.get((dev, subvol)) == mask:
+            return
         key, val = LostKey(dev, 0, subvol), c_uint32(mask)
         if self._lib.bpf_map_update_elem(self.fd["scopes"], byref(key), byref(val), 0):
             raise _fail("update the scope map")
+        self._scopes[(dev, subvol)] = mask
         self._filter_changed()
 
     def del_scope(self, dev: int, subvol: int) -> None:
+        if self._scopes.pop((dev, subvol), None) is None:
+            return
         key = LostKey(dev, 0, subvol)
         self._lib.bpf_map_delete_elem(self.fd["scopes"], byref(key))
         self._filter_changed()

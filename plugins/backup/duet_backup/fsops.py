@@ -168,10 +168,10 @@ def set_metadata(src_fd: int, out: int, st: os.stat_result, fresh: bool = False)
     os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _open_copy(dir_fd: int, name: str, src: os.stat_result) -> int | None:
-    """The regular file ``name`` of ``dir_fd`` opened for reading, if it has ``src``'s size and mtime (a copy of that
-    version, as far as metadata can tell); None otherwise. Opened as :func:`~duet_core.scope.open_regular` opens:
-    nothing but a regular file is ever opened, not even a fifo."""
+def _open_copy(dir_fd: int, name: str, src: os.stat_result) -> tuple[int, os.stat_result] | None:
+    """The regular file ``name`` of ``dir_fd`` opened for reading, and its ``fstat``, if it has ``src``'s size and
+    mtime (a copy of that version, as far as metadata can tell); None otherwise. Opened as
+    :func:`~duet_core.scope.open_regular` opens: nothing but a regular file is ever opened, not even a fifo."""
     try:
         fd = open_regular(dir_fd, name)
     except OSError:
@@ -180,7 +180,7 @@ def _open_copy(dir_fd: int, name: str, src: os.stat_result) -> int | None:
     if (have.st_size, have.st_mtime_ns) != (src.st_size, src.st_mtime_ns):
         os.close(fd)
         return None
-    return fd
+    return fd, have
 
 
 def _hashes_as(src_fd: int, before: os.stat_result, blake3_hex: str,
@@ -211,11 +211,12 @@ def refresh_metadata(src_fd: int, dst_dir: int, name: str, blake3_hex: str,
     the source changed while it was read, the copy is not as expected — and the caller copies the file instead.
     """
     before = os.fstat(src_fd)
-    out = _open_copy(dst_dir, name, before)
-    if out is None:
+    opened = _open_copy(dst_dir, name, before)
+    if opened is None:
         return None
+    out, have = opened
     try:
-        if os.fstat(out).st_nlink != 1 or (same := _hashes_as(src_fd, before, blake3_hex, checkpoint)) is None:
+        if have.st_nlink != 1 or (same := _hashes_as(src_fd, before, blake3_hex, checkpoint)) is None:
             return None
         set_metadata(src_fd, out, before)
         if durable:
@@ -243,9 +244,10 @@ def clone_metadata_change(src_fd: int, prev_dir: int, dst_dir: int, name: str, b
     :class:`CannotClone` when the filesystem cannot clone (ext4), found before anything is read.
     """
     before = os.fstat(src_fd)
-    prev = _open_copy(prev_dir, name, before)
-    if prev is None:
+    opened = _open_copy(prev_dir, name, before)
+    if opened is None:
         return None
+    prev = opened[0]
     tmp = tmp_name()
     try:
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,

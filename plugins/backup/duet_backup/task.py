@@ -383,7 +383,7 @@ class BackupTask:
             return TreeSync(src_fd, held.tree_fd, held.staged, held.published, prev_fd,
                             on_copy=held.target.journal_add, fatal=held.target_failed,
                             checkpoint=run.checkpoint, exclude=run.exclude,
-                            one_file_system=run.one_file_system).run()
+                            one_file_system=run.one_file_system, clones=held.clones).run()
         finally:
             if prev_fd is not None:
                 os.close(prev_fd)

@@ -103,7 +103,7 @@ class TreeSync:
                  on_copy: Callable[[str, Record], None] | None = None,
                  fatal: Callable[[OSError], bool] | None = None,
                  checkpoint: Callable[[], None] | None = None,
-                 exclude: Exclusions = NOTHING, one_file_system: bool = False):
+                 exclude: Exclusions = NOTHING, one_file_system: bool = False, clones: bool = True):
         self.src_fd, self.tree_fd, self.prev_fd = src_fd, tree_fd, prev_fd
         # What the scope leaves out (RunInfo.exclude, .one_file_system): not copied, and removed from the tree.
         self.exclude, self.one_file_system = exclude, one_file_system
@@ -120,7 +120,9 @@ class TreeSync:
         self.result = SyncResult()
         self._dirs: list[tuple[str, os.stat_result]] = []
         self._groups: dict[tuple[int, int], list[_Member]] = {}
-        self._clones = True      # the target may share extents between files (FICLONE), until it refuses once
+        # The target may share extents between files (FICLONE), until it refuses once (the run's own path may have
+        # found out already: ``clones=False``).
+        self._clones = clones
 
     def run(self) -> SyncResult:
         root = os.fstat(self.src_fd)
