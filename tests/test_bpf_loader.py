@@ -35,7 +35,8 @@ def structs():
 
 @pytest.mark.parametrize("name, mirror", [
     ("chunk_key", loader.CHUNK_KEY), ("chunk_val", loader.KERNEL_CHUNK_VAL),
-    ("file_key", loader.FileKey), ("lost_key", loader.LostKey),
+    ("file_key", loader.FileKey), ("lost_key", loader.LostKey), ("chunk_slot", loader.CHUNK_SLOT),
+    ("duet_config", loader.Config),
 ])
 def test_user_space_mirrors_match_the_objects_btf(structs, name, mirror):
     size, members = structs[name]

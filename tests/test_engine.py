@@ -285,6 +285,27 @@ def test_overflow_is_counted_and_turned_into_a_resync(bpf_required, btrfs_fs):
         assert len(cached) >= 2 * 4096 - stats["kernel_pages"]
 
 
+def test_chunks_whose_table_slot_is_taken_go_to_the_hash_map(bpf_required, btrfs_fs):
+    """The kernel merges in a direct-mapped table of chunk slots first and in the hash map when a chunk's slot
+    holds another chunk. A table of 16 slots and a file of 32 chunks: half the chunks collide, and every page
+    still arrives, none lost, no resync."""
+    path = os.path.join(btrfs_fs.mnt, "wide")
+    write_file(path, 64 << 20)   # 16,384 pages = 32 chunks of 512
+    evict(path)
+    with Engine(source="bpf", merge_entries=64) as engine:
+        assert engine.source.bpf.slots == 16
+        reg = engine.register("t", Event.ADDED, btrfs_fs.mnt)
+        engine.fetch(reg)
+        cold_read(path)
+        batch = settle(engine, reg)
+        stats = engine.stats()
+        assert stats["kernel_collisions"] > 0
+        assert stats["kernel_lost_map"] == 0 and not batch.resync
+        cached = cached_pages(path)
+        assert len(cached) >= 16384 - 64      # the kernel may reclaim a page meanwhile (DAMON)
+        assert pages_by(batch.items, Event.ADDED)[file_id(path)] >= cached
+
+
 def test_page_counts_equal_the_kernels_own_trace(ext4_fs, engine, tracefs):
     """ext4 uses large folios: one event can stand for up to 512 pages; both sides must weigh them the same."""
     path = os.path.join(ext4_fs.mnt, "traced")

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import mmap
 import os
 import time
 from ctypes import (
@@ -42,7 +43,7 @@ CHUNK_WORDS = 1 << (KERNEL_CHUNK_SHIFT - WORD_SHIFT)
 CHUNK_SHIFT = WORD_SHIFT        # ... and user space gets one record per 64-page word that has events (drain)
 CHUNK_PAGES = 1 << CHUNK_SHIFT
 SCOPE_CHECK_IGNORE = 0x100
-STATS = ("events", "pages", "lost_map", "lost_folio", "lost_ring", "flushes", "ignored", "retries")
+STATS = ("events", "pages", "lost_map", "lost_folio", "lost_ring", "flushes", "ignored", "retries", "collisions")
 CTL_ACTIVE = 0
 CTL_FILTER_GEN = 1              # bumped after every change to `scopes` or `ignore` (the programs' memo checks it)
 INFLIGHT0 = 0   # per-CPU in-flight counter of merge buffer 0; INFLIGHT0 + 1: buffer 1
@@ -57,7 +58,8 @@ class LostKey(Structure):
 
 
 class Config(Structure):
-    _fields_ = [("dirty_mark_bit", c_uint32), ("skip_added_tgid", c_uint32)]
+    _fields_ = [("dirty_mark_bit", c_uint32), ("skip_added_tgid", c_uint32), ("slot_mask", c_uint32),
+                ("pad", c_uint32)]
 
 
 class FlushRec(Structure):
@@ -69,8 +71,20 @@ CHUNK_KEY = np.dtype([("dev", "<u4"), ("gen", "<u4"), ("subvol", "<u8"), ("ino",
 _WORD = [("added", "<u8"), ("removed", "<u8"), ("present", "<u8"), ("dirtied", "<u8")]
 _DIRTY_NS = [("first_dirty_ns", "<u8"), ("last_dirty_ns", "<u8")]
 KERNEL_CHUNK_VAL = np.dtype([("w", np.dtype(_WORD), (CHUNK_WORDS,)), *_DIRTY_NS])   # struct chunk_val
+SLOT_READY = 2                  # enum duet_slot_state
+# struct chunk_slot: a slot of a chunk table, read in place through the table's memory mapping.
+CHUNK_SLOT = np.dtype([("key", CHUNK_KEY), ("state", "<u8"), ("val", KERNEL_CHUNK_VAL)])
 # What user space works with: one 64-page word of a chunk, its key's "chunk" counted in words (page >> 6).
 CHUNK_VAL = np.dtype([*_WORD, *_DIRTY_NS])
+
+
+def table_slots(merge_entries: int) -> int:
+    """Slots of each chunk table: a quarter of the merge map's entries (so a small map, which tests use to force
+    loss, stays small in all), as a power of two, at most 8192 (2.5 MiB)."""
+    n = 1
+    while n < 8192 and n * 8 <= merge_entries:
+        n *= 2
+    return n
 
 
 def split_words(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -236,7 +250,9 @@ class PageCacheBpf:
         self._filter_gen = 0
         self._scopes: dict[tuple[int, int], int] = {}   # what the `scopes` map holds
         self.merge_entries = merge_entries
+        self.slots = table_slots(merge_entries)
         self.skip_added_tgid = skip_added_tgid
+        self._tables: list[mmap.mmap] = []
         for attempt in range(LOAD_ATTEMPTS):
             try:
                 self._open_load_attach(obj_path, merge_entries, ring_bytes)
@@ -262,6 +278,9 @@ class PageCacheBpf:
         for name in ("merge0", "merge1"):
             if lib.bpf_map__set_max_entries(self._map(name), merge_entries):
                 raise _fail(f"size map {name}")
+        for name in ("table0", "table1"):
+            if lib.bpf_map__set_max_entries(self._map(name), self.slots):
+                raise _fail(f"size map {name}")
         # The flush ring's size (a power of two, at least a page; 0: as compiled). Tests shrink it to force loss.
         if ring_bytes and lib.bpf_map__set_max_entries(self._map("flushes"), ring_bytes):
             raise _fail("size the flush ring")
@@ -281,7 +300,15 @@ class PageCacheBpf:
                 raise _fail(f"attach {prog}")
             self._links.append(link)
         self.fd = {name: lib.bpf_map__fd(self._map(name))
-                   for name in ("merge0", "merge1", "scopes", "ignore", "lost", "flushes", "stats", "ctl", "inflight")}
+                   for name in ("merge0", "merge1", "table0", "table1", "scopes", "ignore", "lost", "flushes", "stats",
+                                "ctl", "inflight")}
+        length = -(-self.slots * CHUNK_SLOT.itemsize // mmap.PAGESIZE) * mmap.PAGESIZE
+        for name in ("table0", "table1"):
+            try:
+                self._tables.append(mmap.mmap(self.fd[name], length, mmap.MAP_SHARED,
+                                              mmap.PROT_READ | mmap.PROT_WRITE))
+            except OSError as exc:
+                raise _fail(f"map {name} into memory", exc.errno) from None
         self._ncpu = lib.libbpf_num_possible_cpus()
         self._ring_cb = _RING_CB(self._on_flush)  # keep a reference: libbpf calls it later
         self._rb = lib.ring_buffer__new(self.fd["flushes"], self._ring_cb, None, None)
@@ -306,6 +333,7 @@ class PageCacheBpf:
         if bit is not None:
             cfg.dirty_mark_bit = bit
         cfg.skip_added_tgid = self.skip_added_tgid
+        cfg.slot_mask = self.slots - 1
 
     # -- scope and filters -----------------------------------------------------------------------------------------
     # Each change is followed by a new filter generation: every program then forgets the answer it kept for the
@@ -377,8 +405,15 @@ class PageCacheBpf:
         return old
 
     def drain(self) -> Drained:
-        """Switch buffers and empty the old one into numpy arrays (a few batch syscalls, no loop per record)."""
+        """Switch buffers and empty the old one into numpy arrays: its chunk table read and cleared in place, then
+        its hash map in a few batch syscalls — no loop per record."""
         old = self.switch()
+        table = np.frombuffer(self._tables[old], CHUNK_SLOT, self.slots)
+        used = np.flatnonzero(table["state"])
+        slots = table[used]                   # a copy: the table is cleared next
+        table[used] = np.zeros((), CHUNK_SLOT)
+        del table                             # no view outlives the drain (close unmaps the table)
+        slots = slots[slots["state"] == SLOT_READY]
         fd = self.fd[f"merge{old}"]
         cap = self.merge_entries
         keys = np.empty(cap, CHUNK_KEY)
@@ -399,7 +434,12 @@ class PageCacheBpf:
                     break
                 raise _fail("drain the merge map", e)
             in_batch = byref(out_batch)
-        return Drained(*split_words(keys[:total], vals[:total]))
+        if total:
+            keys = np.concatenate((slots["key"], keys[:total]))
+            vals = np.concatenate((slots["val"], vals[:total]))
+        else:
+            keys, vals = slots["key"], slots["val"]
+        return Drained(*split_words(keys, vals))
 
     def _on_flush(self, _ctx, data, size) -> int:
         if size >= sizeof(FlushRec):
@@ -450,6 +490,9 @@ class PageCacheBpf:
         for link in self._links:
             lib.bpf_link__destroy(link)
         self._links.clear()
+        for table in self._tables:
+            table.close()
+        self._tables.clear()
         if self._obj:
             lib.bpf_object__close(self._obj)
             self._obj = None

@@ -14,9 +14,11 @@
  * Scope: an event is kept only if its (superblock dev, subvolume) is in `scopes`, and, when that scope is only
  * part of the subvolume, its inode is not in `ignore` (files user space found outside every scope, or done by
  * every task); each program remembers, per CPU, the answer for the last file it saw until user space changes
- * either map (struct resolve_memo). Merge: ADDED/REMOVED/DIRTIED set bits in a hash entry per (file, chunk), so a
- * record stands for up to 512 pages and a Python loop never runs per page. Two merge maps alternate: programs
- * write the active one while user space drains the other (draining a map under update loses pages, measured in
+ * either map (struct resolve_memo). Merge: ADDED/REMOVED/DIRTIED set bits in an entry per (file, chunk), so a
+ * record stands for up to 512 pages and a Python loop never runs per page: in the chunk's slot of a direct-mapped
+ * table (struct chunk_slot; an array index, no helper call), or, when another chunk holds that slot, in a hash
+ * map. Two merge buffers (each a table and a hash map) alternate: programs write the active one while user space
+ * drains the other (draining a map under update loses pages, measured in
  * DESIGN.md); a per-buffer in-flight count tells user space when the last writer has left. FLUSHED records are
  * rare and travel on a ring buffer. Every page that cannot be recorded is counted, per scope, in `lost`.
  */
@@ -33,7 +35,19 @@ char LICENSE[] SEC("license") = "GPL";
 /* Set by user space before load. XA_FLAGS_MARK(PAGECACHE_TAG_DIRTY) is bit ___GFP_LAST_BIT of
  * mapping->i_pages.xa_flags; that constant lives in an anonymous enum, so CO-RE cannot relocate it and the
  * loader reads it from the running kernel's BTF. */
-const volatile struct duet_config cfg = { .dirty_mark_bit = 25, .skip_added_tgid = 0 };
+const volatile struct duet_config cfg = { .dirty_mark_bit = 25, .skip_added_tgid = 0, .slot_mask = 8191 };
+
+/* The first level of each merge buffer: direct-mapped chunk slots (struct chunk_slot). Memory-mapped, so that user
+ * space reads and clears a drained table in place, without a system call. */
+struct slot_table {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 8192); /* user space sets it before load, with cfg.slot_mask */
+	__type(key, __u32);
+	__type(value, struct chunk_slot);
+};
+struct slot_table table0 SEC(".maps");
+struct slot_table table1 SEC(".maps");
 
 struct merge_map {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -215,6 +229,52 @@ static __always_inline void apply(struct chunk_val *v, __u32 w, __u32 nw, __u64 
 	}
 }
 
+/* A chunk's slot: a hash of its file, plus its chunk number (a file's chunks lie side by side, without colliding
+ * with each other). */
+static __always_inline __u32 slot_of(const struct chunk_key *k)
+{
+	__u64 h = (k->file.ino ^ (k->file.subvol << 32) ^ ((__u64)k->file.dev << 40) ^ ((__u64)k->file.gen << 20)) *
+		  0x9E3779B97F4A7C15ULL;
+
+	return ((__u32)(h >> 32) + (__u32)k->chunk) & cfg.slot_mask;
+}
+
+/* Record `bits` in the chunk's table slot if the slot is the chunk's or free. Returns 0 when recorded, 1 when the
+ * slot holds another chunk (the caller records it in the hash map), -1 when another CPU's claim of the slot did
+ * not finish within SLOT_SPIN looks (counted as lost: the chunk could end up in both places). The state is read
+ * with an atomic operation, a full barrier, so the key read after it is the one written before it was READY. */
+#define SLOT_SPIN 64
+static __always_inline int update_slot(void *table, const struct chunk_key *k, __u32 w, __u32 nw, __u64 bits,
+				       __u32 ev)
+{
+	__u32 idx = slot_of(k);
+	struct chunk_slot *s = bpf_map_lookup_elem(table, &idx);
+	__u64 st;
+	int i;
+
+	if (!s)
+		return 1;
+	st = __sync_fetch_and_or(&s->state, 0);
+	if (st == SLOT_EMPTY) {
+		st = __sync_val_compare_and_swap(&s->state, SLOT_EMPTY, SLOT_CLAIMING);
+		if (st == SLOT_EMPTY) {
+			s->key = *k;
+			__sync_fetch_and_add(&s->state, SLOT_READY - SLOT_CLAIMING);
+			apply(&s->val, w, nw, bits, ev);
+			return 0;
+		}
+	}
+	for (i = 0; i < SLOT_SPIN && st == SLOT_CLAIMING; i++)
+		st = __sync_fetch_and_or(&s->state, 0);
+	if (st != SLOT_READY)
+		return -1;
+	if (s->key.chunk != k->chunk || s->key.file.ino != k->file.ino || s->key.file.dev != k->file.dev ||
+	    s->key.file.subvol != k->file.subvol || s->key.file.gen != k->file.gen)
+		return 1;
+	apply(&s->val, w, nw, bits, ev);
+	return 0;
+}
+
 static __always_inline int update_map(void *map, const struct chunk_key *k, __u32 w, __u32 nw, __u64 bits,
 				      __u32 ev)
 {
@@ -257,10 +317,11 @@ __noinline int update_chunk(const struct chunk_key *k, __u32 w, __u32 nw, __u64 
 			stat_add(STAT_RETRIES, 1);
 			continue;
 		}
-		if (idx)
-			err = update_map(&merge1, k, w, nw, bits, ev);
-		else
-			err = update_map(&merge0, k, w, nw, bits, ev);
+		err = idx ? update_slot(&table1, k, w, nw, bits, ev) : update_slot(&table0, k, w, nw, bits, ev);
+		if (err > 0) {
+			stat_add(STAT_COLLISIONS, 1);
+			err = idx ? update_map(&merge1, k, w, nw, bits, ev) : update_map(&merge0, k, w, nw, bits, ev);
+		}
 		__sync_fetch_and_sub(busy, 1);
 		break;
 	}

@@ -37,6 +37,7 @@ enum duet_stat {
 	STAT_FLUSHES,         /* flush records sent */
 	STAT_IGNORED,         /* events dropped by the ignore set */
 	STAT_RETRIES,         /* buffer switches seen mid-update (retried on the other buffer) */
+	STAT_COLLISIONS,      /* events whose table slot held another chunk: recorded in the merge hash map */
 	STAT_NR,
 };
 
@@ -91,6 +92,23 @@ struct chunk_val {
 	__u64 last_dirty_ns;  /* dirtying against flush records, which travel on the ring */
 };
 
+/* A slot of a direct-mapped chunk table (`table0`, `table1`): the merge map's first level. A chunk's slot is fixed
+ * by a hash of its file plus its chunk number, so that a file's chunks lie in consecutive slots; the program finds
+ * it with an array index (no helper call, no hash walk) and sets the bits in place. A slot taken by another chunk
+ * sends the event to the merge hash map instead. `state` is written last when a slot is claimed, so a program
+ * that finds it SLOT_READY reads a complete key. */
+enum duet_slot_state {
+	SLOT_EMPTY,
+	SLOT_CLAIMING,        /* a program on another CPU is writing the key */
+	SLOT_READY,
+};
+
+struct chunk_slot {
+	struct chunk_key key;
+	__u64 state;
+	struct chunk_val val;
+};
+
 /* A writeback episode of an inode ended (writeback:sb_clear_inode_writeback). */
 struct flush_rec {
 	struct file_key file;
@@ -103,6 +121,8 @@ struct flush_rec {
 struct duet_config {
 	__u32 dirty_mark_bit;  /* XA_FLAGS_MARK(PAGECACHE_TAG_DIRTY) in i_pages.xa_flags (___GFP_LAST_BIT) */
 	__u32 skip_added_tgid; /* drop ADDED caused by this process (duet run's own reads: it measures them itself) */
+	__u32 slot_mask;       /* slots of each chunk table, less one (a power of two, set with the tables' size) */
+	__u32 pad;
 };
 
 /* The last file a program resolved on this CPU and what the filter said, valid while CTL_FILTER_GEN is `gen`:
