@@ -41,24 +41,81 @@ MAX_HELD = 1 << 20              # chunk records of unknown files held while a re
 CHECK_EVERY = 4096              # a registration looks for a stop (Engine.checkpoint) every this many files
 
 
-def mask_pages(chunks: np.ndarray, masks: np.ndarray) -> array:
-    """Page indexes of the set bits: page = chunk * 64 + bit, for parallel arrays of chunks and 64-bit masks.
+SMALL_WORDS = 64                # below this many words, pages are listed one by one (cheaper than a roaring stream)
+ARRAY_MAX = 4096                # roaring: a container (65,536 pages) of more pages than this is a bitset
+_NO_RUN_COOKIE = 12346          # roaring's portable format without run containers (SERIAL_COOKIE_NO_RUNCONTAINER)
 
-    Returned as ``array('I')``: a Roaring bitmap is built from one ten times faster than from a numpy array.
+
+def mask_pages(chunks: np.ndarray, masks: np.ndarray) -> BitMap:
+    """The pages of the set bits (page = chunk * 64 + bit) of parallel arrays of word numbers and 64-bit masks.
+
+    A few words: their pages listed, and a bitmap built from the list. More: the bitmap is written directly in
+    roaring's portable format and deserialized (:func:`_roaring_of_words`) — a container of more than 4,096 pages
+    is a bitset, which is the words themselves in place — so a drain of random reads (60,000 pages in 6,000
+    words) costs 0.06 ms instead of 1.4 ms, and no step runs per page of a dense container.
     """
-    nonzero = masks != 0
-    if not nonzero.all():
-        chunks, masks = chunks[nonzero], masks[nonzero]
+    chunks = np.asarray(chunks, np.uint64)
+    masks = np.asarray(masks, np.uint64)
+    keep = masks != 0
+    if len(chunks) and int(chunks.max()) > MAX_PAGE >> 6:
+        keep &= chunks <= np.uint64(MAX_PAGE >> 6)
+    if not keep.all():
+        chunks, masks = chunks[keep], masks[keep]
     if not len(masks):
-        return array("I")
-    # One flat bit array: bit i of word r is at r * 64 + i, so its index gives both (half the time of nonzero
-    # over rows and columns).
+        return BitMap()
+    if len(masks) < SMALL_WORDS:
+        return BitMap(array("I", _pages_of_words(chunks, masks).astype(np.uint32).tobytes()))
+    if len(chunks) > 1 and not (chunks[1:] > chunks[:-1]).all():   # sorted, one mask per word
+        order = np.argsort(chunks, kind="stable")
+        chunks, masks = chunks[order], masks[order]
+        first = np.flatnonzero(np.r_[True, chunks[1:] != chunks[:-1]])
+        chunks, masks = chunks[first], np.bitwise_or.reduceat(masks, first)
+    return _roaring_of_words(chunks, masks)
+
+
+def _pages_of_words(chunks: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Page numbers (uint64) of the set bits, word by word in the order given. One flat bit array: bit i of word
+    r is at r * 64 + i, so its index gives both."""
     bits = np.unpackbits(np.ascontiguousarray(masks, dtype="<u8").view(np.uint8), bitorder="little")
     idx = np.flatnonzero(bits)
-    pages = (chunks.astype(np.uint64) << np.uint64(6))[idx >> 6] + (idx & 63).astype(np.uint64)
-    if int(chunks.max()) >= MAX_PAGE >> 6:
-        pages = pages[pages <= MAX_PAGE]
-    return array("I", pages.astype(np.uint32).tobytes())
+    return (chunks << np.uint64(6))[idx >> 6] + (idx & 63).astype(np.uint64)
+
+
+def _roaring_of_words(chunks: np.ndarray, masks: np.ndarray) -> BitMap:
+    """A BitMap from sorted, distinct, non-zero words, through roaring's portable serialization: a cookie and the
+    number of containers; per container its key (the high 16 bits of its pages) and cardinality less one; per
+    container its byte offset; then each container — 1,024 words (a bitset) when it has more than 4,096 pages,
+    else its pages' low 16 bits in order (an array)."""
+    keys = (chunks >> np.uint64(10)).astype(np.int64)
+    first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    card = np.add.reduceat(np.bitwise_count(masks).astype(np.int64), first)
+    bounds = np.r_[first, len(keys)].tolist()
+    dense = card > ARRAY_MAX
+    n = len(first)
+    low = None
+    if not dense.all():
+        sparse = np.ones(len(keys), bool)
+        for i in np.flatnonzero(dense).tolist():
+            sparse[bounds[i]:bounds[i + 1]] = False
+        low = (_pages_of_words(chunks[sparse], masks[sparse]) & np.uint64(0xFFFF)).astype("<u2")
+    sizes = np.where(dense, 8192, 2 * card)
+    head = 8 + 8 * n
+    offsets = head + np.r_[0, np.cumsum(sizes)[:-1]]
+    out = np.zeros(head + int(sizes.sum()), np.uint8)
+    out[:8].view("<u4")[:] = (_NO_RUN_COOKIE, n)
+    desc = out[8:8 + 4 * n].view("<u2")
+    desc[0::2] = keys[first]
+    desc[1::2] = card - 1
+    out[8 + 4 * n:head].view("<u4")[:] = offsets
+    taken = 0
+    for i, (off, c) in enumerate(zip(offsets.tolist(), card.tolist())):
+        if dense[i]:
+            a, e = bounds[i], bounds[i + 1]
+            out[off:off + 8192].view("<u8")[(chunks[a:e] & np.uint64(1023)).astype(np.int64)] = masks[a:e]
+        else:
+            out[off:off + 2 * c].view("<u2")[:] = low[taken:taken + c]
+            taken += c
+    return BitMap.deserialize(out.tobytes())
 
 
 @dataclass
@@ -464,7 +521,8 @@ class Engine:
         added = mask_pages(chunks, v["added"])
         removed = mask_pages(chunks, v["removed"])
         # Nothing removed (pages only read in): the pages present are those added — the common case, one decode.
-        present = added if not len(removed) else mask_pages(chunks, v["present"] & (v["added"] | v["removed"]))
+        # Shared, not copied: none of the three is changed in place below.
+        present = added if not removed else mask_pages(chunks, v["present"] & (v["added"] | v["removed"]))
         dirtied = mask_pages(chunks, v["dirtied"])
         self.counters["pages_added"] += len(added)
         self.counters["pages_removed"] += len(removed)
@@ -472,9 +530,6 @@ class Engine:
         st = self.files.get(fid)
         if st is None:
             st = self.files[fid] = FileState()
-        same = present is added
-        added, removed, dirtied = BitMap(added), BitMap(removed), BitMap(dirtied)
-        present = added if same else BitMap(present)     # never changed in place below: safe to share
         gone = (added | removed) - present
         st.exists -= gone
         st.exists |= present
@@ -486,9 +541,9 @@ class Engine:
             # travels on the ring and can overtake the merged dirty bits.
             already = v["last_dirty_ns"] < st.last_flush_ns
             if already.any():
-                flushed = BitMap(mask_pages(chunks[already], v["dirtied"][already]))
+                flushed = mask_pages(chunks[already], v["dirtied"][already])
             live = ~already & (v["dirtied"] != 0)
-            st.modified |= BitMap(mask_pages(chunks[live], v["dirtied"][live])) & st.exists
+            st.modified |= mask_pages(chunks[live], v["dirtied"][live]) & st.exists
             for c, ns in zip(chunks[live].tolist(), v["last_dirty_ns"][live].tolist()):
                 if ns > st.dirty_ns.get(c, 0):
                     st.dirty_ns[c] = ns

@@ -210,8 +210,22 @@ def test_event_names_parse_or_raise_value_error(text):
 def test_kernel_page_masks_decode_to_exactly_their_set_bits(records):
     chunks = np.array([c for c, _ in records], dtype=np.uint64)
     masks = np.array([m for _, m in records], dtype=np.uint64)
-    want = sorted(c * 64 + b for c, m in records for b in range(64) if m >> b & 1 and c * 64 + b <= MAX_PAGE)
-    assert sorted(mask_pages(chunks, masks)) == want
+    want = sorted({c * 64 + b for c, m in records for b in range(64) if m >> b & 1 and c * 64 + b <= MAX_PAGE})
+    assert list(mask_pages(chunks, masks)) == want
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.one_of(st.integers(min_value=0, max_value=3000),
+                                    st.integers(min_value=(MAX_PAGE >> 6) - 1100, max_value=(MAX_PAGE >> 6) + 4)),
+                          st.one_of(st.just((1 << 64) - 1), st.integers(min_value=0, max_value=(1 << 64) - 1))),
+                min_size=64, max_size=400))
+def test_many_words_decode_through_roaring_containers_to_exactly_their_set_bits(records):
+    """64 words or more: the bitmap is written in roaring's own format (a bitset container where more than 4,096
+    pages of 65,536 are set, an array elsewhere), from words in any order, repeated or not."""
+    chunks = np.array([c for c, _ in records], dtype=np.uint64)
+    masks = np.array([m for _, m in records], dtype=np.uint64)
+    want = sorted({c * 64 + b for c, m in records for b in range(64) if m >> b & 1 and c * 64 + b <= MAX_PAGE})
+    assert list(mask_pages(chunks, masks)) == want
 
 
 WORD_BITS = st.one_of(st.just(0), st.just((1 << 64) - 1), st.integers(min_value=0, max_value=(1 << 64) - 1))
