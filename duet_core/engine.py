@@ -491,9 +491,14 @@ class Engine:
         # Group the records by file: a stable sort on (dev, subvol, ino), then the places where the file changes
         # (np.unique over rows sorts them as a whole and costs several times more).
         # Within a file, in chunk order: page lists come out sorted, and a BitMap is built from a sorted list
-        # several times faster.
-        order = np.lexsort((keys["chunk"], keys["ino"], keys["subvol"], keys["dev"]))
-        dev, subvol, ino = keys["dev"][order], keys["subvol"][order], keys["ino"][order]
+        # several times faster. A drain of one file only (a large file read at random) needs no sort by file, and
+        # mask_pages orders what it builds itself.
+        dev, subvol, ino = keys["dev"], keys["subvol"], keys["ino"]
+        if len(keys) > 1 and (dev == dev[0]).all() and (subvol == subvol[0]).all() and (ino == ino[0]).all():
+            order = np.arange(len(keys))
+        else:
+            order = np.lexsort((keys["chunk"], ino, subvol, dev))
+            dev, subvol, ino = dev[order], subvol[order], ino[order]
         starts = np.flatnonzero(np.concatenate(([True], (dev[1:] != dev[:-1]) | (subvol[1:] != subvol[:-1])
                                                 | (ino[1:] != ino[:-1]))))
         bounds = np.append(starts, len(order)).tolist()
