@@ -64,7 +64,9 @@ def render(report: dict, rich: bool) -> None:
     m = report["machine"]
     cfg = report["config"]
     title = (f"duet bench engine — {m['nproc']} CPUs, {m['mem_gib']} GiB, {m['kernel']} — "
-             f"{cfg['size'] >> 20} MiB sparse file, medians of {cfg['runs']} runs")
+             f"{cfg['size'] >> 20} MiB sparse file, medians of {cfg['runs']} runs"
+             + (f" ({max(cfg['runs'], cfg['device_runs'])} of the device-bound)"
+                if cfg.get("device_runs", 0) > cfg["runs"] else ""))
     body = rows(report)
     if rich:
         table = Table(title=title, title_justify="left")
@@ -100,6 +102,8 @@ def _plain(ok) -> str:
 def engine(
     size: str = typer.Option("2G", "--size", help="Size of the sparse file the CPU-bound readers cover."),
     runs: int = typer.Option(5, "--runs", min=1, help="Runs of every workload, each without and with the engine."),
+    device_runs: int = typer.Option(9, "--device-runs", min=1,
+                                    help="Runs of the device-bound workloads (at least --runs): they are noisier."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     settle: float = typer.Option(1.0, "--settle", min=0, help="Seconds to wait after drop_caches before a run."),
     touch: str = typer.Option("3G", "--touch", help="Memory touched and freed before each run (0 to skip)."),
@@ -131,7 +135,7 @@ def engine(
     except ValueError as exc:
         raise DuetError(str(exc)) from None
     with err_console.status("starting") as status:
-        report = run_bench(size=parse_size(size), runs=runs, settle_s=settle, touch_bytes=parse_size(touch),
+        report = run_bench(size=parse_size(size), runs=runs, device_runs=device_runs, settle_s=settle, touch_bytes=parse_size(touch),
                            drop_caches=drop_caches, fstype=fstype, device_size=parse_size(device_size),
                            dev_random_pages=device_random, rate=rate, rate_s=rate_seconds, only=only, mask=ev,
                            merge_entries=merge_entries, retries=retries, bpf_stats=bpf_stats,
