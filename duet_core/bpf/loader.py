@@ -410,10 +410,10 @@ class PageCacheBpf:
         old = self.switch()
         table = np.frombuffer(self._tables[old], CHUNK_SLOT, self.slots)
         used = np.flatnonzero(table["state"])
-        slots = table[used]                   # a copy: the table is cleared next
+        ready = used[table["state"][used] == SLOT_READY]   # all of them: no program is left in this buffer
+        slot_keys, slot_vals = table["key"][ready], table["val"][ready]   # copies: the table is cleared next
         table[used] = np.zeros((), CHUNK_SLOT)
         del table                             # no view outlives the drain (close unmaps the table)
-        slots = slots[slots["state"] == SLOT_READY]
         fd = self.fd[f"merge{old}"]
         cap = self.merge_entries
         keys = np.empty(cap, CHUNK_KEY)
@@ -435,10 +435,10 @@ class PageCacheBpf:
                 raise _fail("drain the merge map", e)
             in_batch = byref(out_batch)
         if total:
-            keys = np.concatenate((slots["key"], keys[:total]))
-            vals = np.concatenate((slots["val"], vals[:total]))
+            keys = np.concatenate((slot_keys, keys[:total]))
+            vals = np.concatenate((slot_vals, vals[:total]))
         else:
-            keys, vals = slots["key"], slots["val"]
+            keys, vals = slot_keys, slot_vals
         return Drained(*split_words(keys, vals))
 
     def _on_flush(self, _ctx, data, size) -> int:

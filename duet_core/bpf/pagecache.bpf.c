@@ -18,9 +18,9 @@
  * record stands for up to 512 pages and a Python loop never runs per page: in the chunk's slot of a direct-mapped
  * table (struct chunk_slot; an array index, no helper call), or, when another chunk holds that slot, in a hash
  * map. Two merge buffers (each a table and a hash map) alternate: programs write the active one while user space
- * drains the other (draining a map under update loses pages, measured in
- * DESIGN.md); a per-buffer in-flight count tells user space when the last writer has left. FLUSHED records are
- * rare and travel on a ring buffer. Every page that cannot be recorded is counted, per scope, in `lost`.
+ * drains the other (draining a map under update loses pages, measured in DESIGN.md); a per-buffer in-flight count
+ * tells user space when the last writer has left. FLUSHED records are rare and travel on a ring buffer. Every page
+ * that cannot be recorded is counted, per scope, in `lost`.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -141,6 +141,11 @@ static __always_inline void count_lost(const struct file_key *fk, __u64 pages)
 	/* If even `lost` is full, STAT_LOST_* still counts it and user space resyncs every scope. */
 }
 
+static __always_inline bool same_file(const struct file_key *a, const struct file_key *b)
+{
+	return a->ino == b->ino && a->dev == b->dev && a->subvol == b->subvol && a->gen == b->gen;
+}
+
 /* Identify the file and check the scope. Returns the scope's mask, 0 if the event is not wanted. `slot`: the
  * calling program's memo (enum duet_memo). */
 static __always_inline __u32 resolve(struct inode *inode, struct file_key *fk, __u32 slot)
@@ -174,8 +179,7 @@ static __always_inline __u32 resolve(struct inode *inode, struct file_key *fk, _
 	if (!g || !m)
 		return 0;
 	gen = *(volatile __u32 *)g;
-	if (m->gen == gen && m->file.ino == fk->ino && m->file.dev == fk->dev && m->file.subvol == fk->subvol &&
-	    m->file.gen == fk->gen) {
+	if (m->gen == gen && same_file(&m->file, fk)) {
 		if (m->ignored)
 			stat_add(STAT_IGNORED, 1);
 		return m->mask;
@@ -268,8 +272,7 @@ static __always_inline int update_slot(void *table, const struct chunk_key *k, _
 		st = __sync_fetch_and_or(&s->state, 0);
 	if (st != SLOT_READY)
 		return -1;
-	if (s->key.chunk != k->chunk || s->key.file.ino != k->file.ino || s->key.file.dev != k->file.dev ||
-	    s->key.file.subvol != k->file.subvol || s->key.file.gen != k->file.gen)
+	if (s->key.chunk != k->chunk || !same_file(&s->key.file, &k->file))
 		return 1;
 	apply(&s->val, w, nw, bits, ev);
 	return 0;

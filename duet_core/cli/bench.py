@@ -135,9 +135,10 @@ def engine(
     except ValueError as exc:
         raise DuetError(str(exc)) from None
     with err_console.status("starting") as status:
-        report = run_bench(size=parse_size(size), runs=runs, device_runs=device_runs, settle_s=settle, touch_bytes=parse_size(touch),
-                           drop_caches=drop_caches, fstype=fstype, device_size=parse_size(device_size),
-                           dev_random_pages=device_random, rate=rate, rate_s=rate_seconds, only=only, mask=ev,
+        report = run_bench(size=parse_size(size), runs=runs, device_runs=device_runs, settle_s=settle,
+                           touch_bytes=parse_size(touch), drop_caches=drop_caches, fstype=fstype,
+                           device_size=parse_size(device_size), dev_random_pages=device_random, rate=rate,
+                           rate_s=rate_seconds, only=only, mask=ev,
                            merge_entries=merge_entries, retries=retries, bpf_stats=bpf_stats,
                            progress=status.update)
     if report["other_engines_seen"]:
