@@ -20,13 +20,17 @@ Ready-made plugins (the sources are plain strings, so the same code runs in-proc
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import functools
+import mmap
 import os
 import re
 import subprocess
 import sys
 import textwrap
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from duet_core import testing
@@ -359,6 +363,30 @@ RECLAIM_SLACK = 4
 def still_cached(path: str, size: int) -> bool:
     """Every page of the file is in the page cache, but for a few the kernel may have reclaimed (RECLAIM_SLACK)."""
     return resident(path) >= pages(size) - RECLAIM_SLACK
+
+
+@contextlib.contextmanager
+def pinned(*paths: str) -> Iterator[None]:
+    """Keep every page of the files in the page cache while the block runs: each is mapped shared and locked in
+    memory (``mlock``), which the kernel's own reclaim (DAMON's pageout) leaves alone, and unlocked after. For a test
+    whose premise is a file wholly cached while another process rewrites it in place; pages added past the files'
+    sizes now are not covered."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    locked: list[tuple[mmap.mmap, int]] = []
+    try:
+        for path in paths:
+            with open(path, "r+b") as fh:
+                mm = mmap.mmap(fh.fileno(), 0)     # read-write and shared only because ctypes needs a writable buffer
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+            locked.append((mm, addr))
+            if libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(len(mm))) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mlock {path}: {os.strerror(err)}")
+        yield
+    finally:
+        for mm, addr in locked:
+            libc.munlock(ctypes.c_void_p(addr), ctypes.c_size_t(len(mm)))
+            mm.close()
 
 
 # -- other processes dropping the page cache ---------------------------------------------------------------------------
