@@ -59,6 +59,8 @@ PREFETCH_BYTES = 32 << 20     # read ahead at most this much ...
 PREFETCH_FILES = 256          # ... in at most this many files (small files need many in flight: 64 was slower
                               # here, docs/benchmarks.md; each is one open descriptor, see fd_room)
 KEEP_BYTES = 32 << 20         # pages kept cached for tasks that will read a file again (keep_cached), in all
+HINT_BATCH = 32               # evictions handed to the hints thread at once (_Hints) ...
+HINT_BATCH_BYTES = 4 << 20    # ... or fewer, once they evict this much
 ID_CACHE = 1 << 16     # FileId <-> file id pairs kept in memory (the store has them all)
 INFO_BATCH = 256       # the run looks its next files up in the store this many at a time
 BULK_LOOKUP = 2000     # more touched files than this at once: map them to file ids in one pass over the store
@@ -162,36 +164,54 @@ class _Hints:
     """The run's page-cache hints — read-ahead (``POSIX_FADV_WILLNEED``) and eviction (``DONTNEED``) — given in
     a thread of their own, in order. Both return only once the kernel has queued the reads or dropped the pages
     (about 30–60 µs a file here, more while the device's queue is full), time the loop's thread spends on the
-    tasks' work instead; the system calls release the GIL. A descriptor handed over is closed here."""
+    tasks' work instead; the system calls release the GIL. A descriptor handed over is closed here.
+
+    Hints are handed to the thread in batches (:meth:`flush`): waking it costs the loop's thread a futex call and,
+    once it runs, turns for the GIL — per file, some 15 % of a run over small files (``perf``, docs/benchmarks.md).
+    Read-ahead is flushed by the caller once it has asked for a window of files; evictions when HINT_BATCH files or
+    HINT_BATCH_BYTES have gathered, and whenever the loop waits, commits or ends."""
 
     def __init__(self) -> None:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._batch: list[tuple] = []
+        self._batch_bytes = 0
         self._thread = threading.Thread(target=self._serve, name="duet-hints", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
-        while (job := self._q.get()) is not None:
-            fn, args, done = job
-            try:
-                fn(*args)
-            except OSError:
-                pass        # a hint: the file may have gone meanwhile
-            except Exception:   # noqa: BLE001 - a bug here must not stop the hints after it (their waiters hang)
-                log.exception("page-cache hint %s failed", getattr(fn, "__name__", fn))
-            finally:
-                if done is not None:
-                    done.set()
+        while (batch := self._q.get()) is not None:
+            for fn, args, done in batch:
+                try:
+                    fn(*args)
+                except OSError:
+                    pass        # a hint: the file may have gone meanwhile
+                except Exception:   # noqa: BLE001 - a bug here must not stop the hints after it (their waiters hang)
+                    log.exception("page-cache hint %s failed", getattr(fn, "__name__", fn))
+                finally:
+                    if done is not None:
+                        done.set()
 
     def willneed(self, ahead: _Ahead) -> None:
+        """Read ``ahead``'s file ahead, once :meth:`flush` hands it over (``ahead.wait()`` waits for that)."""
         ahead.started = threading.Event()
-        self._q.put((os.posix_fadvise, (ahead.fd, 0, ahead.file.size, os.POSIX_FADV_WILLNEED), ahead.started))
+        self._batch.append((os.posix_fadvise, (ahead.fd, 0, ahead.file.size, os.POSIX_FADV_WILLNEED), ahead.started))
 
     def evict_and_close(self, fd: int, runs: list[tuple[int, int]]) -> None:
         """Evict ``runs`` (first page, count) of ``fd``, then close it."""
-        self._q.put((_evict_and_close, (fd, runs), None))
+        self._batch.append((_evict_and_close, (fd, runs), None))
+        self._batch_bytes += sum(c for _, c in runs) * PAGE_SIZE
+        if len(self._batch) >= HINT_BATCH or self._batch_bytes >= HINT_BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the hints given so far to the thread."""
+        if self._batch:
+            self._q.put(self._batch)
+            self._batch, self._batch_bytes = [], 0
 
     def close(self) -> None:
         """Wait for every hint given so far, then end the thread."""
+        self.flush()
         self._q.put(None)
         self._thread.join()
 
@@ -711,6 +731,7 @@ class Runner:
             self._absorb()
             self._throttle()
             if slow or time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
+                self._hints.flush()
                 self._commit()
                 self.ui.advanced({r.name: r.report for r in self.runs})
         self.ui.advanced({r.name: r.report for r in self.runs})
@@ -863,8 +884,19 @@ class Runner:
         and most files are still open to foreground reads, while many reads are queued at once — what small files
         need to come near the device's speed. Their pages count as brought in by the run: evicted after use, and
         read from the device in the report.
+
+        The window is topped up once half of it is used (files or bytes), and the read-ahead of all the files added
+        then is handed to the hints thread at once (:class:`_Hints`), not a file at a time.
         """
         window = self._prefetch_window
+        if len(self._ahead) > self._prefetch_files // 2 or self._ahead_bytes > window // 2:
+            return
+        try:
+            self._fill_ahead(file_id, window)
+        finally:
+            self._hints.flush()     # before anyone waits for one of them (_Ahead.wait)
+
+    def _fill_ahead(self, file_id: int, window: int) -> None:
         nxt = max(file_id, self._prefetch_cursor)
         order = self._uncached_order()
         while len(self._ahead) < self._prefetch_files and self._ahead_bytes < window:
@@ -899,6 +931,7 @@ class Runner:
 
     def _idle_wait(self, seconds: float | None = None) -> None:
         """Watch mode (or nothing cached), or waiting for other programs: wait for the page cache to bring work."""
+        self._hints.flush()
         self._nap(self.opts.watch_interval if seconds is None else seconds)
         self._absorb()
         if time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
@@ -938,6 +971,7 @@ class Runner:
         if rate:
             ahead = (self._device_bytes + in_item) / rate - (time.monotonic() - self._started)
             if ahead > 0:
+                self._hints.flush()
                 self._nap(min(ahead, 5.0))
 
     def _pace(self) -> None:
@@ -984,6 +1018,7 @@ class Runner:
             return self._foreground_reading()
 
         started_ns = time.monotonic_ns()
+        self._hints.flush()
         try:
             result = r.task.hook.duet_device_pass(
                 run=r.run, pending=lambda: self.store.files_in(self.scope_id, pending),
