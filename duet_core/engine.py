@@ -153,11 +153,12 @@ class Engine:
     ``source`` is ``"bpf"``, ``"poll"`` or ``"auto"`` (BPF if it loads, else polling with a one-line warning).
     ``interval`` is how stale a fetch may be: a fetch drains the source if the last drain is older.
     ``skip_own_reads``: pages this process itself brings into the cache are not reported as ADDED (duet run
-    measures its own reads with cachestat; the events would only cost it time).
+    measures its own reads with cachestat; the events would only cost it time) — nor those of process
+    ``skip_reads_of``, if given: the run's other process (``duet run --jobs 2``, :mod:`duet_core.jobs`).
     """
 
     def __init__(self, source: str = "auto", interval: float = 0.1, merge_entries: int = MERGE_ENTRIES,
-                 skip_own_reads: bool = False, ring_bytes: int = 0):
+                 skip_own_reads: bool = False, ring_bytes: int = 0, skip_reads_of: int = 0):
         self.interval = interval
         self.regs: dict[int, Registration] = {}
         self.files: dict[FileId, FileState] = {}
@@ -176,17 +177,19 @@ class Engine:
         self._held_records = 0
         self.counters = {"drains": 0, "records": 0, "pages_added": 0, "pages_removed": 0, "pages_dirtied": 0,
                          "pages_flushed": 0, "flushes_partial": 0, "resyncs": 0, "unknown_ignored": 0}
-        self.source: Source = self._open_source(source, merge_entries, skip_own_reads, ring_bytes)
+        self.source: Source = self._open_source(source, merge_entries, skip_own_reads, ring_bytes, skip_reads_of)
         # True when every ADDED page this engine reports was brought in by another process (polling cannot tell).
         self.own_reads_skipped = skip_own_reads and isinstance(self.source, BpfSource)
 
     # -- source ----------------------------------------------------------------------------------------------------
-    def _open_source(self, kind: str, merge_entries: int, skip_own_reads: bool, ring_bytes: int = 0) -> Source:
+    def _open_source(self, kind: str, merge_entries: int, skip_own_reads: bool, ring_bytes: int = 0,
+                     skip_reads_of: int = 0) -> Source:
         if kind not in ("auto", "bpf", "poll"):
             raise DuetError(f"unknown event source {kind!r}", hint="use auto, bpf or poll")
         if kind in ("auto", "bpf"):
             try:
-                return BpfSource(merge_entries=merge_entries, skip_own_reads=skip_own_reads, ring_bytes=ring_bytes)
+                return BpfSource(merge_entries=merge_entries, skip_own_reads=skip_own_reads, ring_bytes=ring_bytes,
+                                 skip_reads_of=skip_reads_of)
             except BpfUnavailable as exc:
                 if kind == "bpf":
                     raise

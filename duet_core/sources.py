@@ -67,7 +67,8 @@ class BpfSource:
 
     name = "bpf"
 
-    def __init__(self, merge_entries: int = MERGE_ENTRIES, skip_own_reads: bool = False, ring_bytes: int = 0):
+    def __init__(self, merge_entries: int = MERGE_ENTRIES, skip_own_reads: bool = False, ring_bytes: int = 0,
+                 skip_reads_of: int = 0):
         from duet_core.bpf.build import build
         from duet_core.bpf.loader import PageCacheBpf
 
@@ -76,7 +77,8 @@ class BpfSource:
         if not os.path.exists("/sys/kernel/btf/vmlinux"):
             raise BpfUnavailable("failed to load BPF: the kernel has no BTF (/sys/kernel/btf/vmlinux)")
         self.bpf = PageCacheBpf(str(build()), merge_entries=merge_entries,
-                                skip_added_tgid=os.getpid() if skip_own_reads else 0, ring_bytes=ring_bytes)
+                                skip_added_tgid=os.getpid() if skip_own_reads else 0, ring_bytes=ring_bytes,
+                                skip_added_tgid2=skip_reads_of if skip_own_reads else 0)
         self._lost_seen = 0
 
     def set_scope(self, dev: int, subvol: int, mask: int, partial: bool) -> None:

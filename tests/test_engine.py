@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -115,6 +117,32 @@ def test_write_is_dirtied_then_flushed_on_fsync(request, fs, engine):
         os.close(fd)
     batch = settle(engine, reg)
     assert pages_by(batch.items, Event.FLUSHED) == dirtied
+
+
+def test_reads_of_this_process_and_of_the_run_s_other_process_are_not_added(btrfs_fs, bpf_required):
+    # duet run skips its own reads; with --jobs 2 each of its two processes also skips the other's.
+    mnt = btrfs_fs.mnt
+    paths = {n: os.path.join(mnt, n) for n in ("own", "other", "stranger")}
+    for p in paths.values():
+        write_file(p, 64 * PAGE_SIZE)
+        evict(p)
+    reader = "import os, sys\nsys.stdin.readline()\nfd = os.open(sys.argv[1], os.O_RDONLY)\nos.pread(fd, 1 << 20, 0)\n"
+    other = subprocess.Popen([sys.executable, "-c", reader, paths["other"]], stdin=subprocess.PIPE)
+    try:
+        with Engine(source="bpf", skip_own_reads=True, skip_reads_of=other.pid) as eng:
+            reg = eng.register("t", Event.ADDED, mnt)
+            settle(eng, reg)
+            cold_read(paths["own"])
+            other.communicate(b"go\n", timeout=30)
+            subprocess.run(["cat", paths["stranger"]], stdout=subprocess.DEVNULL, check=True, timeout=30)
+            added = pages_by(settle(eng, reg).items, Event.ADDED)
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+    assert cached_pages(paths["own"]) and cached_pages(paths["other"])     # all three were read ...
+    assert set(added) == {file_id(paths["stranger"])}                      # ... only a stranger's reads are told
+    assert len(added[file_id(paths["stranger"])]) >= 60
 
 
 def test_exists_and_modified_states_cancel(btrfs_fs, engine):

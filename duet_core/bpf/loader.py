@@ -59,7 +59,7 @@ class LostKey(Structure):
 
 class Config(Structure):
     _fields_ = [("dirty_mark_bit", c_uint32), ("skip_added_tgid", c_uint32), ("slot_mask", c_uint32),
-                ("pad", c_uint32)]
+                ("skip_added_tgid2", c_uint32)]
 
 
 class FlushRec(Structure):
@@ -241,7 +241,7 @@ class PageCacheBpf:
     """
 
     def __init__(self, obj_path: str, merge_entries: int = MERGE_ENTRIES, skip_added_tgid: int = 0,
-                 ring_bytes: int = 0):
+                 ring_bytes: int = 0, skip_added_tgid2: int = 0):
         self._lib = libbpf()
         self._obj = None
         self._links: list[int] = []
@@ -251,7 +251,7 @@ class PageCacheBpf:
         self._scopes: dict[tuple[int, int], int] = {}   # what the `scopes` map holds
         self.merge_entries = merge_entries
         self.slots = table_slots(merge_entries)
-        self.skip_added_tgid = skip_added_tgid
+        self.skip_added_tgid, self.skip_added_tgid2 = skip_added_tgid, skip_added_tgid2
         self._tables: list[mmap.mmap] = []
         for attempt in range(LOAD_ATTEMPTS):
             try:
@@ -333,6 +333,7 @@ class PageCacheBpf:
         if bit is not None:
             cfg.dirty_mark_bit = bit
         cfg.skip_added_tgid = self.skip_added_tgid
+        cfg.skip_added_tgid2 = self.skip_added_tgid2
         cfg.slot_mask = self.slots - 1
 
     # -- scope and filters -----------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ char LICENSE[] SEC("license") = "GPL";
 /* Set by user space before load. XA_FLAGS_MARK(PAGECACHE_TAG_DIRTY) is bit ___GFP_LAST_BIT of
  * mapping->i_pages.xa_flags; that constant lives in an anonymous enum, so CO-RE cannot relocate it and the
  * loader reads it from the running kernel's BTF. */
-const volatile struct duet_config cfg = { .dirty_mark_bit = 25, .skip_added_tgid = 0, .slot_mask = 8191 };
+const volatile struct duet_config cfg = { .dirty_mark_bit = 25, .skip_added_tgid = 0, .slot_mask = 8191,
+					   .skip_added_tgid2 = 0 };
 
 /* The first level of each merge buffer: direct-mapped chunk slots (struct chunk_slot). Memory-mapped, so that user
  * space reads and clears a drained table in place, without a system call. */
@@ -349,9 +350,14 @@ static __always_inline void record_folio(struct folio *folio, struct inode *inod
 	__u32 mask;
 	int i;
 
-	/* Only ADDED is skipped for our own process: a REMOVED in our context may be reclaim of anyone's pages. */
-	if (ev == DUET_ADDED && cfg.skip_added_tgid && (bpf_get_current_pid_tgid() >> 32) == cfg.skip_added_tgid)
-		return;
+	/* Only ADDED is skipped for our own process (and the run's other one): a REMOVED in our context may be
+	 * reclaim of anyone's pages. */
+	if (ev == DUET_ADDED && cfg.skip_added_tgid) {
+		__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+
+		if (tgid == cfg.skip_added_tgid || (cfg.skip_added_tgid2 && tgid == cfg.skip_added_tgid2))
+			return;
+	}
 	mask = resolve(inode, &k.file,
 		       ev == DUET_ADDED ? MEMO_ADDED : ev == DUET_REMOVED ? MEMO_REMOVED : MEMO_DIRTIED);
 	if (!(mask & ev))

@@ -122,7 +122,7 @@ struct duet_config {
 	__u32 dirty_mark_bit;  /* XA_FLAGS_MARK(PAGECACHE_TAG_DIRTY) in i_pages.xa_flags (___GFP_LAST_BIT) */
 	__u32 skip_added_tgid; /* drop ADDED caused by this process (duet run's own reads: it measures them itself) */
 	__u32 slot_mask;       /* slots of each chunk table, less one (a power of two, set with the tables' size) */
-	__u32 pad;
+	__u32 skip_added_tgid2; /* ... and this one: the run's other process (duet run --jobs 2), if not 0 */
 };
 
 /* The last file a program resolved on this CPU and what the filter said, valid while CTL_FILTER_GEN is `gen`:
