@@ -442,13 +442,16 @@ class Scrub:
     # -- btrfs: the kernel verifies checksums on every read ------------------------------------------------------------
     def _scrub_checksummed(self, ctx: ItemContext) -> ItemResult | None:
         if ctx.cached_only:
-            # Nothing from the device now (watch, or a run waiting for other programs): the item is done only if
-            # everything left of it was read by others.
+            # Nothing from the device now (watch, a run waiting for other programs, the second process of a run):
+            # the item is done only if everything left of it was read during the run — by others, or by the run
+            # itself (ctx.fresh: its read-ahead, or the leading process of --jobs 2) — and came in whole.
             want = pages_of(ctx.ranges)
-            if want - confirm_cached(ctx.fd, runs_of(want & self._fresh.get(ctx.file.id, BitMap()))):
+            by_run = pages_of(ctx.fresh) & want
+            if want - confirm_cached(ctx.fd, runs_of(want & (self._fresh.get(ctx.file.id, BitMap()) | by_run))):
                 return ItemResult(done=False)
             self._fresh.pop(ctx.file.id, None)
-            ctx.progress.advance(min(ctx.file.size, len(want) * PAGE_SIZE), from_device=0)
+            ctx.progress.advance(min(ctx.file.size, len(want) * PAGE_SIZE),
+                                 from_device=min(ctx.file.size, len(by_run) * PAGE_SIZE))
             self._verified(ctx.run, ctx.file)
             return None
         with self._reader(ctx.fd) as rd:
