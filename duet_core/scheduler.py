@@ -17,6 +17,7 @@ called as after any early stop.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import heapq
@@ -29,18 +30,20 @@ import resource
 import signal
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pyroaring import BitMap
 
-from duet_core import residency
+from duet_core import jobs, residency
 from duet_core.engine import Engine
 from duet_core.errors import DuetError, Stopped, printable, require_directory
 from duet_core.events import PAGE_SIZE, Event, FileId
 from duet_core.exclude import Exclusions
 from duet_core.identity import inode_generation
+from duet_core.jobs import REGISTRY
 from duet_core.lock import ScopeLock
 from duet_core.plugins import LoadedTask, TaskRegistry
 from duet_core.residency import pages_of, runs_of  # noqa: F401 - runs_of: also imported from here by plugins
@@ -89,6 +92,8 @@ class RunOptions:
     mode: str = "run"                      # "run", or "watch": only what is already cached, until stopped
     watch_interval: float = 0.5
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    jobs: int = 1                          # processes for the tasks: 2 = the first task here, the others beside it
+    registry: str = REGISTRY               # module:function giving the tasks, in a second process (duet_core.jobs)
 
 
 class RunUI(Protocol):
@@ -248,36 +253,48 @@ class Runner:
     """One ``duet run`` (or ``duet watch``) of some tasks over one scope."""
 
     def __init__(self, store: StateStore, registry: TaskRegistry, task_names: list[str], root: str,
-                 opts: RunOptions | None = None, ui: RunUI | None = None):
+                 opts: RunOptions | None = None, ui: RunUI | None = None, leader: jobs.Leader | None = None):
         if not task_names:
             raise DuetError("no task given", hint="name one or more tasks, e.g. duet run backup scrub --path /home")
         if len(set(task_names)) != len(task_names):
             raise DuetError("a task is named twice")
-        self.tasks = [registry.get(n) for n in task_names]
+        self.opts = opts or RunOptions()
+        every = [registry.get(n) for n in task_names]
+        # --jobs 2: this process leads with the first task; the others run in a follower (duet_core.jobs).
+        self._leader = leader                       # this run is a follower: the leader's pipes
+        self._follower: jobs.Follower | None = None
+        self.follower_tasks: list[str] = []
+        if self.opts.jobs > 1 and len(task_names) > 1 and self.opts.mode == "run" and leader is None:
+            task_names, self.follower_tasks = jobs.split(task_names)
+        self.tasks = [t for t in every if t.name in task_names]
         require_directory(root)
         self.root = os.path.realpath(root)
         self.store = store
-        self.opts = opts or RunOptions()
         self.ui = ui or QuietUI()
         self.stop_reason: str | None = None
         self._item_started_ns = 0       # when the current item started; also read by the first _absorb
-        self.options = {t.name: resolve_options(t, self.opts.task_options.get(t.name, {})) for t in self.tasks}
+        self.options = {t.name: resolve_options(t, self.opts.task_options.get(t.name, {})) for t in every}
         self.exclude = Exclusions(self.opts.exclude, own=_inside(self.root, store.dir))
         self._early: tuple[Engine, SnapshotChild | None] | None = None   # see _start_early_engine
 
     # -- the run ---------------------------------------------------------------------------------------------------
     def run(self) -> dict:
-        with ScopeLock(self.store.dir, self.root):
+        # A follower runs under its leader's lock.
+        with contextlib.nullcontext() if self._leader else ScopeLock(self.store.dir, self.root):
             old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
             try:
                 return self._run()
             finally:
                 self._close_early_engine()
+                if self._follower is not None:
+                    self._follower.close()
                 for s, h in old.items():
                     signal.signal(s, h)
 
     def _on_signal(self, signum, _frame) -> None:
         self.stop_reason = signal.Signals(signum).name
+        if self._follower is not None:
+            self._follower.signal(signum)
 
     def stopping(self) -> bool:
         """Asked to stop: SIGTERM, SIGINT (or SIGHUP from ``duet watch``'s reload). The ``--for`` budget is not a
@@ -316,11 +333,17 @@ class Runner:
         phases: dict[str, float] = {}
         dataset_bytes: int | None = None
         try:
+            if self.follower_tasks:
+                self._start_follower()
             self._start_early_engine()
             phases["engine_load_s"] = time.monotonic() - started
+            if self._leader is not None:
+                self._leader.wait_go(self.stopping)    # the leader's scan is in the store: ours changes nothing
             with store.interruptible(self.stopping):
                 store.sync_files(self.scope_id, self._until_stopped(scope.scan()))
             phases["scan_s"] = time.monotonic() - started
+            if self._follower is not None:
+                self._follower.go()
             if scope.skipped:   # unreadable, too deep for PATH_MAX, or gone while the walk ran: said, not hidden
                 self.ui.message(f"{scope.skipped} director(ies) or entries of the scope could not be read and were "
                                 "skipped (run with -v for each)")
@@ -344,12 +367,13 @@ class Runner:
                 source, engine_stats = self._run_engine(started, phases, dataset_bytes)
             else:   # nothing to do: no snapshot to wait for, no engine to keep
                 self._close_early_engine()
-                self.ui.started({r.name: r.report for r in self.runs}, dataset_bytes, source)
+                self.ui.started(self._reports(), dataset_bytes, source)
                 phases["startup_s"] = time.monotonic() - started
         except Stopped:
             # Stopped before the tasks' work began (the scan, the planning, the start-up snapshot): the scan's
             # transaction rolled back (the last complete scan stands), and the tasks that planned are finished below.
             self._close_early_engine()
+        self._finish_follower()
 
         for r in self.runs:
             if not r.planned:   # stopped before its duet_plan: it never began this run
@@ -374,17 +398,21 @@ class Runner:
         elif self.opts.mode == "watch" and any(not r.progress.complete for r in self.runs):
             result = "watching"
         reports = {t.name: TaskReport(t.name) for t in self.tasks} | {r.name: r.report for r in self.runs}
+        result, follower = self._merge_follower(reports, result)
         summary = {
             "scope": self.root, "result": result, "source": source,
             "exclude": list(self.exclude.patterns), "one_file_system": self.opts.one_file_system,
             "tasks": {name: rep.as_dict() for name, rep in reports.items()},
             "dataset_bytes": store.dataset_bytes(self.scope_id) if dataset_bytes is None else dataset_bytes,
             "scan_skipped": self.scope.skipped,
-            "device_read_bytes": read_bytes_io() - io_start,
+            "device_read_bytes": read_bytes_io() - io_start + follower.get("device_read_bytes", 0),
             "wall_s": round(time.monotonic() - started, 3),
             "phases": {k: round(v, 3) for k, v in phases.items()},   # scan+sync, planning, engine snapshot
             "engine": engine_stats,
         }
+        if self._follower is not None:
+            summary["jobs"] = {"follower": follower}
+            summary["phases"]["follower_wait_s"] = round(getattr(self, "_follower_wait_s", 0.0), 3)
         store.end_run(self.run_id, result, summary)
         self.ui.finished(summary)
         return summary
@@ -403,7 +431,7 @@ class Runner:
         if self.opts.source == "poll":
             return
         try:
-            engine = Engine(source="bpf", skip_own_reads=True)
+            engine = Engine(source="bpf", skip_own_reads=True, skip_reads_of=self._other_pid())
         except DuetError:   # BPF unavailable, or its object cannot be built: said later, if some task has work
             return
         self._early = engine, engine.start_snapshot(self.root, Event.EXISTS | Event.MODIFIED,
@@ -418,9 +446,102 @@ class Runner:
                 child.close()
             engine.close()
 
+    # -- a second process (--jobs 2, duet_core.jobs) ---------------------------------------------------------------
+    def _start_follower(self) -> None:
+        level = logging.getLogger().getEffectiveLevel()
+        self._follower = jobs.Follower(self.root, self.store.dir, self.follower_tasks, jobs.options_record(self.opts),
+                                       self.opts.registry, level, os.environ.get("DUET_LOG_FORMAT") == "json")
+        self._held: OrderedDict[int, tuple[int, list[tuple[int, int]], int]] = OrderedDict()
+        self._held_bytes = 0
+        self._hold_files = jobs.hold_files(fd_room())
+
+    def _other_pid(self) -> int:
+        """The run's other process (--jobs 2), whose reads this one's engine does not report: the leader's reach
+        the follower with each offer, the follower's are no foreground the leader should give way to."""
+        if self._leader is not None:
+            return self._leader.pid
+        if self._follower is not None and self._follower.proc is not None:
+            return self._follower.proc.pid
+        return 0
+
+    def _reports(self) -> dict[str, TaskReport]:
+        """Every task's report so far: this process's, and its follower's as last sent."""
+        mine = {r.name: r.report for r in getattr(self, "runs", [])}
+        return mine | self._follower.reports if self._follower is not None else mine
+
+    def _hold(self, file_id: int, fd: int, runs: list[tuple[int, int]], nbytes: int) -> None:
+        """Keep what this run read of a file cached (``fd`` open) until the follower has acknowledged it."""
+        if file_id in self._held:      # offered again (written meanwhile): the earlier offer's pages go now
+            self._evict_held(file_id)
+        self._held[file_id] = (fd, runs, nbytes)
+        self._held_bytes += nbytes
+
+    def _evict_held(self, file_id: int, evict: bool = True) -> None:
+        """Evict what was held of the file for the follower — unless the follower keeps it cached for a task of
+        its own (``ItemResult.keep_cached``: the follower counts those pages as its own reads, and evicts them)."""
+        held = self._held.pop(file_id, None)
+        if held is not None:
+            fd, runs, nbytes = held
+            self._held_bytes -= nbytes
+            self._hints.evict_and_close(fd, runs if evict else [])
+
+    def _reap(self, wait: bool = False) -> None:
+        """Take the follower's acknowledgements (evicting what it is done with), progress and messages. Waits while
+        more than HOLD_BYTES (or HOLD_FILES files) are held for it — or, with ``wait``, until it is gone."""
+        fw = self._follower
+        if fw is None:
+            return
+        while True:
+            full = self._held_bytes > jobs.HOLD_BYTES or len(self._held) > self._hold_files
+            for file_id, kept in fw.poll(0.05 if (full or wait) and fw.alive else 0.0):
+                self._evict_held(file_id, evict=not kept)
+            for line in fw.messages:
+                self.ui.message(line)
+            fw.messages.clear()
+            if not fw.alive:
+                for file_id in list(self._held):
+                    self._evict_held(file_id)
+                return
+            if wait:
+                self.ui.advanced(self._reports())
+            elif not full:
+                return
+
+    def _finish_follower(self) -> None:
+        """Tell the follower this process is done, then wait until it is (its own reads, its tasks' finish)."""
+        fw = self._follower
+        if fw is None or fw.proc is None or (fw.ended and not fw.alive):
+            return
+        fw.end()
+        t0 = time.monotonic()
+        self._reap(wait=True)
+        if fw.wait(timeout=30) is None:
+            fw.close()
+        self._follower_wait_s = time.monotonic() - t0
+
+    def _merge_follower(self, reports: dict[str, TaskReport], result: str) -> tuple[str, dict]:
+        """Fold the follower's tasks into this run's reports and result; returns (result, what the follower said)."""
+        fw = self._follower
+        if fw is None:
+            return result, {}
+        out = fw.summary or {}
+        for name in fw.tasks:
+            rep = reports[name] = fw.reports.get(name) or TaskReport(name)
+            if not out:
+                why = fw.error or "it ended without a summary"
+                rep.items_failed += 1
+                rep.errors.append(f"the second process (--jobs) failed: {why}")
+                self.ui.message(f"{name}: the second process (--jobs) failed: {why}")
+        theirs = out.get("result", "incomplete")
+        if result == "complete" and theirs != "complete":
+            result = theirs
+        return result, {"tasks": fw.tasks, "result": theirs, "wall_s": out.get("wall_s"),
+                        "device_read_bytes": out.get("device_read_bytes", 0)}
+
     def _run_engine(self, started: float, phases: dict, dataset_bytes: int) -> tuple[str, dict]:
         """The processing loop, with the page-cache engine watching the scope; returns its source and counters."""
-        engine, child = self._early or (Engine(source=self.opts.source, skip_own_reads=True), None)
+        engine, child = self._early or (Engine(source=self.opts.source, skip_own_reads=True,
+                                               skip_reads_of=self._other_pid()), None)
         with engine:
             self.engine = engine
             if engine.source_warning:
@@ -443,7 +564,7 @@ class Runner:
             # Files every task is done with have their events dropped in the kernel — unless a task wants to hear
             # of writes to them (MODIFIED puts them back in the round).
             self._wants_modified = any(r.spec.events & Event.MODIFIED for r in self.runs)
-            self.ui.started({r.name: r.report for r in self.runs}, dataset_bytes, engine.source_name)
+            self.ui.started(self._reports(), dataset_bytes, engine.source_name)
             phases["snapshot_s"] = time.monotonic() - t0
             self._heap: list[tuple[int, int]] = []
             self._absorb()
@@ -626,8 +747,13 @@ class Runner:
         self._hints = _Hints()
         try:
             self._loop_inner(started)
+            self._finish_follower()
         finally:
             self._drop_prefetched()
+            if self._follower is not None:
+                self._follower.close()   # after an error: killed (it was reaped above otherwise)
+                for file_id in list(self._held):
+                    self._evict_held(file_id)
             self._hints.close()     # every eviction asked for is done before the run reports
             for file_id in list(self._kept):
                 self._release_kept(file_id)
@@ -703,6 +829,8 @@ class Runner:
         self._passed: set[str] = set()          # tasks offered duet_device_pass in this run (once each)
         self._shared_first: BitMap | None = None  # files other tasks need, read before a lone task's (see above)
         self._pass_recheck = 0                  # ... the size of _todo below which to look again for a lone task
+        if self._leader is not None:
+            self._follow(started)
         while self.stop_reason is None:
             if self.opts.budget_s is not None and time.monotonic() - started >= self.opts.budget_s:
                 self.stop_reason = BUDGET
@@ -728,13 +856,48 @@ class Runner:
             t0 = time.monotonic()
             self._process_file(pick, cached_pass)
             slow = time.monotonic() - t0 >= SLOW_ITEM_S
+            self._reap()
             self._absorb()
             self._throttle()
             if slow or time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
                 self._hints.flush()
                 self._commit()
-                self.ui.advanced({r.name: r.report for r in self.runs})
-        self.ui.advanced({r.name: r.report for r in self.runs})
+                self.ui.advanced(self._reports())
+        self.ui.advanced(self._reports())
+
+    def _follow(self, started: float) -> None:
+        """A follower's first phase (duet_core.jobs): the files its leader offers, while the leader keeps them cached,
+        each acknowledged in order once this run's tasks are done with it; nothing uncached is read. Ends when the
+        leader is done (or gone), then the run goes on as any run: what is left, it reads itself."""
+        leader = self._leader
+        offers = leader.offers
+        self._cached_only = True
+        while self.stop_reason is None and not (leader.ended and not offers):
+            if self.opts.budget_s is not None and time.monotonic() - started >= self.opts.budget_s:
+                self.stop_reason = BUDGET
+                break
+            if not offers:
+                leader.take(NAP_S)
+            if offers:
+                file_id, read = offers.pop(0)
+                t0 = time.monotonic()
+                if self._needs(file_id):
+                    self._process_file(file_id, cached_pass=True, lead_read=pages_of(read))
+                leader.ack(file_id, kept=file_id in self._kept)
+                if time.monotonic() - t0 >= SLOW_ITEM_S:
+                    self._commit()
+            self._absorb()
+            if time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
+                self._hints.flush()
+                self._commit()
+                self.ui.advanced(self._reports())
+        leader.take(0.0)
+        for file_id, _ in offers:     # stopping: what the leader still holds for us may go
+            leader.ack(file_id)
+        offers.clear()
+        self._cached_only = False
+        # The leader's reads were "someone else's" to this run: they are over, so it need not wait for them.
+        self._foreground_added, self._foreground_at = self.engine.counters["pages_added"], -FOREGROUND_QUIET_S
 
     def _needs(self, file_id: int) -> list[_TaskRun]:
         return [r for r in self.runs if file_id in r.progress.relevant and file_id not in r.progress.done
@@ -936,7 +1099,7 @@ class Runner:
         self._absorb()
         if time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
             self._commit()
-            self.ui.advanced({r.name: r.report for r in self.runs})
+            self.ui.advanced(self._reports())
 
     def _foreground_reading(self) -> bool:
         """Idle I/O, done where the kernel cannot: while other processes bring pages of the scope into the cache,
@@ -1009,7 +1172,7 @@ class Runner:
             report.bytes_processed, report.bytes_from_device = base[0] + nbytes, base[1] + nbytes
             if time.monotonic() - shown >= 0.25:
                 shown = time.monotonic()
-                self.ui.advanced({x.name: x.report for x in self.runs})
+                self.ui.advanced(self._reports())
 
         def give_way() -> bool:
             if self.opts.budget_s is not None and time.monotonic() - self._started >= self.opts.budget_s:
@@ -1052,12 +1215,13 @@ class Runner:
                 r.dirty_ranges.add(file_id)     # its done pages are deleted from the store at the commit
             self._mark_done(r, file_id)
         self._commit()
-        self.ui.advanced({x.name: x.report for x in self.runs})
+        self.ui.advanced(self._reports())
         return True
 
     # -- one file --------------------------------------------------------------------------------------------------
-    def _process_file(self, file_id: int, cached_pass: bool) -> None:
-        """Hand one file to every task that needs it — at once, in threads, when several do — then clean up."""
+    def _process_file(self, file_id: int, cached_pass: bool, lead_read: BitMap | None = None) -> None:
+        """Hand one file to every task that needs it, one after the other, then clean up. ``lead_read``: pages the
+        leader of this run (--jobs 2) read from the device just now, counted as this run's own reads."""
         ahead = self._take_ahead(file_id)
         if ahead is not None:
             ahead.wait()
@@ -1088,13 +1252,15 @@ class Runner:
             if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (f.size, f.mtime_ns, f.ctime_ns):
                 f = FileInfo(f.id, f.fid, f.relpath, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             pre = ahead.pre if ahead else residency.resident_pages(fd, f.size)
+            if lead_read:
+                pre -= lead_read
             self._attributed = len(pre)     # resident pages the run's tasks did not read
             self._item_started_ns = time.monotonic_ns()
             # One task after the other on the same open file: the first reads from the device, the rest find the
             # pages cached. (Running them in threads at once was measured slower here: see docs/benchmarks.md.)
             # The resident pages the next task's item can use without counting again: those just counted for a
             # file not read ahead (the first task), or every page once a count after a task found them all.
-            known = None if ahead else pre
+            known = None if ahead or lead_read else pre
             keep = False    # a task will read the file again later in the run
             for i, r in enumerate(needs):
                 ctx = self._item(r, f, fd, cached_pass, pre, resident=known)
@@ -1129,11 +1295,17 @@ class Runner:
             brought = residency.resident_pages(fd, f.size) - pre - self._foreign(f.fid)
             if not cached_pass:
                 self._last_read_device = bool(brought) or not f.size
+            # The follower (--jobs 2) takes the file next, while it is cached: what this run read of it stays until
+            # the follower says it is done (_reap).
+            offered = self._follower is not None and self._follower.offer(f.id, runs_of(brought))
             if self.opts.cache_hygiene and brought:
                 nbytes = len(brought) * PAGE_SIZE
                 if keep and self._kept_bytes + nbytes <= KEEP_BYTES and f.id not in self._kept:
                     self._kept[f.id] = runs_of(brought)     # evicted on release_cached or at the end of the run
                     self._kept_bytes += nbytes
+                elif offered:
+                    self._hold(f.id, fd, runs_of(brought), nbytes)
+                    handed = True
                 else:
                     self._hints.evict_and_close(fd, runs_of(brought))
                     handed = True

@@ -55,3 +55,4 @@ def setup(verbose: int, fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING - 10 * min(verbose, 2))
+    os.environ["DUET_LOG_FORMAT"] = fmt     # for duet's own second process (duet_core.jobs), which logs alike

@@ -282,10 +282,10 @@ class Reload:
 
 
 def _execute(*args, reload: Reload | None = None, exclude: list[str] | None = None,
-             exclude_from: str | None = None) -> None:
+             exclude_from: str | None = None, jobs: int = 1) -> None:
     """Unit parse errors (ValueError from duet_core.units) become a DuetError line."""
     try:
-        _execute_runs(*args, reload=reload, exclude=list(exclude or []) + read_patterns(exclude_from))
+        _execute_runs(*args, reload=reload, exclude=list(exclude or []) + read_patterns(exclude_from), jobs=jobs)
     except ValueError as exc:
         raise DuetError(str(exc)) from None
 
@@ -311,7 +311,7 @@ def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget
              idle_io: bool | None, cache_hygiene: bool | None, one_file_system: bool | None, json_out: bool,
              config_path: str | None, state_dir_opt: str | None, source: str, opts: list[str], mode: str,
              quiet: bool, metrics_dir: str | None, reload: Reload | None = None, exclude: list[str] | None = None,
-             ) -> None:
+             jobs: int = 1) -> None:
     from duet_core.scheduler import Runner, RunOptions, resolve_options
 
     tasks, extra = split_args(list(tasks) + list(ctx.args))
@@ -350,6 +350,9 @@ def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget
                      f"{printable(real + p)}; for {printable(p)} write {p[len(real):]!r}")
     if source not in ("auto", "bpf", "poll"):
         raise DuetError(f"unknown event source {source!r} (use auto, bpf or poll)")
+    if jobs not in (1, 2):
+        raise DuetError(f"--jobs {jobs}: use 1 (every task in this process) or 2 (the first task named in this "
+                        "process, the others in a second one)")
     store = StateStore(state_dir(state_dir_opt, config))
     worst = 0
     for root, names, sc in runs:
@@ -362,7 +365,7 @@ def _execute_runs(ctx: typer.Context, tasks: list[str], path: str | None, budget
             cache_hygiene=d.cache_hygiene if cache_hygiene is None else cache_hygiene,
             one_file_system=(one_file_system if one_file_system is not None else
                              (sc.one_file_system if sc else d.one_file_system)),
-            exclude=patterns[root], source=source, mode=mode,
+            exclude=patterns[root], source=source, mode=mode, jobs=jobs,
             task_options=parse_task_args(extra, opts, names, registry, config, everyone))
         ui: LiveUI | MetricsUI = LiveUI(quiet=quiet or json_out)
         if metrics_dir:
@@ -413,6 +416,8 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display or summary table; log lines only."),
     metrics_dir: str = typer.Option(None, "--metrics-dir", help="Write Prometheus metrics (*.prom) here, for "
                                     "node_exporter's textfile collector (default: the config's metrics_dir)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="2: the first task named runs in this process and reads, the "
+                             "others in a second process on another CPU, fed each file while it is cached."),
 ) -> None:
     """Run maintenance tasks over a scope: cached files first, one device read shared by all tasks.
 
@@ -426,7 +431,7 @@ def run(
     """
     _execute(ctx, tasks or [], path, budget, rate_limit, idle_io, cache_hygiene, one_file_system,
              json_out, config_path, state_dir_opt, source, opts, "run", quiet, metrics_dir,
-             exclude=exclude, exclude_from=exclude_from)
+             exclude=exclude, exclude_from=exclude_from, jobs=jobs)
 
 
 def watch(
