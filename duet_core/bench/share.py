@@ -55,14 +55,14 @@ def loop_read_bytes(loopdev: str) -> int:
         return int(fh.read().split()[2]) * 512
 
 
-def _child(tasks: list[str], root: str, state_dir: str, cgroup: MemoryCgroup, loopdev: str) -> dict:
+def _child(tasks: list[str], root: str, state_dir: str, cgroup: MemoryCgroup, loopdev: str, jobs: int = 1) -> dict:
     drop_caches()
     time.sleep(0.5)
     touch_memory(1 << 30)
     before = loop_read_bytes(loopdev)
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "duet_core.bench.share", "--child", json.dumps(
-        {"tasks": tasks, "root": root, "state_dir": state_dir})], capture_output=True, text=True,
+        {"tasks": tasks, "root": root, "state_dir": state_dir, "jobs": jobs})], capture_output=True, text=True,
         preexec_fn=cgroup.join)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
@@ -73,7 +73,7 @@ def _child(tasks: list[str], root: str, state_dir: str, cgroup: MemoryCgroup, lo
     return out
 
 
-def run_share(size: int = 1 << 30, runs: int = 3, progress=None) -> dict:
+def run_share(size: int = 1 << 30, runs: int = 3, progress=None, jobs: int = 1) -> dict:
     if os.geteuid() != 0:
         raise DuetError("duet bench share needs root (loop devices, cgroups, BPF)")
     tasks = list(TASKS)
@@ -92,7 +92,7 @@ def run_share(size: int = 1 << 30, runs: int = 3, progress=None) -> dict:
                     base.append(_child([t], data, os.path.join(fs.mnt, f"state-b{i}-{t}"), cg, fs.loopdev))
                 if progress:
                     progress(f"run {i + 1}/{runs}: {', '.join(tasks)} together")
-                together = _child(tasks, data, os.path.join(fs.mnt, f"state-d{i}"), cg, fs.loopdev)
+                together = _child(tasks, data, os.path.join(fs.mnt, f"state-d{i}"), cg, fs.loopdev, jobs)
                 samples.append({"baseline": base, "duet": together})
     med = statistics.median
     b_dev = med(sum(r["loop_read_bytes"] for r in s["baseline"]) for s in samples)
@@ -105,7 +105,7 @@ def run_share(size: int = 1 << 30, runs: int = 3, progress=None) -> dict:
     d_wall = med(s["duet"]["wall_s"] for s in samples)
     d_cpu = med(s["duet"]["cpu_s"] for s in samples)
     report = {
-        "scenario": "share", "tasks": tasks, "runs": runs,
+        "scenario": "share", "tasks": tasks, "runs": runs, "jobs": jobs,
         "dataset_bytes": dataset, "cache_cap_bytes": cap, "cgroup_limit_bytes": cap + RSS_HEADROOM,
         "baseline_device_read_bytes": b_dev, "duet_device_read_bytes": d_dev,
         "baseline_process_read_bytes": b_proc, "duet_process_read_bytes": d_proc,
@@ -127,7 +127,8 @@ def _child_main(args: dict) -> int:
     from duet_core.state import StateStore
 
     store = StateStore(args["state_dir"])
-    summary = Runner(store, registry(), args["tasks"], args["root"], RunOptions(source="bpf")).run()
+    opts = RunOptions(source="bpf", jobs=args.get("jobs", 1), registry="duet_core.bench.tasks:registry")
+    summary = Runner(store, registry(), args["tasks"], args["root"], opts).run()
     t = os.times()
     summary["cpu_s"] = t.user + t.system
     import resource

@@ -176,15 +176,19 @@ def measure(argv: list[str], loopdev: str, cgroup: MemoryCgroup | None = None) -
     return Child(argv, loopdev, cgroup).wait()
 
 
-def duet_argv(tasks: list[str] | tuple[str, ...], data: str, state_dir: str, target: str | None) -> list[str]:
+def duet_argv(tasks: list[str] | tuple[str, ...], data: str, state_dir: str, target: str | None,
+              jobs: int = 1) -> list[str]:
     """``duet run TASKS`` as a user runs it, with what each task needs to do all its work: backup a target, scrub
-    ``--every 0`` (verify everything now). gc gets no target (that would be snapshot retention, not dedupe)."""
+    ``--every 0`` (verify everything now). gc gets no target (that would be snapshot retention, not dedupe).
+    ``jobs``: ``--jobs``, for a run of several tasks."""
     argv = [sys.executable, "-m", "duet_core.cli.main", "run", *tasks, "--path", data, "--json",
             "--config", os.devnull, "--state-dir", state_dir]
     if "backup" in tasks:
         argv += ["-o", f"backup.target={target}"]
     if "scrub" in tasks:
         argv += ["-o", "scrub.every=0"]
+    if len(tasks) > 1 and jobs > 1:
+        argv += ["--jobs", str(jobs)]
     return argv
 
 
@@ -209,15 +213,16 @@ def fresh_dataset(data: str, size: int) -> dict:
     return facts
 
 
-def run_duet(tasks, data: str, tmp: str, label: str, loopdev: str, cgroup: MemoryCgroup | None, size: int) -> dict:
+def run_duet(tasks, data: str, tmp: str, label: str, loopdev: str, cgroup: MemoryCgroup | None, size: int,
+             jobs: int = 1) -> dict:
     """One measured ``duet run TASKS`` over the evicted data set; a backup goes to a fresh ext4 filesystem."""
     evict_tree(data)
     state = os.path.join(tmp, f"state-{label}")
     if "backup" not in tasks:
-        m = measure(duet_argv(tasks, data, state, None), loopdev, cgroup)
+        m = measure(duet_argv(tasks, data, state, None, jobs), loopdev, cgroup)
     else:
         with loop_fs("ext4", size_mb=image_mb(size), prefix="duet-bench-") as target:
-            m = measure(duet_argv(tasks, data, state, target.mnt), loopdev, cgroup)
+            m = measure(duet_argv(tasks, data, state, target.mnt, jobs), loopdev, cgroup)
     summary = json.loads(m.stdout)
     return {"tasks": list(tasks), **m.as_dict(), "result": summary["result"],
             "counters": {t: r.get("counters", {}) for t, r in summary["tasks"].items()}}
@@ -249,7 +254,7 @@ def testbed(name: str, size: int, say) -> Iterator[Testbed]:
         yield Testbed(fs, data, tmp, cg, fresh_dataset(data, size), cap)
 
 
-def run_together(size: int = 512 << 20, progress=None) -> dict:
+def run_together(size: int = 512 << 20, progress=None, jobs: int = 1) -> dict:
     say = progress or (lambda _msg: None)
     started = time.monotonic()
     with testbed("together", size, say) as tb:
@@ -259,9 +264,10 @@ def run_together(size: int = 512 << 20, progress=None) -> dict:
             baseline.append(run_duet([task], tb.data, tb.tmp, f"alone-{task}", tb.fs.loopdev, tb.cgroup, size=size))
         say("writing the same data set again (defrag and gc changed it)")
         fresh_dataset(tb.data, size)
-        say(f"duet run {' '.join(TASKS)}")
-        together = run_duet(list(TASKS), tb.data, tb.tmp, "together", tb.fs.loopdev, tb.cgroup, size=size)
-    return together_report(tb.facts, tb.cap, baseline, together, time.monotonic() - started)
+        say(f"duet run {' '.join(TASKS)}" + (f" --jobs {jobs}" if jobs > 1 else ""))
+        together = run_duet(list(TASKS), tb.data, tb.tmp, "together", tb.fs.loopdev, tb.cgroup, size=size,
+                            jobs=jobs)
+    return together_report(tb.facts, tb.cap, baseline, together, time.monotonic() - started) | {"jobs": jobs}
 
 
 def together_report(facts: dict, cap: int, baseline: list[dict], together: dict, took_s: float) -> dict:

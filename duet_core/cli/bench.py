@@ -156,6 +156,7 @@ def engine(
 def share(
     size: str = typer.Option("1G", "--size", help="Data set size (mixed file sizes)."),
     runs: int = typer.Option(3, "--runs", min=1, help="Repetitions (medians are reported)."),
+    jobs: int = typer.Option(1, "--jobs", min=1, max=2, help="duet run --jobs for the tasks together."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Three read-everything tasks over a data set 4x the page cache they may use: alone in turn vs. one duet run.
@@ -170,7 +171,7 @@ def share(
     from duet_core.bench.share import run_share
 
     with err_console.status("starting") as status:
-        report = run_share(size=parse_size(size), runs=runs, progress=status.update)
+        report = run_share(size=parse_size(size), runs=runs, progress=status.update, jobs=jobs)
     if json_out:
         emit_json({k: v for k, v in report.items() if k != "samples"} | {"samples": report["samples"]})
     else:
@@ -513,6 +514,7 @@ def render_together(report: dict) -> None:
 @app.command("together")
 def together(
     size: str = typer.Option("512M", "--size", help="Data set size (mixed file sizes, fragmented files, twins)."),
+    jobs: int = typer.Option(1, "--jobs", min=1, max=2, help="duet run --jobs for the four tasks together."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     plot: str = typer.Option(None, "--plot", help="Write grouped bars of device reads and wall time to this PNG."),
 ) -> None:
@@ -528,7 +530,7 @@ def together(
     from duet_core.bench.together import run_together
 
     _maintenance_bench("together", run_together, render_together, json_out, plot, "page cache capped at 1/4",
-                       size=parse_size(size))
+                       size=parse_size(size), jobs=jobs)
 
 
 def render_piggyback(report: dict) -> None:
