@@ -434,8 +434,10 @@ class Runner:
             engine = Engine(source="bpf", skip_own_reads=True, skip_reads_of=self._other_pid())
         except DuetError:   # BPF unavailable, or its object cannot be built: said later, if some task has work
             return
-        self._early = engine, engine.start_snapshot(self.root, Event.EXISTS | Event.MODIFIED,
-                                                    self.opts.one_file_system, self.exclude)
+        # A follower (--jobs 2) takes no start-up snapshot: its files come from the leader, cached, and what it
+        # reads once the leader is done it reads in scan order (the snapshot's child would take CPU from both).
+        self._early = engine, (None if self._leader is not None else engine.start_snapshot(
+            self.root, Event.EXISTS | Event.MODIFIED, self.opts.one_file_system, self.exclude))
 
     def _close_early_engine(self) -> None:
         """Stop the start-up snapshot's child (if still running) and unload the early engine, if not used."""
@@ -536,7 +538,7 @@ class Runner:
         if result == "complete" and theirs != "complete":
             result = theirs
         return result, {"tasks": fw.tasks, "result": theirs, "wall_s": out.get("wall_s"),
-                        "device_read_bytes": out.get("device_read_bytes", 0)}
+                        "device_read_bytes": out.get("device_read_bytes", 0), "phases": out.get("phases", {})}
 
     def _run_engine(self, started: float, phases: dict, dataset_bytes: int) -> tuple[str, dict]:
         """The processing loop, with the page-cache engine watching the scope; returns its source and counters."""
@@ -555,7 +557,8 @@ class Runner:
             # read now: only the files some task still needs (a resumed round: a few).
             self.reg = engine.register("duet-run", Event.EXISTS | Event.MODIFIED, self.root,
                                        self.opts.one_file_system, scope=self.scope,
-                                       snapshot=child or self._pending_files(), exclude=self.exclude)
+                                       snapshot=child or (() if self._leader is not None else self._pending_files()),
+                                       exclude=self.exclude)
             self.reg_added = None
             if any(r.spec.granularity == "range" and r.spec.events & Event.ADDED for r in self.runs):
                 self.reg_added = engine.register("duet-run-reads", Event.ADDED | Event.DIRTIED, self.root,

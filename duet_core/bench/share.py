@@ -130,7 +130,7 @@ def _child_main(args: dict) -> int:
     opts = RunOptions(source="bpf", jobs=args.get("jobs", 1), registry="duet_core.bench.tasks:registry")
     summary = Runner(store, registry(), args["tasks"], args["root"], opts).run()
     t = os.times()
-    summary["cpu_s"] = t.user + t.system
+    summary["cpu_s"] = t.user + t.system + t.children_user + t.children_system   # --jobs 2: the second process too
     import resource
 
     summary["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
