@@ -517,6 +517,7 @@ class Runner:
         fw.end()
         t0 = time.monotonic()
         self._reap(wait=True)
+        self.ui.advanced(self._reports())     # the follower's last word
         if fw.wait(timeout=30) is None:
             fw.close()
         self._follower_wait_s = time.monotonic() - t0
@@ -1257,7 +1258,8 @@ class Runner:
             pre = ahead.pre if ahead else residency.resident_pages(fd, f.size)
             if lead_read:
                 pre -= lead_read
-            self._attributed = len(pre)     # resident pages the run's tasks did not read
+            # Resident pages this process's tasks did not read: the leader's reads were charged to its own task.
+            self._attributed = len(pre) + len(lead_read or ())
             self._item_started_ns = time.monotonic_ns()
             # One task after the other on the same open file: the first reads from the device, the rest find the
             # pages cached. (Running them in threads at once was measured slower here: see docs/benchmarks.md.)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import signal
 import sqlite3
 import subprocess
@@ -89,6 +91,9 @@ def test_the_second_process_reads_nothing_and_the_run_reads_the_data_set_once(du
     for rep in summary["tasks"].values():
         assert (rep["items_done"], rep["items_total"], rep["items_failed"]) == (len(files), len(files), 0)
         assert rep["bytes_processed"] == dataset
+    # The reads are charged once, to the task that caused them, as in one process.
+    assert summary["tasks"]["reader"]["bytes_from_device"] == dataset - files[hot_rel], summary
+    assert summary["tasks"]["r2"]["bytes_from_device"] == summary["tasks"]["r3"]["bytes_from_device"] == 0, summary
     assert log_counts(duet.log) == {(t, rel): 1 for t in ("reader", "r2", "r3") for rel in files}
     # One device read, by the leading process; the second one took every file from the cache.
     assert 0.9 * (dataset - files[hot_rel]) < summary["device_read_bytes"] < 1.2 * dataset, summary
@@ -181,3 +186,31 @@ def test_one_task_with_jobs_2_runs_in_one_process(duet, direct_fs):
     summary = summary_of(proc)
     assert "jobs" not in summary and summary["tasks"]["reader"]["items_done"] == len(files)
     assert [f.relpath for f in Scope(scope).scan()]   # the scope is intact
+
+
+def test_on_a_terminal_both_processes_tasks_have_bars(duet, direct_fs):
+    scope, files = make_dataset(direct_fs.mnt, n=5)
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(duet.argv("run", "reader", "r2", "--path", scope, "--jobs", "2"),
+                                stdin=subprocess.DEVNULL, stdout=follower, stderr=follower,
+                                env={**duet.env, "COLUMNS": "120"})
+    finally:
+        os.close(follower)
+    out = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:     # EIO: the run (and its second process) have exited
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(timeout=60) == 0, out
+    finally:
+        os.close(leader)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))    # without the colours
+    assert "0:00:0" in text, text       # the bars
+    for task in ("reader", "r2"):        # r2 ran in the second process: its bar ends full too
+        assert re.search(rf"{task}\s+━+\s+{len(files)}/{len(files)}", text), text
