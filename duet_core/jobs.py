@@ -60,16 +60,25 @@ class _Lines:
     def __init__(self, rfd: int, wfd: int):
         self.rfd, self.wfd = rfd, wfd
         os.set_blocking(rfd, False)
+        os.set_blocking(wfd, False)
         self._buf = b""
         self.eof = False
 
-    def send(self, msg: dict) -> bool:
-        """Write one message; False if the other side is gone."""
+    def send(self, msg: dict, droppable: bool = False) -> bool:
+        """Write one message, waiting while the pipe is full — or, if ``droppable`` (progress: the next one says
+        more), not writing it at all then. False if the other side is gone."""
         data = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
         try:
             while data:
-                data = data[os.write(self.wfd, data):]
-        except (BrokenPipeError, OSError):
+                try:
+                    n = os.write(self.wfd, data)
+                except BlockingIOError:
+                    if droppable:               # nothing of it written yet: left out whole
+                        return True
+                    select.select([], [self.wfd], [], None)
+                    continue
+                data, droppable = data[n:], False    # part of it written: the rest must follow
+        except OSError:   # EPIPE: the other side is gone
             return False
         return True
 
@@ -243,7 +252,7 @@ class Leader:
     def report(self, reports: dict[str, TaskReport], force: bool = False) -> None:
         if force or time.monotonic() - self._reported >= REPORT_EVERY_S:
             self._reported = time.monotonic()
-            self.chan.send({"r": {name: rep.as_dict() for name, rep in reports.items()}})
+            self.chan.send({"r": {name: rep.as_dict() for name, rep in reports.items()}}, droppable=not force)
 
 
 class RelayUI:
