@@ -1256,8 +1256,9 @@ class Runner:
             if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (f.size, f.mtime_ns, f.ctime_ns):
                 f = FileInfo(f.id, f.fid, f.relpath, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             pre = ahead.pre if ahead else residency.resident_pages(fd, f.size)
+            resident_now = pre
             if lead_read:
-                pre -= lead_read
+                pre = pre - lead_read
             # Resident pages this process's tasks did not read: the leader's reads were charged to its own task.
             self._attributed = len(pre) + len(lead_read or ())
             self._item_started_ns = time.monotonic_ns()
@@ -1265,9 +1266,10 @@ class Runner:
             # pages cached. (Running them in threads at once was measured slower here: see docs/benchmarks.md.)
             # The resident pages the next task's item can use without counting again: those just counted for a
             # file not read ahead (the first task), or every page once a count after a task found them all.
-            known = None if ahead or lead_read else pre
+            known = None if ahead else resident_now
             keep = False    # a task will read the file again later in the run
             for i, r in enumerate(needs):
+                whole = known is not None and len(known) >= f.pages    # nothing left for this task to bring in
                 ctx = self._item(r, f, fd, cached_pass, pre, resident=known)
                 known = None
                 if ctx is None:
@@ -1286,7 +1288,9 @@ class Runner:
                 share = 0
                 # What this task brought into the cache is its device share — unless it said itself, and no task
                 # after it needs the count.
-                if f.size and (ctx.progress.from_device is None or i < len(needs) - 1):
+                if whole:
+                    known = BitMap(range(f.pages))
+                elif f.size and (ctx.progress.from_device is None or i < len(needs) - 1):
                     after = residency.resident_count(fd)
                     share = max(0, after - self._attributed) * PAGE_SIZE
                     self._attributed = max(self._attributed, after)
