@@ -145,7 +145,8 @@ def duet_process(ctx: ItemContext) -> ItemResult | None:
     :param ctx: the item: ``ctx.file`` (id, FileId, size, times), ``ctx.path``, ``ctx.fd`` (open read-only, never
         through a symlink, inside the scope), ``ctx.ranges`` to process, ``ctx.cached`` (resident ranges),
         ``ctx.fresh`` (those of them this run read from the device for this item), ``ctx.cached_only`` (read
-        nothing from the device now: ``duet watch``, or a run waiting while other programs read the scope),
+        nothing from the device now: ``duet watch``, a run waiting while other programs read the scope, or the
+        second process of ``--jobs 2`` while the first reads),
         ``ctx.state`` (the task's own store), ``ctx.shared`` (results per file version), ``ctx.progress``
         (``advance(nbytes, from_device=None)``), and ``ctx.checkpoint()`` / ``ctx.stopping()`` for long items.
     :returns: None when the item is done, or an :class:`~duet_core.tasks.ItemResult` (``done=False`` to retry it in

@@ -173,13 +173,15 @@ class ItemContext:
     state: TaskState
     shared: SharedResults
     progress: Progress = field(default_factory=Progress)
-    # Of ``cached``, the ranges this run itself read into the cache for this item (the scheduler's prefetch, or a
-    # task handed the file before this one): read from the device moments ago, so as good as a device read (a
-    # checksumming filesystem verified them) — unlike pages that were cached before, perhaps long ago.
+    # Of ``cached``, the ranges this run itself read into the cache for this item (the scheduler's prefetch, a task
+    # handed the file before this one, or with --jobs 2 the run's leading process): read from the device moments
+    # ago, so as good as a device read (a checksumming filesystem verified them) — unlike pages that were cached
+    # before, perhaps long ago.
     fresh: list[tuple[int, int]] = field(default_factory=list)
-    # True: read nothing from the device for this item now — `duet watch`, or a run waiting while other programs
-    # read the scope (idle I/O). ``ranges`` are then cached pages only (range tasks), or a wholly cached file. A task
-    # that cannot do its work on them alone returns ItemResult(done=False): not now, and the item stays pending.
+    # True: read nothing from the device for this item now — `duet watch`, a run waiting while other programs read
+    # the scope (idle I/O), or the second process of --jobs 2 while the first reads. ``ranges`` are then cached
+    # pages only (range tasks), or a wholly cached file. A task that cannot do its work on them alone returns
+    # ItemResult(done=False): not now, and the item stays pending.
     cached_only: bool = False
     # Set by the scheduler: waits while the run's device reads are ahead of --rate-limit (see checkpoint).
     pace: Callable[[], None] = field(default=_no_wait, repr=False)
