@@ -28,7 +28,6 @@ evicts it when the task is done with it), ``{"r": {task: report}}``, ``{"m": lin
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import json
 import logging
@@ -38,19 +37,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from duet_core import child
 from duet_core.errors import DuetError
 from duet_core.tasks import TaskReport
-
-log = logging.getLogger("duet.jobs")
 
 HOLD_BYTES = 64 << 20    # pages the leader read that may wait in the cache for the follower ...
 HOLD_FILES = 1024        # ... in at most this many files (each an open descriptor; see hold_files)
 REPORT_EVERY_S = 0.25    # the follower sends its tasks' reports this often
-PR_SET_PDEATHSIG = 1
 REGISTRY = "duet_core.plugins:load_plugins"   # how the follower finds the tasks: the installed plugins
 
 
@@ -83,8 +81,9 @@ class _Lines:
         return True
 
     def receive(self, timeout: float | None = 0.0) -> list[dict]:
-        """The messages that have arrived, waiting up to ``timeout`` seconds (None: forever) for the first."""
-        if not self.eof and b"\n" not in self._buf:
+        """The messages that have arrived, waiting up to ``timeout`` seconds (None: forever) for the first. With no
+        wait (after every file of a run), one non-blocking read and no select."""
+        if timeout != 0 and not self.eof and b"\n" not in self._buf:
             ready, _, _ = select.select([self.rfd], [], [], timeout)
             if not ready:
                 return []
@@ -123,17 +122,13 @@ def split(task_names: list[str]) -> tuple[list[str], list[str]]:
 class Follower:
     """The leader's handle on its follower process (started at once; :meth:`go` lets it scan)."""
 
-    def __init__(self, root: str, state_dir: str, tasks: list[str], opts: dict[str, Any], registry: str,
-                 log_level: int, log_json: bool):
+    def __init__(self, root: str, state_dir: str, tasks: list[str], opts: dict[str, Any], registry: str):
         to_child_r, to_child_w = os.pipe2(os.O_CLOEXEC)
         from_child_r, from_child_w = os.pipe2(os.O_CLOEXEC)
-        args = {"leader": os.getpid(), "tasks": tasks, "opts": opts, "registry": registry,
-                "rfd": to_child_r, "wfd": from_child_w, "log_level": log_level, "log_json": log_json}
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
-        argv = [sys.executable, "-P", "-m", "duet_core.jobs", json.dumps(args), os.fsencode(root),
-                os.fsencode(state_dir)]
+        args = {"leader": os.getpid(), "tasks": tasks, "opts": opts, "registry": registry, "rfd": to_child_r,
+                "wfd": from_child_w, "log_level": logging.getLogger().getEffectiveLevel()}
+        # Its log lines go where ours do, formatted alike ($DUET_LOG_FORMAT, which duet_core.cli.logs sets).
+        argv, env = child.module_command("duet_core.jobs", json.dumps(args), os.fsencode(root), os.fsencode(state_dir))
         try:
             self.proc: subprocess.Popen | None = subprocess.Popen(
                 argv, pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, stdout=2,
@@ -206,9 +201,7 @@ class Follower:
         """Kill the follower if it still runs, reap it, close the pipes (idempotent)."""
         proc, self.proc = self.proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            child.kill_and_reap(proc)
         self.chan.close()
 
 
@@ -227,7 +220,7 @@ class Leader:
         self.pid = pid
         self.started = False        # GO received
         self.ended = False          # END received, or the leader is gone
-        self.offers: list[tuple[int, list]] = []    # (file id, runs of pages the leader read from the device)
+        self.offers: deque[tuple[int, list]] = deque()   # (file id, runs of pages the leader read from the device)
         self._reported = 0.0
 
     def take(self, timeout: float) -> None:
@@ -290,13 +283,11 @@ def _main(argv: list[str]) -> int:
     """``python -m duet_core.jobs ARGS_JSON ROOT STATE_DIR`` (started by :class:`Follower`)."""
     args = json.loads(argv[0])
     root, state_dir = argv[1], argv[2]
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != args["leader"]:   # the leader died before the line above
+    if not child.die_with_parent(args["leader"], signal.SIGTERM):
         return 1
     from duet_core.cli import logs
 
-    logs.setup(0, "json" if args["log_json"] else "text")
+    logs.setup(0, os.environ.get("DUET_LOG_FORMAT", "text"))
     logging.getLogger().setLevel(args["log_level"])
     leader = Leader(args["rfd"], args["wfd"], args["leader"])
     try:

@@ -450,9 +450,8 @@ class Runner:
 
     # -- a second process (--jobs 2, duet_core.jobs) ---------------------------------------------------------------
     def _start_follower(self) -> None:
-        level = logging.getLogger().getEffectiveLevel()
         self._follower = jobs.Follower(self.root, self.store.dir, self.follower_tasks, jobs.options_record(self.opts),
-                                       self.opts.registry, level, os.environ.get("DUET_LOG_FORMAT") == "json")
+                                       self.opts.registry)
         self._held: OrderedDict[int, tuple[int, list[tuple[int, int]], int]] = OrderedDict()
         self._held_bytes = 0
         self._hold_files = jobs.hold_files(fd_room())
@@ -487,6 +486,11 @@ class Runner:
             self._held_bytes -= nbytes
             self._hints.evict_and_close(fd, runs if evict else [])
 
+    def _release_held(self) -> None:
+        """The follower is gone: evict everything held for it."""
+        for file_id in list(self._held):
+            self._evict_held(file_id)
+
     def _reap(self, wait: bool = False) -> None:
         """Take the follower's acknowledgements (evicting what it is done with), progress and messages. Waits while
         more than HOLD_BYTES (or HOLD_FILES files) are held for it — or, with ``wait``, until it is gone."""
@@ -501,8 +505,7 @@ class Runner:
                 self.ui.message(line)
             fw.messages.clear()
             if not fw.alive:
-                for file_id in list(self._held):
-                    self._evict_held(file_id)
+                self._release_held()
                 return
             if wait:
                 self.ui.advanced(self._reports())
@@ -756,8 +759,7 @@ class Runner:
             self._drop_prefetched()
             if self._follower is not None:
                 self._follower.close()   # after an error: killed (it was reaped above otherwise)
-                for file_id in list(self._held):
-                    self._evict_held(file_id)
+                self._release_held()
             self._hints.close()     # every eviction asked for is done before the run reports
             for file_id in list(self._kept):
                 self._release_kept(file_id)
@@ -863,11 +865,16 @@ class Runner:
             self._reap()
             self._absorb()
             self._throttle()
-            if slow or time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
-                self._hints.flush()
-                self._commit()
-                self.ui.advanced(self._reports())
+            self._commit_due(now=slow)
         self.ui.advanced(self._reports())
+
+    def _commit_due(self, now: bool = False) -> None:
+        """Commit progress and show it, if ``now`` (after an item that took a while) or COMMIT_EVERY_S after the
+        last commit. The hints given so far go first: a crash after the commit leaves none of their pages."""
+        if now or time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
+            self._hints.flush()
+            self._commit()
+            self.ui.advanced(self._reports())
 
     def _follow(self, started: float) -> None:
         """A follower's first phase (duet_core.jobs): the files its leader offers, while the leader keeps them cached,
@@ -880,21 +887,18 @@ class Runner:
             if self.opts.budget_s is not None and time.monotonic() - started >= self.opts.budget_s:
                 self.stop_reason = BUDGET
                 break
+            slow = False
             if not offers:
                 leader.take(NAP_S)
             if offers:
-                file_id, read = offers.pop(0)
+                file_id, read = offers.popleft()
                 t0 = time.monotonic()
                 if self._needs(file_id):
                     self._process_file(file_id, cached_pass=True, lead_read=pages_of(read))
                 leader.ack(file_id, kept=file_id in self._kept)
-                if time.monotonic() - t0 >= SLOW_ITEM_S:
-                    self._commit()
+                slow = time.monotonic() - t0 >= SLOW_ITEM_S
             self._absorb()
-            if time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
-                self._hints.flush()
-                self._commit()
-                self.ui.advanced(self._reports())
+            self._commit_due(now=slow)
         leader.take(0.0)
         for file_id, _ in offers:     # stopping: what the leader still holds for us may go
             leader.ack(file_id)
@@ -1101,9 +1105,7 @@ class Runner:
         self._hints.flush()
         self._nap(self.opts.watch_interval if seconds is None else seconds)
         self._absorb()
-        if time.monotonic() - self._last_commit >= COMMIT_EVERY_S:
-            self._commit()
-            self.ui.advanced(self._reports())
+        self._commit_due()
 
     def _foreground_reading(self) -> bool:
         """Idle I/O, done where the kernel cannot: while other processes bring pages of the scope into the cache,

@@ -25,7 +25,6 @@ Why it is still exact:
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -37,6 +36,7 @@ from collections.abc import Callable, Generator, Iterator
 
 from pyroaring import BitMap
 
+from duet_core import child
 from duet_core.events import FileId
 from duet_core.exclude import NOTHING, Exclusions
 
@@ -45,7 +45,6 @@ END = (1 << 64) - 1                # dev = subvol = ino = END: the last record; 
 COUNT = struct.Struct("<QQ")       # after END: files read, files cached
 WAIT_S = 600.0                     # a child still reading after this long is killed; the parent reads instead
 CHECK_S = 0.05                     # ... and while it waits, the parent looks for a stop this often
-PR_SET_PDEATHSIG = 1
 
 
 class SnapshotChild:
@@ -62,13 +61,9 @@ class SnapshotChild:
         self.complete = False
         self.files_read = self.files_cached = 0
         self._out = os.memfd_create("duet-snapshot", os.MFD_CLOEXEC)
-        # This very duet_core, first; -P: not the current directory (duet runs as root, anywhere).
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
-        argv = [sys.executable, "-P", "-m", "duet_core.snapshotter", str(self._out), str(os.getpid()),
-                "1" if one_file_system else "0", json.dumps(exclude.record()), os.fsencode(root),
-                *(f"{dev}:{subvol}" for dev, subvol in sorted(self.pairs))]
+        argv, env = child.module_command(
+            "duet_core.snapshotter", str(self._out), str(os.getpid()), "1" if one_file_system else "0",
+            json.dumps(exclude.record()), os.fsencode(root), *(f"{dev}:{subvol}" for dev, subvol in sorted(self.pairs)))
         try:
             self.proc: subprocess.Popen | None = subprocess.Popen(
                 argv, pass_fds=(self._out,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -118,9 +113,7 @@ class SnapshotChild:
         """Kill the child if it still runs, reap it, and free its result."""
         proc, self.proc = self.proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate()
+            child.kill_and_reap(proc)
         if self._out >= 0:
             os.close(self._out)
             self._out = -1
@@ -227,9 +220,7 @@ def _main(argv: list[str]) -> int:
     SnapshotChild)."""
     out_fd, parent, one_fs, root = int(argv[0]), int(argv[1]), argv[2] == "1", os.fsencode(argv[4])
     exclude = Exclusions.from_record(json.loads(argv[3]))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:   # the parent died before the line above: nobody wants the result
+    if not child.die_with_parent(parent, signal.SIGKILL):
         return 1
     pairs = {(int(d), int(s)) for d, s in (p.split(":") for p in argv[5:])}
     with open(out_fd, "wb", buffering=1 << 20) as out:
